@@ -1,0 +1,58 @@
+# rookzmq — see README.md. Everything a target needs is installed by e2e/install-deps.sh.
+SHELL := /bin/bash
+GO ?= go
+export GOFLAGS := -tags=pacific
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+CLUSTER := e2e/ceph/cluster.sh
+FUZZTIME ?= 10s
+
+.PHONY: all deps build demo test unit sanity integration fuzz bench cluster-up cluster-down vet clean
+
+all: build
+
+deps:
+	@e2e/install-deps.sh
+
+build: deps
+	@mkdir -p bin
+	@t=$$(date +%s%N); $(GO) build -ldflags '$(LDFLAGS)' -o bin/rookzmq ./cmd/rookzmq && \
+		echo "[build] bin/rookzmq ($(VERSION)) in $$(( ($$(date +%s%N) - t) / 1000000 )) ms"
+
+cluster-up: deps
+	@$(CLUSTER) up
+
+cluster-down:
+	@$(CLUSTER) down
+
+# The README's main command: a real volume's whole life on a throwaway cluster.
+demo: build cluster-up
+	@e2e/demo.sh
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
+
+unit: deps
+	$(GO) test -count=1 ./pkg/... ./cmd/...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
+
+sanity: build cluster-up
+	@e2e/sanity.sh mount
+	@e2e/sanity.sh block
+
+integration: build cluster-up
+	$(GO) test -count=1 -timeout 20m -v ./e2e/... 2>&1 | tee /tmp/rookzmq-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit $${PIPESTATUS[0]}
+
+# The README's test command (and all that .ci/run does).
+test: vet unit sanity integration
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParseVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
+	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
+
+bench: build cluster-up
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/bench/...
+
+clean:
+	rm -rf bin

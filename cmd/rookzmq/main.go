@@ -1,0 +1,142 @@
+// Command rookzmq is the rookzmq CSI driver for Ceph (controller and/or node
+// plugin in one binary) and its client subcommands.
+//
+//	rookzmq [flags]        serve the CSI driver
+//	rookzmq demo [flags]   walk one volume through its life over the CSI API
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+	"github.com/rookzmq/rookzmq/pkg/rbd"
+)
+
+// version is set at build time (-ldflags -X main.version=...).
+var version = "dev"
+
+func main() {
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "demo":
+			os.Exit(runDemo(os.Args[2:]))
+		case "version", "--version":
+			fmt.Println(version)
+			return
+		}
+	}
+	if err := serve(os.Args[1:]); err != nil {
+		klog.ErrorS(err, "rookzmq failed")
+		klog.Flush()
+		os.Exit(1)
+	}
+}
+
+type serveFlags struct {
+	driverType, driverName, endpoint, nodeID, clusters string
+	defaultMounter, stateDir, credentialsDir           string
+	controller, node                                   bool
+}
+
+func parseServeFlags(args []string) (*serveFlags, error) {
+	fs := flag.NewFlagSet("rookzmq", flag.ContinueOnError)
+	klog.InitFlags(fs)
+	f := &serveFlags{}
+	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd")
+	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name")
+	fs.BoolVar(&f.controller, "controller", false, "serve the CSI Controller service")
+	fs.BoolVar(&f.node, "node", false, "serve the CSI Node service")
+	fs.StringVar(&f.endpoint, "endpoint", "unix:///var/lib/kubelet/plugins/rbd.rookzmq.io/csi.sock", "CSI endpoint (unix:///path.sock or tcp://host:port)")
+	fs.StringVar(&f.nodeID, "nodeid", "", "this node's name (required with --node)")
+	fs.StringVar(&f.clusters, "clusters", "/etc/rookzmq/config.json", "clusters file (ceph-csi config.json format)")
+	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
+	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
+	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if f.driverType != "rbd" {
+		return nil, fmt.Errorf("--type=%s is not supported (rbd)", f.driverType)
+	}
+	if !f.controller && !f.node {
+		return nil, errors.New("nothing to serve: give --controller, --node or both")
+	}
+	if f.node && f.nodeID == "" {
+		return nil, errors.New("--nodeid is required with --node")
+	}
+	if f.stateDir == "" {
+		f.stateDir = filepath.Join("/var/lib/rookzmq", f.driverName)
+	}
+	if _, err := rbd.ParseMounterName(f.defaultMounter); err != nil {
+		return nil, fmt.Errorf("--default-mounter: %w", err)
+	}
+	return f, nil
+}
+
+func serve(args []string) error {
+	f, err := parseServeFlags(args)
+	if err != nil {
+		return err
+	}
+	clusters, err := rcsi.NewClusters(f.clusters)
+	if err != nil {
+		return err
+	}
+	conns := &rcsi.Conns{}
+	defer conns.Close()
+
+	var controller *rbd.Controller
+	if f.controller {
+		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+	}
+	var node *rbd.Node
+	if f.node {
+		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir})
+		if err != nil {
+			return err
+		}
+	}
+	identity := &rcsi.Identity{Name: f.driverName, Version: version, Controller: f.controller}
+	srv, err := rcsi.Listen(f.endpoint, nil, func(s *grpc.Server) {
+		csi.RegisterIdentityServer(s, identity)
+		if controller != nil {
+			csi.RegisterControllerServer(s, controller)
+		}
+		if node != nil {
+			csi.RegisterNodeServer(s, node)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	klog.InfoS("rookzmq serving", "version", version, "driver", f.driverName, "endpoint", f.endpoint,
+		"controller", f.controller, "node", f.node, "nodeID", f.nodeID, "defaultMounter", f.defaultMounter)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve() }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		klog.InfoS("shutting down")
+		srv.Stop(10 * time.Second)
+		return nil
+	}
+}

@@ -1,0 +1,66 @@
+package csi
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestVolumeIDRoundTrip(t *testing.T) {
+	for _, v := range []VolumeID{
+		{ClusterID: "c1", Pool: "rbd", Name: "csi-vol-0b7a1c1e-1d2e-4f3a-9b8c-7d6e5f4a3b2c"},
+		{ClusterID: "a-b-c", Pool: "p-1", Namespace: "ns-2", Name: "x-y"},
+		{ClusterID: "c", Pool: "p", Namespace: "", Name: "-"},
+	} {
+		s := v.String()
+		got, err := ParseVolumeID(s)
+		if err != nil {
+			t.Fatalf("ParseVolumeID(%q): %v", s, err)
+		}
+		if got != v {
+			t.Fatalf("round trip of %+v gave %+v", v, got)
+		}
+	}
+}
+
+func TestVolumeIDFormat(t *testing.T) {
+	v := VolumeID{ClusterID: "c1", Pool: "rbd", Namespace: "ns", Name: "img"}
+	if got, want := v.String(), "1-02-c1-03-rbd-02-ns-img"; got != want {
+		t.Fatalf("String() = %q, want %q", got, want)
+	}
+}
+
+func TestParseVolumeIDRejects(t *testing.T) {
+	for _, s := range []string{
+		"", "reallyfakevolumeid", "1-", "1-02-c1", "1-02-c1-03-rbd-00-", "2-02-c1-03-rbd-00--img",
+		"1-0A-c1-03-rbd-00--img", "1-zz-c1-03-rbd-00--img", "1-05-c1-03-rbd-00--img",
+		"1-00--03-rbd-00--img", "1-02-c1-00--00--img", "1-02-c1-03-rbd-00--a/b",
+		"1-02-c1-03-rbd-00--" + strings.Repeat("x", 120),
+	} {
+		if v, err := ParseVolumeID(s); err == nil {
+			t.Errorf("ParseVolumeID(%q) = %+v, want an error", s, v)
+		}
+	}
+}
+
+func TestVolumeIDValidateLength(t *testing.T) {
+	v := VolumeID{ClusterID: "c1", Pool: "rbd", Name: strings.Repeat("n", 120)}
+	if err := v.Validate(); err == nil || !strings.Contains(err.Error(), "CSI limit") {
+		t.Fatalf("Validate() = %v, want a length error", err)
+	}
+}
+
+func FuzzParseVolumeID(f *testing.F) {
+	f.Add("1-02-c1-03-rbd-00--csi-vol-1")
+	f.Add("1-02-c1-03-rbd-02-ns-img")
+	f.Add("1-ff-")
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := ParseVolumeID(s)
+		if err != nil {
+			return
+		}
+		// Whatever decodes must re-encode to exactly the same string.
+		if got := v.String(); got != s {
+			t.Fatalf("ParseVolumeID(%q) re-encodes as %q", s, got)
+		}
+	})
+}

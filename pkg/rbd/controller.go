@@ -1,0 +1,315 @@
+package rbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/google/uuid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// Secret names in CSI requests (ceph-csi's).
+const (
+	SecretUserID  = "userID"
+	SecretUserKey = "userKey"
+)
+
+// DefaultSize is the size of a volume created without a capacity range.
+const DefaultSize = rcsi.GiB
+
+// Controller serves the CSI Controller service for RBD images.
+type Controller struct {
+	csi.UnimplementedControllerServer
+	Clusters *rcsi.Clusters
+	Conns    *rcsi.Conns
+	// Known remembers credentials per cluster for calls that carry none.
+	Known *rcsi.KnownCredentials
+
+	locks rcsi.KeyLocks
+}
+
+// target is a pool (and RADOS namespace) of a cluster, with the credentials to reach it.
+type target struct {
+	cluster rcsi.ClusterConfig
+	creds   rcsi.Credentials
+	pool    string
+	io      *rados.IOContext
+}
+
+func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets map[string]string) (*target, error) {
+	creds, err := rcsi.CredentialsFromSecrets(secrets, SecretUserID, SecretUserKey)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	cluster, err := c.Clusters.Get(clusterID)
+	if errors.Is(err, rcsi.ErrUnknownCluster) {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	} else if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	io, err := c.Conns.IOContext(cluster, creds, pool, cluster.RBD.RadosNamespace)
+	if err != nil {
+		return nil, cephStatus(err, "reaching pool %q of cluster %q", pool, clusterID)
+	}
+	if c.Known != nil {
+		c.Known.Remember(clusterID, creds)
+	}
+	return &target{cluster: cluster, creds: creds, pool: pool, io: io}, nil
+}
+
+// CreateVolume makes an image for a request name, or returns the one the
+// journal already holds for it.
+func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	if err := rcsi.Required("name", req.GetName()); err != nil {
+		return nil, err
+	}
+	if err := rcsi.Capabilities(req.GetVolumeCapabilities(), checkCapability); err != nil {
+		return nil, err
+	}
+	if req.GetVolumeContentSource() != nil {
+		return nil, status.Error(codes.InvalidArgument, "volume_content_source (snapshots and clones) is not supported yet")
+	}
+	p, err := ParseParams(req.GetParameters())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	size, err := rcsi.Size(req.GetCapacityRange(), DefaultSize, rcsi.MiB)
+	if err != nil {
+		return nil, err
+	}
+	t, err := c.open(ctx, p.ClusterID, p.Pool, req.GetSecrets())
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := c.locks.Lock(ctx, "create\x00"+p.ClusterID+"\x00"+p.Pool+"\x00"+req.GetName())
+	if err != nil {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume name %q is already in progress", req.GetName())
+	}
+	defer unlock()
+
+	j := NewJournal(t.io)
+	image, err := j.Lookup(req.GetName())
+	if err != nil {
+		return nil, cephStatus(err, "reading the journal")
+	}
+	fresh := image == ""
+	if fresh {
+		image = p.NamePrefix + uuid.NewString()
+	}
+	id := rcsi.VolumeID{ClusterID: p.ClusterID, Pool: p.Pool, Namespace: t.cluster.RBD.RadosNamespace, Name: image}
+	if err := id.Validate(); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if fresh {
+		if err := j.Reserve(req.GetName(), image); err != nil {
+			return nil, cephStatus(err, "reserving name %q", req.GetName())
+		}
+	}
+	actual, err := c.ensureImage(t, image, uint64(size), p.Features, req.GetCapacityRange())
+	if err != nil {
+		return nil, err
+	}
+	meta := map[string]string{metaPVCName: p.PVCName, metaPVCNamespace: p.PVCNamespace, metaPVName: p.PVName}
+	if err := setImageMetadata(t.io, image, meta); err != nil {
+		return nil, cephStatus(err, "storing PVC names on image %s", image)
+	}
+	klog.V(3).InfoS("volume ready", "name", req.GetName(), "volumeID", id.String(), "bytes", actual, "new", fresh)
+	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
+		VolumeId:      id.String(),
+		CapacityBytes: int64(actual),
+		VolumeContext: volumeContext(p, t.cluster, image),
+	}}, nil
+}
+
+// ensureImage creates the image or checks that an existing one fits the request.
+func (c *Controller) ensureImage(t *target, image string, size, features uint64, r *csi.CapacityRange) (uint64, error) {
+	err := createImage(t.io, image, size, features)
+	if err == nil {
+		return size, nil
+	}
+	if !errors.Is(err, rbd.ErrExist) {
+		return 0, cephStatus(err, "creating image %s", image)
+	}
+	actual, err := imageSize(t.io, image)
+	if err != nil {
+		return 0, cephStatus(err, "reading image %s", image)
+	}
+	if actual < uint64(r.GetRequiredBytes()) || (r.GetLimitBytes() > 0 && actual > uint64(r.GetLimitBytes())) {
+		return 0, status.Errorf(codes.AlreadyExists,
+			"volume name is in use by image %s of %d bytes, which does not fit capacity range [%d, %d]",
+			image, actual, r.GetRequiredBytes(), r.GetLimitBytes())
+	}
+	return actual, nil
+}
+
+func volumeContext(p Params, cluster rcsi.ClusterConfig, image string) map[string]string {
+	vc := map[string]string{
+		ParamClusterID:    p.ClusterID,
+		ParamPool:         p.Pool,
+		ctxImageName:      image,
+		ctxRadosNamespace: cluster.RBD.RadosNamespace,
+		ctxFsType:         p.FsType,
+	}
+	for k, v := range map[string]string{ParamMounter: p.Mounter, ParamPVCName: p.PVCName, ParamPVCNamespace: p.PVCNamespace, ParamPVName: p.PVName} {
+		if v != "" {
+			vc[k] = v
+		}
+	}
+	return vc
+}
+
+// DeleteVolume removes the image and then its journal entry, so a crash at any
+// point leaves something a retry completes.
+func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+		return nil, err
+	}
+	id, err := rcsi.ParseVolumeID(req.GetVolumeId())
+	if err != nil {
+		// No volume of ours can have this ID: it is already gone.
+		klog.InfoS("DeleteVolume of an ID that is not ours: nothing to do", "volumeID", req.GetVolumeId(), "reason", err)
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	if status.Code(err) == codes.NotFound {
+		return &csi.DeleteVolumeResponse{}, nil // the pool is gone, and the image with it
+	} else if err != nil {
+		return nil, err
+	}
+	unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
+	if err != nil {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
+	}
+	defer unlock()
+	j := NewJournal(t.io)
+	name, err := j.RequestName(id.Name)
+	if err != nil {
+		return nil, cephStatus(err, "reading the journal")
+	}
+	if err := removeImage(t.io, id.Name); err != nil {
+		return nil, cephStatus(err, "deleting volume %s", req.GetVolumeId())
+	}
+	if err := j.Release(name, id.Name); err != nil {
+		return nil, cephStatus(err, "releasing name %q", name)
+	}
+	klog.V(3).InfoS("volume deleted", "volumeID", req.GetVolumeId(), "name", name)
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// ValidateVolumeCapabilities confirms the capabilities an existing volume supports.
+func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), true)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "volume_capabilities are required")
+	}
+	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := imageSize(t.io, id.Name); err != nil {
+		return nil, cephStatus(err, "volume %s", req.GetVolumeId())
+	}
+	if err := rcsi.Capabilities(req.GetVolumeCapabilities(), checkCapability); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext:      req.GetVolumeContext(),
+		VolumeCapabilities: req.GetVolumeCapabilities(),
+		Parameters:         req.GetParameters(),
+	}}, nil
+}
+
+// ControllerExpandVolume grows the image; filesystems then grow on the node.
+func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), true)
+	if err != nil {
+		return nil, err
+	}
+	if req.GetCapacityRange() == nil {
+		return nil, status.Error(codes.InvalidArgument, "capacity_range is required")
+	}
+	size, err := rcsi.Size(req.GetCapacityRange(), 0, rcsi.MiB)
+	if err != nil {
+		return nil, err
+	}
+	if size == 0 {
+		return nil, status.Error(codes.InvalidArgument, "capacity_range.required_bytes is required")
+	}
+	if vc := req.GetVolumeCapability(); vc != nil {
+		if err := rcsi.Capability(vc, checkCapability); err != nil {
+			return nil, err
+		}
+	}
+	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
+	if err != nil {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
+	}
+	defer unlock()
+	start := time.Now()
+	got, err := growImage(t.io, id.Name, uint64(size))
+	if err != nil {
+		return nil, cephStatus(err, "expanding volume %s", req.GetVolumeId())
+	}
+	klog.V(3).InfoS("volume expanded", "volumeID", req.GetVolumeId(), "bytes", got, "duration", time.Since(start))
+	return &csi.ControllerExpandVolumeResponse{
+		CapacityBytes:         int64(got),
+		NodeExpansionRequired: req.GetVolumeCapability().GetBlock() == nil,
+	}, nil
+}
+
+// ControllerGetCapabilities lists what this controller does.
+func (c *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csi.ControllerServiceCapability
+	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
+			Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// checkCapability allows single-node modes for both access types and
+// multi-node writers only for raw block, which has no filesystem to corrupt.
+func checkCapability(c *csi.VolumeCapability) string {
+	if m := c.GetMount(); m != nil {
+		if m.GetFsType() != "" {
+			if err := CheckFsType(m.GetFsType()); err != nil {
+				return err.Error()
+			}
+		}
+		switch c.GetAccessMode().GetMode() {
+		case csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER, csi.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER:
+			return fmt.Sprintf("access mode %s is only supported for block volumes", rcsi.ModeName(c))
+		}
+	}
+	return ""
+}
+
+// cephStatus wraps a Ceph error with context, keeping its gRPC code.
+func cephStatus(err error, format string, args ...any) error {
+	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
+		return status.Errorf(s.Code(), "%s: %s", fmt.Sprintf(format, args...), s.Message())
+	}
+	return status.Errorf(rcsi.Code(err), "%s: %v", fmt.Sprintf(format, args...), err)
+}

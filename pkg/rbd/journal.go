@@ -1,0 +1,133 @@
+package rbd
+
+import (
+	"fmt"
+	"strings"
+	"syscall"
+
+	"github.com/ceph/go-ceph/rados"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// journalObject is the omap object, one per pool and RADOS namespace, that maps
+// CSI request names to image names and back.
+const journalObject = "rookzmq.volumes"
+
+const (
+	nameKeyPrefix  = "n:" // n:<request name> -> image name
+	imageKeyPrefix = "i:" // i:<image name>   -> request name
+)
+
+// Journal records which image serves which request name, so that retried and
+// concurrent CreateVolume calls find the image instead of making a second one.
+// Both directions are written and removed in one RADOS operation.
+type Journal struct {
+	io *rados.IOContext
+}
+
+// NewJournal uses the journal object in io's pool and namespace.
+func NewJournal(io *rados.IOContext) *Journal { return &Journal{io: io} }
+
+// Lookup returns the image reserved for request name, or "" if none.
+func (j *Journal) Lookup(name string) (string, error) {
+	return j.get(nameKeyPrefix + name)
+}
+
+// RequestName returns the request name that reserved image, or "" if none.
+func (j *Journal) RequestName(image string) (string, error) {
+	return j.get(imageKeyPrefix + image)
+}
+
+// Reserve records name <-> image with a single omap write.
+func (j *Journal) Reserve(name, image string) error {
+	op := rados.CreateWriteOp()
+	defer op.Release()
+	op.SetOmap(map[string][]byte{
+		nameKeyPrefix + name:   []byte(image),
+		imageKeyPrefix + image: []byte(name),
+	})
+	if err := op.Operate(j.io, journalObject, rados.OperationNoFlag); err != nil {
+		return fmt.Errorf("journal: reserving %q: %w", name, err)
+	}
+	return nil
+}
+
+// Release removes both keys of a reservation; a missing object is fine.
+func (j *Journal) Release(name, image string) error {
+	keys := []string{imageKeyPrefix + image}
+	if name != "" {
+		keys = append(keys, nameKeyPrefix+name)
+	}
+	op := rados.CreateWriteOp()
+	defer op.Release()
+	op.AssertExists()
+	op.RmOmapKeys(keys)
+	err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
+	if err != nil && rcsi.Errno(err) != syscall.ENOENT {
+		return fmt.Errorf("journal: releasing %q: %w", image, err)
+	}
+	return nil
+}
+
+// Images lists reserved image names in order, at most max (0: all) after startAfter.
+func (j *Journal) Images(startAfter string, max int) ([]string, error) {
+	var out []string
+	after := ""
+	if startAfter != "" {
+		after = imageKeyPrefix + startAfter
+	}
+	for {
+		op := rados.CreateReadOp()
+		step := op.GetOmapValues(after, imageKeyPrefix, 1000)
+		err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
+		if rcsi.Errno(err) == syscall.ENOENT {
+			op.Release()
+			return out, nil
+		}
+		if err != nil {
+			op.Release()
+			return nil, fmt.Errorf("journal: listing: %w", err)
+		}
+		n := 0
+		for {
+			kv, err := step.Next()
+			if err != nil || kv == nil {
+				break
+			}
+			n++
+			after = kv.Key
+			out = append(out, strings.TrimPrefix(kv.Key, imageKeyPrefix))
+			if max > 0 && len(out) == max {
+				op.Release()
+				return out, nil
+			}
+		}
+		more := step.More()
+		op.Release()
+		if n == 0 || !more {
+			return out, nil
+		}
+	}
+}
+
+func (j *Journal) get(key string) (string, error) {
+	op := rados.CreateReadOp()
+	defer op.Release()
+	step := op.GetOmapValuesByKeys([]string{key})
+	err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
+	if rcsi.Errno(err) == syscall.ENOENT {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("journal: reading %q: %w", key, err)
+	}
+	kv, err := step.Next()
+	if err != nil {
+		return "", fmt.Errorf("journal: reading %q: %w", key, err)
+	}
+	if kv == nil {
+		return "", nil
+	}
+	return string(kv.Value), nil
+}

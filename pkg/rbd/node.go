@@ -1,0 +1,343 @@
+package rbd
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+	"k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// Node serves the CSI Node service for RBD images.
+type Node struct {
+	csi.UnimplementedNodeServer
+	nodeID         string
+	clusters       *rcsi.Clusters
+	mounters       map[string]Mounter
+	defaultMounter string
+	mounts         *mount.SafeFormatAndMount
+	state          stateStore
+	events         rcsi.EventSink
+	locks          rcsi.KeyLocks
+}
+
+// NodeConfig configures NewNode.
+type NodeConfig struct {
+	NodeID         string
+	Clusters       *rcsi.Clusters
+	DefaultMounter string
+	// StateDir holds stage records and rbd-fuse mount points; it must survive
+	// a restart of the driver (a host path).
+	StateDir string
+	Events   rcsi.EventSink
+}
+
+// NewNode builds the node service with all three mounters.
+func NewNode(cfg NodeConfig) (*Node, error) {
+	def, err := ParseMounterName(cfg.DefaultMounter)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.NodeID == "" {
+		return nil, errors.New("node ID is required")
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, err
+	}
+	keyDir := filepath.Join(cfg.StateDir, "keys")
+	// Key files are removed after each use; clear any a crash left behind.
+	os.RemoveAll(keyDir)
+	mounts := &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}
+	events := cfg.Events
+	if events == nil {
+		events = rcsi.NoEvents{}
+	}
+	n := &Node{
+		nodeID:   cfg.NodeID,
+		clusters: cfg.Clusters,
+		mounters: map[string]Mounter{
+			MounterKRBD: newKRBD(keyDir),
+			MounterNBD:  newNBD(keyDir),
+			MounterFuse: &fuseMounter{keyDir: keyDir, mounts: mounts},
+		},
+		defaultMounter: def,
+		mounts:         mounts,
+		state:          stateStore{dir: cfg.StateDir},
+		events:         events,
+	}
+	return n, nil
+}
+
+// lock serialises calls for one volume on this node.
+func (n *Node) lock(ctx context.Context, volumeID string) (func(), error) {
+	unlock, err := n.locks.Lock(ctx, volumeID)
+	if err != nil {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", volumeID)
+	}
+	return unlock, nil
+}
+
+// NodeStageVolume maps the image, makes a filesystem on a blank device and mounts
+// it at the staging path (block volumes keep just the device).
+func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), false)
+	if err != nil {
+		return nil, err
+	}
+	staging := req.GetStagingTargetPath()
+	if err := rcsi.Required("staging_target_path", staging); err != nil {
+		return nil, err
+	}
+	vc := req.GetVolumeCapability()
+	if err := rcsi.Capability(vc, checkCapability); err != nil {
+		return nil, err
+	}
+	creds, err := rcsi.CredentialsFromSecrets(req.GetSecrets(), SecretUserID, SecretUserKey)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	cluster, err := n.clusters.Get(id.ClusterID)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	mounterName, err := ParseMounterName(req.GetVolumeContext()[ParamMounter])
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if req.GetVolumeContext()[ParamMounter] == "" {
+		mounterName = n.defaultMounter
+	}
+	mounter := n.mounters[mounterName]
+	unlock, err := n.lock(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	rec, err := n.state.load(req.GetVolumeId())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	want := newRecord(req.GetVolumeId(), staging, vc, req.GetVolumeContext())
+	if rec != nil && rec.Staged {
+		if rec.StagingPath != staging {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume is already staged at %s", rec.StagingPath)
+		}
+		if rec.Block != want.Block || rec.ReadOnly != want.ReadOnly || (!rec.Block && rec.FsType != want.FsType) {
+			return nil, status.Errorf(codes.AlreadyExists, "volume is already staged at %s with a different capability", staging)
+		}
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	if err := mounter.Available(); err != nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "mounter %s cannot work on node %s: %v", mounterName, n.nodeID, err)
+	}
+	start := time.Now()
+	if rec != nil {
+		// A stage that crashed half way: keep what it mapped, redo the rest.
+		want.Mapping = rec.Mapping
+	}
+	want.Mounter = mounterName
+	if err := n.state.save(want); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	spec := ImageSpec{Pool: id.Pool, Namespace: id.Namespace, Image: id.Name, Monitors: cluster.MonHost(), Creds: creds, ReadOnly: want.ReadOnly}
+	m, err := mounter.Map(ctx, spec, n.state.workDir(req.GetVolumeId()))
+	if err != nil {
+		n.undoStage(ctx, want)
+		return nil, status.Errorf(rcsi.Code(err), "mapping %s/%s with %s: %v", id.Pool, id.Name, mounterName, err)
+	}
+	want.Mapping = m
+	if err := n.state.save(want); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	mapped := time.Since(start)
+	if !want.Block {
+		if err := n.mountStaging(want, vc.GetMount().GetMountFlags()); err != nil {
+			n.undoStage(ctx, want)
+			return nil, err
+		}
+	}
+	want.Staged = true
+	if err := n.state.save(want); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	klog.InfoS("volume staged", "volumeID", req.GetVolumeId(), "mounter", mounterName, "device", m.Device,
+		"map", mapped, "total", time.Since(start))
+	n.emit(rcsi.EventAttach, want, "", want.Context)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+func newRecord(volumeID, staging string, vc *csi.VolumeCapability, volCtx map[string]string) *stageRecord {
+	r := &stageRecord{
+		VolumeID:    volumeID,
+		StagingPath: staging,
+		Block:       vc.GetBlock() != nil,
+		ReadOnly:    isReadOnlyMode(vc),
+		Mode:        vc.GetAccessMode().GetMode().String(),
+		Context:     volCtx,
+	}
+	if !r.Block {
+		r.FsType = vc.GetMount().GetFsType()
+		if r.FsType == "" {
+			r.FsType = volCtx[ctxFsType]
+		}
+		if r.FsType == "" {
+			r.FsType = DefaultFsType
+		}
+	}
+	return r
+}
+
+func isReadOnlyMode(vc *csi.VolumeCapability) bool {
+	switch vc.GetAccessMode().GetMode() {
+	case csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY, csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY:
+		return true
+	}
+	return false
+}
+
+// mountStaging makes a filesystem if the device is blank and mounts it.
+func (n *Node) mountStaging(rec *stageRecord, flags []string) error {
+	if err := os.MkdirAll(rec.StagingPath, 0o750); err != nil {
+		return status.Errorf(codes.Internal, "creating staging path: %v", err)
+	}
+	notMnt, err := n.mounts.IsLikelyNotMountPoint(rec.StagingPath)
+	if err != nil {
+		return status.Errorf(codes.Internal, "checking staging path: %v", err)
+	}
+	if !notMnt {
+		return nil // a retry after the mount succeeded
+	}
+	opts := append([]string{}, flags...)
+	if rec.ReadOnly {
+		opts = append(opts, "ro")
+		if rec.FsType == "ext4" {
+			opts = append(opts, "noload") // no journal replay on a read-only device
+		}
+	}
+	start := time.Now()
+	if err := n.mounts.FormatAndMount(rec.Device, rec.StagingPath, rec.FsType, opts); err != nil {
+		return status.Errorf(codes.Internal, "formatting and mounting %s (%s) at %s: %v", rec.Device, rec.FsType, rec.StagingPath, err)
+	}
+	klog.V(3).InfoS("filesystem mounted", "device", rec.Device, "fsType", rec.FsType, "path", rec.StagingPath, "duration", time.Since(start))
+	return nil
+}
+
+// undoStage releases what a failed stage made, logging what it cannot.
+func (n *Node) undoStage(ctx context.Context, rec *stageRecord) {
+	if err := n.teardown(ctx, rec); err != nil {
+		klog.ErrorS(err, "cleaning up a failed stage; NodeUnstageVolume will retry", "volumeID", rec.VolumeID)
+	}
+}
+
+// NodeUnstageVolume flushes and unmounts the filesystem and unmaps the image.
+func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+		return nil, err
+	}
+	staging := req.GetStagingTargetPath()
+	if err := rcsi.Required("staging_target_path", staging); err != nil {
+		return nil, err
+	}
+	unlock, err := n.lock(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	rec, err := n.state.load(req.GetVolumeId())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if rec == nil {
+		// Nothing recorded: at most a stray mount is left to remove.
+		if err := mount.CleanupMountPoint(staging, n.mounts, true); err != nil {
+			return nil, status.Errorf(codes.Internal, "unmounting %s: %v", staging, err)
+		}
+		return &csi.NodeUnstageVolumeResponse{}, nil
+	}
+	if rec.StagingPath != staging {
+		return nil, status.Errorf(codes.InvalidArgument, "volume is staged at %s, not %s", rec.StagingPath, staging)
+	}
+	start := time.Now()
+	if err := n.teardown(ctx, rec); err != nil {
+		return nil, err
+	}
+	klog.InfoS("volume unstaged", "volumeID", req.GetVolumeId(), "duration", time.Since(start))
+	if rec.Staged {
+		n.emit(rcsi.EventDetach, rec, "", rec.Context)
+	}
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// teardown syncs and unmounts the staging path, unmaps the device and forgets the volume.
+func (n *Node) teardown(ctx context.Context, rec *stageRecord) error {
+	if !rec.Block {
+		if notMnt, err := n.mounts.IsLikelyNotMountPoint(rec.StagingPath); err == nil && !notMnt {
+			if err := syncFS(rec.StagingPath); err != nil {
+				return status.Errorf(codes.Internal, "flushing %s: %v", rec.StagingPath, err)
+			}
+		}
+		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
+			return status.Errorf(codes.Internal, "unmounting %s: %v", rec.StagingPath, err)
+		}
+	} else if rec.Device != "" {
+		if err := syncDevice(rec.Device); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return status.Errorf(codes.Internal, "flushing %s: %v", rec.Device, err)
+		}
+	}
+	if m := n.mounters[rec.Mounter]; m != nil {
+		if err := m.Unmap(ctx, rec.Mapping); err != nil {
+			return status.Errorf(codes.Internal, "unmapping %s: %v", rec.Device, err)
+		}
+	}
+	if err := n.state.remove(rec.VolumeID); err != nil {
+		return status.Errorf(codes.Internal, "removing stage record: %v", err)
+	}
+	return nil
+}
+
+// syncFS flushes the filesystem mounted at path (syncfs(2)).
+func syncFS(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Syncfs(int(f.Fd()))
+}
+
+// syncDevice flushes a block device's cache down to the image (fsync(2)).
+func syncDevice(dev string) error {
+	f, err := os.OpenFile(dev, os.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+func (n *Node) emit(kind string, rec *stageRecord, target string, volCtx map[string]string) {
+	access := "mount"
+	if rec.Block {
+		access = "block"
+	}
+	n.events.VolumeEvent(rcsi.VolumeEvent{
+		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx, TargetPath: target,
+		AccessType: access, FsType: rec.FsType, ReadOnly: rec.ReadOnly,
+	})
+}
+
+// errNotStaged is the error for calls on a volume this node has not staged.
+func errNotStaged(volumeID string) error {
+	return status.Errorf(codes.NotFound, "volume %s is not staged on this node", volumeID)
+}

@@ -1,0 +1,153 @@
+package rbd
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+	"k8s.io/mount-utils"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// NodePublishVolume bind-mounts the staged filesystem (or the device, for block
+// volumes) at the pod's target path.
+func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	if _, err := rcsi.VolumeIDArg(req.GetVolumeId(), false); err != nil {
+		return nil, err
+	}
+	target := req.GetTargetPath()
+	if err := rcsi.Required("target_path", target); err != nil {
+		return nil, err
+	}
+	if err := rcsi.Required("staging_target_path", req.GetStagingTargetPath()); err != nil {
+		return nil, err
+	}
+	vc := req.GetVolumeCapability()
+	if err := rcsi.Capability(vc, checkCapability); err != nil {
+		return nil, err
+	}
+	unlock, err := n.lock(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	rec, err := n.state.load(req.GetVolumeId())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if rec == nil || !rec.Staged || rec.StagingPath != req.GetStagingTargetPath() {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", req.GetVolumeId(), req.GetStagingTargetPath())
+	}
+	if (vc.GetBlock() != nil) != rec.Block {
+		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec))
+	}
+	if slices.Contains(rec.Targets, target) {
+		if notMnt, err := n.mounts.IsLikelyNotMountPoint(target); err == nil && !notMnt {
+			return &csi.NodePublishVolumeResponse{}, nil
+		}
+	} else if vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER && len(rec.Targets) > 0 {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume is SINGLE_NODE_SINGLE_WRITER and already published at %s", rec.Targets[0])
+	}
+	readOnly := req.GetReadonly() || rec.ReadOnly
+	opts := []string{"bind"}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	source := rec.StagingPath
+	if rec.Block {
+		source = rec.Device
+		if err := makeFile(target); err != nil {
+			return nil, status.Errorf(codes.Internal, "creating target file %s: %v", target, err)
+		}
+	} else {
+		opts = append(opts, vc.GetMount().GetMountFlags()...)
+		if err := os.MkdirAll(target, 0o750); err != nil {
+			return nil, status.Errorf(codes.Internal, "creating target directory %s: %v", target, err)
+		}
+	}
+	start := time.Now()
+	if err := n.mounts.Mount(source, target, "", opts); err != nil {
+		return nil, status.Errorf(codes.Internal, "bind-mounting %s at %s: %v", source, target, err)
+	}
+	if !slices.Contains(rec.Targets, target) {
+		rec.Targets = append(rec.Targets, target)
+	}
+	if err := n.state.save(rec); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	klog.InfoS("volume published", "volumeID", req.GetVolumeId(), "target", target, "readOnly", readOnly, "duration", time.Since(start))
+	pub := *rec
+	pub.ReadOnly = readOnly
+	n.emit(rcsi.EventPublish, &pub, target, mergeContext(rec.Context, req.GetVolumeContext()))
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// NodeUnpublishVolume unmounts and removes the target path.
+func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+		return nil, err
+	}
+	target := req.GetTargetPath()
+	if err := rcsi.Required("target_path", target); err != nil {
+		return nil, err
+	}
+	unlock, err := n.lock(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := mount.CleanupMountPoint(target, n.mounts, true); err != nil {
+		return nil, status.Errorf(codes.Internal, "unmounting %s: %v", target, err)
+	}
+	rec, err := n.state.load(req.GetVolumeId())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if rec == nil || !slices.Contains(rec.Targets, target) {
+		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
+	}
+	rec.Targets = slices.DeleteFunc(rec.Targets, func(t string) bool { return t == target })
+	if err := n.state.save(rec); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	klog.InfoS("volume unpublished", "volumeID", req.GetVolumeId(), "target", target)
+	n.emit(rcsi.EventUnpublish, rec, target, rec.Context)
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+func accessType(rec *stageRecord) string {
+	if rec.Block {
+		return "block"
+	}
+	return "mount"
+}
+
+// makeFile creates an empty file (a bind-mount target for a device).
+func makeFile(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE, 0o640)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+func mergeContext(a, b map[string]string) map[string]string {
+	out := make(map[string]string, len(a)+len(b))
+	for k, v := range a {
+		out[k] = v
+	}
+	for k, v := range b {
+		out[k] = v
+	}
+	return out
+}
