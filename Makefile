@@ -52,7 +52,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
 
 bench: build cluster-up
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/bench/...
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/
 
 clean:
 	rm -rf bin

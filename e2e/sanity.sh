@@ -18,7 +18,7 @@ secrets() { # every secret csi-sanity can pass, all the csi-rbd user
 	done
 }
 (umask 077 && secrets >"$WORK/secrets.yaml")
-printf 'clusterID: c1\npool: rbd\nmounter: rbd-fuse\n' >"$WORK/params.yaml"
+printf "clusterID: c1\npool: rbd\nmounter: rbd-fuse\ncsi.storage.k8s.io/fstype: xfs\n" >"$WORK/params.yaml"
 
 log "csi-sanity, access type $access"
 start=$SECONDS
@@ -27,8 +27,8 @@ set +e
 	--csi.stagingdir "$WORK/staging" --csi.mountdir "$WORK/mount" \
 	--csi.secrets "$WORK/secrets.yaml" --csi.testvolumeparameters "$WORK/params.yaml" \
 	--csi.testvolumeaccesstype "$access" \
-	--csi.testvolumesize 67108864 --csi.testvolumeexpandsize 134217728 \
-	--ginkgo.timeout 20m >"$WORK/sanity.log" 2>&1
+	--csi.testvolumesize 536870912 --csi.testvolumeexpandsize 1073741824 \
+	--ginkgo.timeout 20m --ginkgo.no-color >"$WORK/sanity.log" 2>&1
 rc=$?
 set -e
 grep -E '^(Ran |SUCCESS|FAIL|  \[FAIL\])|Passed \|' "$WORK/sanity.log" || tail -40 "$WORK/sanity.log"

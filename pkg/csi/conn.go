@@ -118,13 +118,14 @@ func connect(cluster ClusterConfig, creds Credentials) (*rados.Conn, error) {
 	}
 	timeout := fmt.Sprint(int(ConnTimeout.Seconds()))
 	for _, o := range [][2]string{
-		{"mon_host", cluster.MonHost()},
-		{"key", creds.Key},
-		{"keyring", ""},
-		{"admin_socket", ""},
+		// Logging off first: librados prints a key it cannot decode.
 		{"log_to_stderr", "false"},
 		{"err_to_stderr", "false"},
 		{"log_file", ""},
+		{"admin_socket", ""},
+		{"mon_host", cluster.MonHost()},
+		{"keyring", ""},
+		{"key", creds.Key},
 		{"client_mount_timeout", timeout},
 		{"rados_mon_op_timeout", timeout},
 		{"rados_osd_op_timeout", timeout},

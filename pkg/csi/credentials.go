@@ -1,6 +1,8 @@
 package csi
 
 import (
+	"encoding/base64"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,8 +32,9 @@ func CredentialsFromSecrets(secrets map[string]string, idName, keyName string) (
 		return c, fmt.Errorf("missing secret %s", keyName)
 	case strings.ContainsAny(c.ID, " \t\n\r=,[]"):
 		return c, fmt.Errorf("secret %s is not a valid cephx user name", idName)
-	case strings.ContainsAny(c.Key, " \t\n\r"):
-		return c, fmt.Errorf("secret %s is not a valid cephx key", keyName)
+	case !validCephxKey(c.Key):
+		// Checked here because Ceph libraries print a key they cannot decode.
+		return c, fmt.Errorf("secret %s is not a valid cephx key (base64 of type, creation time, length and secret)", keyName)
 	}
 	c.ID = strings.TrimPrefix(c.ID, "client.")
 	return c, nil
@@ -59,4 +62,23 @@ func (c Credentials) WriteKeyFile(dir string) (string, error) {
 		return "", fmt.Errorf("writing key file in %s: %w", filepath.Clean(dir), err)
 	}
 	return path, nil
+}
+
+// Redact replaces every occurrence of the key in s (e.g. a tool's output).
+func (c Credentials) Redact(s string) string {
+	if c.Key == "" {
+		return s
+	}
+	return strings.ReplaceAll(s, c.Key, "<redacted>")
+}
+
+// validCephxKey checks the shape of a cephx key: base64 of a 2-byte type, an
+// 8-byte creation time, a 2-byte little-endian length and that many bytes.
+func validCephxKey(key string) bool {
+	b, err := base64.StdEncoding.DecodeString(key)
+	if err != nil || len(b) < 12 {
+		return false
+	}
+	n := int(binary.LittleEndian.Uint16(b[10:12]))
+	return n > 0 && len(b) == 12+n
 }

@@ -55,14 +55,15 @@ func TestCapabilities(t *testing.T) {
 }
 
 func TestCredentialsNeverShowKey(t *testing.T) {
-	c, err := CredentialsFromSecrets(map[string]string{"userID": "client.csi", "userKey": "AQBsecretsecret=="}, "userID", "userKey")
+	c, err := CredentialsFromSecrets(map[string]string{"userID": "client.csi", "userKey": "AQAA8VNlAAAAABAA6Oqqywpz1H7d5jMJlw+a0Q=="}, "userID", "userKey")
 	if err != nil || c.ID != "csi" {
 		t.Fatalf("%+v %v", c, err)
 	}
 	if s := c.String(); s != "client.csi (key redacted)" {
 		t.Fatalf("String() = %q", s)
 	}
-	for _, secrets := range []map[string]string{{}, {"userID": "a"}, {"userKey": "k"}, {"userID": "a b", "userKey": "k"}} {
+	for _, secrets := range []map[string]string{{}, {"userID": "a"}, {"userKey": "k"}, {"userID": "a b", "userKey": "AQAA8VNlAAAAABAA6Oqqywpz1H7d5jMJlw+a0Q=="},
+		{"userID": "a", "userKey": "AQBmYWtlZmFrZWZha2VmYWtlZmFrZWZha2U9PQ=="}, {"userID": "a", "userKey": "!!!"}} {
 		if _, err := CredentialsFromSecrets(secrets, "userID", "userKey"); err == nil {
 			t.Errorf("%v accepted", secrets)
 		}

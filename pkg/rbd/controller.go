@@ -113,11 +113,13 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		if err := j.Reserve(req.GetName(), image); err != nil {
 			return nil, cephStatus(err, "reserving name %q", req.GetName())
 		}
+		rcsi.CrashPoint("create-after-reserve")
 	}
 	actual, err := c.ensureImage(t, image, uint64(size), p.Features, req.GetCapacityRange())
 	if err != nil {
 		return nil, err
 	}
+	rcsi.CrashPoint("create-after-image")
 	meta := map[string]string{metaPVCName: p.PVCName, metaPVCNamespace: p.PVCNamespace, metaPVName: p.PVName}
 	if err := setImageMetadata(t.io, image, meta); err != nil {
 		return nil, cephStatus(err, "storing PVC names on image %s", image)
@@ -198,6 +200,7 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 	if err := removeImage(t.io, id.Name); err != nil {
 		return nil, cephStatus(err, "deleting volume %s", req.GetVolumeId())
 	}
+	rcsi.CrashPoint("delete-after-image")
 	if err := j.Release(name, id.Name); err != nil {
 		return nil, cephStatus(err, "releasing name %q", name)
 	}

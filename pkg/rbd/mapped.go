@@ -1,6 +1,10 @@
 package rbd
 
-import "encoding/json"
+import (
+	"encoding/json"
+	"os"
+	"strings"
+)
 
 // findMapped picks the device of spec's image from `rbd device list` or
 // `rbd-nbd list-mapped` JSON output.
@@ -26,4 +30,17 @@ func findMapped(out []byte, spec ImageSpec) string {
 		}
 	}
 	return ""
+}
+
+// toolEnv is the environment for Ceph CLI tools: the driver's own, less any
+// Ceph settings that could override the arguments (CEPH_ARGS, CEPH_CONF,
+// CEPH_KEYRING), plus an empty configuration file.
+func toolEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "CEPH_") {
+			env = append(env, kv)
+		}
+	}
+	return append(env, "CEPH_CONF=/dev/null")
 }

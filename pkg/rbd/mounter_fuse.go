@@ -75,7 +75,7 @@ func (f *fuseMounter) startFuse(ctx context.Context, spec ImageSpec, dir string)
 	args := []string{
 		"-p", spec.Pool, "-r", spec.Image,
 		"--id", spec.Creds.ID, "--keyfile", keyFile, "-m", spec.Monitors,
-		"--admin-socket=", "--log-file=", "--no-mon-config",
+		"--admin-socket=", "--log-file=", "--no-mon-config", "--client-mount-timeout=30",
 		// Sizes must follow resizes at once, not after FUSE's attribute cache expires.
 		"-o", "attr_timeout=0,entry_timeout=0",
 	}
@@ -89,9 +89,10 @@ func (f *fuseMounter) startFuse(ctx context.Context, spec ImageSpec, dir string)
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "rbd-fuse", args...)
-	cmd.Env = append(os.Environ(), "CEPH_CONF=/dev/null")
+	cmd.Env = toolEnv()
 	start := time.Now()
-	out, err := cmd.CombinedOutput()
+	o, err := cmd.CombinedOutput()
+	out := []byte(spec.Creds.Redact(string(o))) // Ceph tools may echo a key they cannot decode
 	if err != nil {
 		return fmt.Errorf("rbd-fuse for %s/%s failed: %v: %s", spec.Pool, spec.Image, err, lastLine(out))
 	}

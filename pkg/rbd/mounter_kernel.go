@@ -69,7 +69,7 @@ func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (M
 		return m, err
 	}
 	defer os.Remove(keyFile)
-	args := []string{"map", c.imageArg(spec), "--id", spec.Creds.ID, "--keyfile", keyFile, "-m", spec.Monitors, "--no-mon-config"}
+	args := []string{"map", c.imageArg(spec), "--id", spec.Creds.ID, "--keyfile", keyFile, "-m", spec.Monitors, "--no-mon-config", "--client-mount-timeout=30"}
 	if spec.ReadOnly {
 		args = append(args, "--read-only")
 	}
@@ -77,10 +77,10 @@ func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (M
 	defer cancel()
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, c.binary, args...)
-	cmd.Env = append(os.Environ(), "CEPH_CONF=/dev/null")
+	cmd.Env = toolEnv()
 	out, err := cmd.Output()
 	if err != nil {
-		return m, fmt.Errorf("%s map %s: %v: %s", c.binary, c.imageArg(spec), err, stderrOf(err))
+		return m, fmt.Errorf("%s map %s: %v: %s", c.binary, c.imageArg(spec), err, spec.Creds.Redact(stderrOf(err)))
 	}
 	m.Device = strings.TrimSpace(string(out))
 	klog.V(3).InfoS("image mapped", "mounter", c.name, "image", c.imageArg(spec), "device", m.Device, "duration", time.Since(start))

@@ -153,6 +153,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	spec := ImageSpec{Pool: id.Pool, Namespace: id.Namespace, Image: id.Name, Monitors: cluster.MonHost(), Creds: creds, ReadOnly: want.ReadOnly}
 	m, err := mounter.Map(ctx, spec, n.state.workDir(req.GetVolumeId()))
 	if err != nil {
+		want.Mapping = m // what the failed map made, for the clean-up
 		n.undoStage(ctx, want)
 		return nil, status.Errorf(rcsi.Code(err), "mapping %s/%s with %s: %v", id.Pool, id.Name, mounterName, err)
 	}

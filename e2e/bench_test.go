@@ -1,0 +1,149 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ceph/go-ceph/rbd"
+	"github.com/container-storage-interface/spec/lib/go/csi"
+)
+
+// latencies summarises one batch of timed calls.
+type latencies struct {
+	n    int
+	wall time.Duration
+	each []time.Duration
+}
+
+func (l latencies) rate() float64 { return float64(l.n) / l.wall.Seconds() }
+
+func (l latencies) pct(p float64) time.Duration {
+	s := append([]time.Duration(nil), l.each...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[int(float64(len(s)-1)*p)]
+}
+
+// timed runs f(i) for i in [0,n) on `callers` goroutines.
+func timed(n, callers int, f func(i int) error) (latencies, error) {
+	l := latencies{n: n, each: make([]time.Duration, n)}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var first error
+	next := make(chan int, n)
+	for i := 0; i < n; i++ {
+		next <- i
+	}
+	close(next)
+	start := time.Now()
+	for c := 0; c < callers; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				t := time.Now()
+				err := f(i)
+				l.each[i] = time.Since(t)
+				if err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	l.wall = time.Since(start)
+	return l, first
+}
+
+// BenchmarkControllerVsGoCeph measures CreateVolume/DeleteVolume through the
+// driver beside raw go-ceph image create/remove (no journal: the floor Ceph
+// sets), at 1 and 8 callers, in the same run; then the controller's RSS after
+// 200 volumes.
+func BenchmarkControllerVsGoCeph(b *testing.B) {
+	const n = 100
+	d := startDriver(b, newDriverDir(b), nil, "--node=false", "-v=0")
+	prefix := fmt.Sprintf("bench-%d-", time.Now().UnixNano()%1e9)
+	c := ctx(b)
+
+	fmt.Printf("\n%-34s %10s %10s %10s   %s\n", "operation", "ops/s", "p50", "p99", "vs raw go-ceph")
+	row := func(what string, l latencies, floor *latencies) {
+		ratio := ""
+		if floor != nil {
+			ratio = fmt.Sprintf("%.2fx the floor's time per op", floor.rate()/l.rate())
+		}
+		fmt.Printf("%-34s %10.1f %10s %10s   %s\n", what, l.rate(), l.pct(0.5).Round(10*time.Microsecond), l.pct(0.99).Round(10*time.Microsecond), ratio)
+	}
+	for _, callers := range []int{1, 8} {
+		raw := func(i int) string { return fmt.Sprintf("%sraw-%d-%d", prefix, callers, i) }
+		rawCreate, err := timed(n, callers, func(i int) error {
+			opts := rbd.NewRbdImageOptions()
+			defer opts.Destroy()
+			opts.SetUint64(rbd.ImageOptionFeatures, rbd.FeatureLayering)
+			return rbd.CreateImage(admin, raw(i), 64<<20, opts)
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ids := make([]string, n)
+		create, err := timed(n, callers, func(i int) error {
+			r, err := d.ctrl.CreateVolume(c, &csi.CreateVolumeRequest{Name: fmt.Sprintf("%s%d-%d", prefix, callers, i),
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)},
+				Parameters: map[string]string{"clusterID": "c1", "pool": "rbd", "volumeNamePrefix": prefix}, Secrets: secrets()})
+			ids[i] = r.GetVolume().GetVolumeId()
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		rawRemove, err := timed(n, callers, func(i int) error { return rbd.RemoveImage(admin, raw(i)) })
+		if err != nil {
+			b.Fatal(err)
+		}
+		del, err := timed(n, callers, func(i int) error {
+			_, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: ids[i], Secrets: secrets()})
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		row(fmt.Sprintf("go-ceph CreateImage, %d caller(s)", callers), rawCreate, nil)
+		row(fmt.Sprintf("CreateVolume, %d caller(s)", callers), create, &rawCreate)
+		row(fmt.Sprintf("go-ceph RemoveImage, %d caller(s)", callers), rawRemove, nil)
+		row(fmt.Sprintf("DeleteVolume, %d caller(s)", callers), del, &rawRemove)
+	}
+
+	ids := make([]string, 200)
+	if _, err := timed(200, 8, func(i int) error {
+		r, err := d.ctrl.CreateVolume(c, &csi.CreateVolumeRequest{Name: fmt.Sprintf("%srss-%d", prefix, i),
+			CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)},
+			Parameters: map[string]string{"clusterID": "c1", "pool": "rbd", "volumeNamePrefix": prefix}, Secrets: secrets()})
+		ids[i] = r.GetVolume().GetVolumeId()
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	fmt.Printf("controller RSS after 200 volumes: %s (goal: under 40 MB)\n", rss(d.cmd.Process.Pid))
+	timed(200, 8, func(i int) error {
+		_, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: ids[i], Secrets: secrets()})
+		return err
+	})
+	b.ReportMetric(0, "ns/op")
+}
+
+func rss(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}

@@ -1,0 +1,210 @@
+package e2e
+
+import (
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// A controller SIGKILLed in the middle of CreateVolume, restarted and retried,
+// leaves no orphan image and no orphan journal entry; so does DeleteVolume.
+func TestCrashDuringCreateAndDelete(t *testing.T) {
+	dir := newDriverDir(t)
+	prefix := uniquePrefix(t)
+	for _, point := range []string{"create-after-reserve", "create-after-image"} {
+		t.Run(point, func(t *testing.T) {
+			name := prefix + point
+			d := startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
+			if _, err := d.ctrl.CreateVolume(ctx(t), createReq(name, prefix, 64<<20)); err == nil {
+				t.Fatal("CreateVolume succeeded through its crash point")
+			}
+			waitDead(t, d)
+			d = startDriver(t, dir, nil)
+			r, err := d.ctrl.CreateVolume(ctx(t), createReq(name, prefix, 64<<20))
+			if err != nil {
+				t.Fatalf("retry after crash: %v", err)
+			}
+			if n := len(journal(t, name)); n != 2 {
+				t.Errorf("journal has %d keys for %s, want 2", n, name)
+			}
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: secrets()}); err != nil {
+				t.Fatal(err)
+			}
+			d.stop()
+		})
+	}
+	t.Run("delete-after-image", func(t *testing.T) {
+		d := startDriver(t, dir, nil)
+		r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"del", prefix, 64<<20))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.stop()
+		d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-after-image"})
+		id := r.GetVolume().GetVolumeId()
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
+			t.Fatal("DeleteVolume succeeded through its crash point")
+		}
+		waitDead(t, d)
+		if len(journal(t, prefix+"del")) == 0 {
+			t.Fatal("the crash point came after the journal release: the test proves nothing")
+		}
+		d = startDriver(t, dir, nil)
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
+			t.Fatalf("retry after crash: %v", err)
+		}
+		d.stop()
+	})
+	assertNoOrphans(t, prefix)
+}
+
+// SIGKILL at random moments of CreateVolume and DeleteVolume: every retry
+// completes and nothing is orphaned.
+func TestRandomKills(t *testing.T) {
+	dir := newDriverDir(t)
+	prefix := uniquePrefix(t)
+	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	for i := 0; i < 6; i++ {
+		name := prefix + "r" + string(rune('a'+i))
+		d := startDriver(t, dir, nil)
+		delay := time.Duration(rng.Intn(40)) * time.Millisecond
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); d.ctrl.CreateVolume(ctx(t), createReq(name, prefix, 64<<20)) }()
+		time.Sleep(delay)
+		d.kill()
+		wg.Wait()
+		d = startDriver(t, dir, nil)
+		r, err := d.ctrl.CreateVolume(ctx(t), createReq(name, prefix, 64<<20))
+		if err != nil {
+			t.Fatalf("create retry after kill at %s: %v", delay, err)
+		}
+		id := r.GetVolume().GetVolumeId()
+		go func() { d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}) }()
+		time.Sleep(time.Duration(rng.Intn(40)) * time.Millisecond)
+		d.kill()
+		d = startDriver(t, dir, nil)
+		// A process killed while it had the image open leaves a watch that Ceph
+		// expires after osd_client_watch_timeout: until then the image is
+		// "in use" (FailedPrecondition) and the CO retries.
+		deadline := time.Now().Add(90 * time.Second)
+		for {
+			_, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+			if err == nil {
+				break
+			}
+			if status.Code(err) != codes.FailedPrecondition || time.Now().After(deadline) {
+				t.Fatalf("delete retry: %v", err)
+			}
+			time.Sleep(time.Second)
+		}
+		d.stop()
+	}
+	assertNoOrphans(t, prefix)
+}
+
+func waitDead(t *testing.T, d *driver) {
+	deadline := time.Now().Add(10 * time.Second)
+	for d.alive() {
+		if time.Now().After(deadline) {
+			t.Fatal("driver still alive after its crash point")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	d.conn.Close()
+}
+
+// No secret appears in any log line, error message or command line, at -v=10.
+func TestSecretsNeverShown(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil, "-v=10")
+	realKey := env["ROOKZMQ_CEPH_RBD_KEY"]
+	fakeKey := "AQAA8VNlAAAAABAA6Oqqywpz1H7d5jMJlw+a0Q==" // well formed, wrong
+	badKey := "AQBmYWtlZmFrZWZha2VmYWtlZmFrZWZha2U9PQ=="  // not a cephx key
+
+	// Watch every process's command line while the driver works.
+	stop := make(chan struct{})
+	seen := make(chan string, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				close(seen)
+				return
+			default:
+			}
+			procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+			for _, p := range procs {
+				b, _ := os.ReadFile(p)
+				if s := string(b); strings.Contains(s, realKey) || strings.Contains(s, fakeKey) || strings.Contains(s, badKey) {
+					select {
+					case seen <- strings.ReplaceAll(s, "\x00", " "):
+					default:
+					}
+				}
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 64<<20, mountCap("", rwo))
+	unpublishUnstageDelete(t, d, s)
+	var errs []string
+	bad := createReq(prefix+"bad", prefix, 64<<20)
+	bad.Secrets = map[string]string{"userID": env["ROOKZMQ_CEPH_RBD_USER"], "userKey": fakeKey}
+	if _, err := d.ctrl.CreateVolume(ctx(t), bad); err == nil {
+		t.Error("CreateVolume with a wrong key succeeded")
+	} else {
+		errs = append(errs, err.Error())
+	}
+	for _, k := range []string{badKey, "not a key"} {
+		bad.Secrets["userKey"] = k
+		if _, err := d.ctrl.CreateVolume(ctx(t), bad); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("CreateVolume with a malformed key: %v, want InvalidArgument", err)
+		} else {
+			errs = append(errs, err.Error())
+		}
+	}
+	st := &csi.NodeStageVolumeRequest{VolumeId: s.id, StagingTargetPath: t.TempDir(), VolumeCapability: mountCap("", rwo),
+		Secrets: map[string]string{"userID": env["ROOKZMQ_CEPH_RBD_USER"], "userKey": fakeKey}}
+	for _, k := range []string{fakeKey, badKey} {
+		st.Secrets["userKey"] = k
+		if _, err := d.node.NodeStageVolume(ctx(t), st); err == nil {
+			t.Errorf("NodeStageVolume with a wrong key succeeded")
+		} else {
+			errs = append(errs, err.Error())
+		}
+	}
+	close(stop)
+	if cmd, ok := <-seen; ok {
+		t.Errorf("a key appeared on a command line: %s", cmd)
+	}
+	d.stop()
+	logs, _ := os.ReadFile(d.log)
+	if len(logs) < 1000 {
+		t.Fatalf("the -v=10 log is suspiciously short (%d bytes)", len(logs))
+	}
+	for _, k := range []string{realKey, fakeKey, badKey, "not a key"} {
+		for _, l := range strings.Split(string(logs), "\n") {
+			if strings.Contains(l, k) {
+				t.Errorf("key %.6s... appears in the driver log: %.300s", k, strings.ReplaceAll(l, k, "<KEY>"))
+			}
+		}
+		for _, e := range errs {
+			if strings.Contains(e, k) {
+				t.Errorf("key %.6s... appears in an error: %s", k, e)
+			}
+		}
+	}
+	if keys, _ := filepath.Glob(filepath.Join(dir, "state", "keys", "*")); len(keys) != 0 {
+		t.Errorf("key files left behind: %v", keys)
+	}
+}
