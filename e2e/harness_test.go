@@ -101,7 +101,8 @@ func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *
 	os.Remove(d.sock)
 	args := append([]string{"--controller", "--node", "--endpoint", "unix://" + d.sock, "--nodeid", "e2e-node",
 		"--clusters", filepath.Join(dir, "config.json"), "--default-mounter", "rbd-fuse",
-		"--statedir", filepath.Join(dir, "state"), "-v=4"}, flags...)
+		"--statedir", filepath.Join(dir, "state"), "--events-dir", filepath.Join(dir, "events"),
+		"--events-heartbeat", "200ms", "-v=4"}, flags...)
 	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@
 //
 //	rookzmq [flags]        serve the CSI driver
 //	rookzmq demo [flags]   walk one volume through its life over the CSI API
+//	rookzmq events ...     subscribe to, replay and flush node events
 package main
 
 import (
@@ -13,6 +14,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -22,6 +24,7 @@ import (
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 	"github.com/rookzmq/rookzmq/pkg/rbd"
+	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
 
 // version is set at build time (-ldflags -X main.version=...).
@@ -32,6 +35,8 @@ func main() {
 		switch os.Args[1] {
 		case "demo":
 			os.Exit(runDemo(os.Args[2:]))
+		case "events":
+			os.Exit(runEvents(os.Args[2:]))
 		case "version", "--version":
 			fmt.Println(version)
 			return
@@ -48,6 +53,9 @@ type serveFlags struct {
 	driverType, driverName, endpoint, nodeID, clusters string
 	defaultMounter, stateDir, credentialsDir           string
 	controller, node                                   bool
+	eventsDir, eventsMode                              string
+	eventsHeartbeat, eventsJournalAge                  time.Duration
+	eventsJournalBytes                                 int64
 }
 
 func parseServeFlags(args []string) (*serveFlags, error) {
@@ -64,6 +72,11 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
 	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
+	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
+	fs.StringVar(&f.eventsMode, "events-mode", "0600", "mode of the event socket files")
+	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
+	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
+	fs.DurationVar(&f.eventsJournalAge, "events-journal-age", 7*24*time.Hour, "event journal age limit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -78,6 +91,12 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if f.node && f.nodeID == "" {
 		return nil, errors.New("--nodeid is required with --node")
+	}
+	if f.eventsDir == "" {
+		f.eventsDir = filepath.Join("/var/lib/kubelet/plugins", f.driverName, "events")
+	}
+	if _, err := strconv.ParseUint(f.eventsMode, 8, 32); err != nil {
+		return nil, fmt.Errorf("--events-mode=%s is not an octal mode", f.eventsMode)
 	}
 	if f.stateDir == "" {
 		f.stateDir = filepath.Join("/var/lib/rookzmq", f.driverName)
@@ -106,10 +125,22 @@ func serve(args []string) error {
 	}
 	var node *rbd.Node
 	if f.node {
-		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir})
+		sink := &rcsi.BridgeSink{Driver: f.driverName}
+		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink})
 		if err != nil {
 			return err
 		}
+		mode, _ := strconv.ParseUint(f.eventsMode, 8, 32)
+		bridge, err := zmqbridge.New(zmqbridge.Options{
+			Dir: f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
+			Heartbeat: f.eventsHeartbeat, Flusher: sink,
+			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge},
+		})
+		if err != nil {
+			return err
+		}
+		defer bridge.Close()
+		sink.Bridge, sink.Volumes = bridge, node
 	}
 	identity := &rcsi.Identity{Name: f.driverName, Version: version, Controller: f.controller}
 	srv, err := rcsi.Listen(f.endpoint, nil, func(s *grpc.Server) {

@@ -7,6 +7,14 @@ const (
 	EventUnpublish = "unpublish" // NodeUnpublishVolume succeeded
 	EventExpand    = "expand"    // NodeExpandVolume succeeded
 	EventDetach    = "detach"    // NodeUnstageVolume succeeded
+	EventAck       = "ack"       // a flush reached Ceph
+)
+
+// Ack triggers.
+const (
+	TriggerRequest  = "request"
+	TriggerUnstage  = "unstage"
+	TriggerInterval = "interval"
 )
 
 // VolumeEvent says what happened to a volume on this node.
@@ -19,6 +27,8 @@ type VolumeEvent struct {
 	FsType        string
 	ReadOnly      bool
 	SizeBytes     int64
+	FlushMs       float64 // ack only
+	Trigger       string  // ack only
 }
 
 // EventSink receives volume events from the node services. Implementations must

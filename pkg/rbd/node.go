@@ -168,13 +168,15 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 			return nil, err
 		}
 	}
+	// Emit before recording success: a crash in between repeats the event
+	// (at least once) rather than losing it.
+	n.emit(rcsi.EventAttach, want, "", want.Context)
 	want.Staged = true
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	klog.InfoS("volume staged", "volumeID", req.GetVolumeId(), "mounter", mounterName, "device", m.Device,
 		"map", mapped, "total", time.Since(start))
-	n.emit(rcsi.EventAttach, want, "", want.Context)
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
@@ -236,7 +238,7 @@ func (n *Node) mountStaging(rec *stageRecord, flags []string) error {
 
 // undoStage releases what a failed stage made, logging what it cannot.
 func (n *Node) undoStage(ctx context.Context, rec *stageRecord) {
-	if err := n.teardown(ctx, rec); err != nil {
+	if err := n.teardown(ctx, rec, false); err != nil {
 		klog.ErrorS(err, "cleaning up a failed stage; NodeUnstageVolume will retry", "volumeID", rec.VolumeID)
 	}
 }
@@ -270,36 +272,35 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 		return nil, status.Errorf(codes.InvalidArgument, "volume is staged at %s, not %s", rec.StagingPath, staging)
 	}
 	start := time.Now()
-	if err := n.teardown(ctx, rec); err != nil {
+	if err := n.teardown(ctx, rec, rec.Staged); err != nil {
 		return nil, err
 	}
 	klog.InfoS("volume unstaged", "volumeID", req.GetVolumeId(), "duration", time.Since(start))
-	if rec.Staged {
-		n.emit(rcsi.EventDetach, rec, "", rec.Context)
-	}
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
 
-// teardown syncs and unmounts the staging path, unmaps the device and forgets the volume.
-func (n *Node) teardown(ctx context.Context, rec *stageRecord) error {
+// teardown flushes (emitting ack), unmounts, unmaps (emitting detach) and
+// forgets the volume. The record goes last, so a crash anywhere is retried
+// from the start: events then repeat rather than go missing.
+func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) error {
+	if ack, err := n.flush(rec); err != nil && !errors.Is(err, errNothingToFlush) {
+		return status.Errorf(codes.Internal, "flushing volume %s: %v", rec.VolumeID, err)
+	} else if err == nil && events {
+		ack.Trigger = rcsi.TriggerUnstage
+		n.events.VolumeEvent(ack)
+	}
 	if !rec.Block {
-		if notMnt, err := n.mounts.IsLikelyNotMountPoint(rec.StagingPath); err == nil && !notMnt {
-			if err := syncFS(rec.StagingPath); err != nil {
-				return status.Errorf(codes.Internal, "flushing %s: %v", rec.StagingPath, err)
-			}
-		}
 		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
 			return status.Errorf(codes.Internal, "unmounting %s: %v", rec.StagingPath, err)
-		}
-	} else if rec.Device != "" {
-		if err := syncDevice(rec.Device); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return status.Errorf(codes.Internal, "flushing %s: %v", rec.Device, err)
 		}
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
 		if err := m.Unmap(ctx, rec.Mapping); err != nil {
 			return status.Errorf(codes.Internal, "unmapping %s: %v", rec.Device, err)
 		}
+	}
+	if events {
+		n.emit(rcsi.EventDetach, rec, "", rec.Context)
 	}
 	if err := n.state.remove(rec.VolumeID); err != nil {
 		return status.Errorf(codes.Internal, "removing stage record: %v", err)
@@ -328,14 +329,14 @@ func syncDevice(dev string) error {
 }
 
 func (n *Node) emit(kind string, rec *stageRecord, target string, volCtx map[string]string) {
-	access := "mount"
-	if rec.Block {
-		access = "block"
-	}
-	n.events.VolumeEvent(rcsi.VolumeEvent{
+	ev := rcsi.VolumeEvent{
 		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx, TargetPath: target,
-		AccessType: access, FsType: rec.FsType, ReadOnly: rec.ReadOnly,
-	})
+		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly,
+	}
+	if kind == rcsi.EventExpand {
+		ev.SizeBytes = rec.Size
+	}
+	n.events.VolumeEvent(ev)
 }
 
 // errNotStaged is the error for calls on a volume this node has not staged.

@@ -185,16 +185,14 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 		return nil, status.Errorf(codes.Internal, "reading size of %s: %v", rec.Device, err)
 	}
 	klog.InfoS("volume expanded on node", "volumeID", req.GetVolumeId(), "bytes", size, "duration", time.Since(start))
-	ev := *rec
-	n.emitSized(rcsi.EventExpand, &ev, size)
+	if size != rec.Size { // a repeated call that changed nothing emits nothing
+		rec.Size = size
+		n.emit(rcsi.EventExpand, rec, "", rec.Context)
+		if err := n.state.save(rec); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: size}, nil
-}
-
-func (n *Node) emitSized(kind string, rec *stageRecord, size int64) {
-	n.events.VolumeEvent(rcsi.VolumeEvent{
-		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: rec.Context,
-		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly, SizeBytes: size,
-	})
 }
 
 // NodeGetInfo returns the node ID.

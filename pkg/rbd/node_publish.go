@@ -73,19 +73,27 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		}
 	}
 	start := time.Now()
-	if err := n.mounts.Mount(source, target, "", opts); err != nil {
-		return nil, status.Errorf(codes.Internal, "bind-mounting %s at %s: %v", source, target, err)
+	// A crash after the mount but before the record was saved: keep that mount.
+	if notMnt, err := n.mounts.IsLikelyNotMountPoint(target); err != nil || notMnt {
+		if err := n.mounts.Mount(source, target, "", opts); err != nil {
+			return nil, status.Errorf(codes.Internal, "bind-mounting %s at %s: %v", source, target, err)
+		}
 	}
+	// Emit before recording: a crash in between repeats the event, never loses it.
+	pub := *rec
+	pub.ReadOnly = readOnly
+	n.emit(rcsi.EventPublish, &pub, target, mergeContext(rec.Context, req.GetVolumeContext()))
 	if !slices.Contains(rec.Targets, target) {
 		rec.Targets = append(rec.Targets, target)
 	}
+	if rec.Pods == nil {
+		rec.Pods = map[string]map[string]string{}
+	}
+	rec.Pods[target] = req.GetVolumeContext()
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	klog.InfoS("volume published", "volumeID", req.GetVolumeId(), "target", target, "readOnly", readOnly, "duration", time.Since(start))
-	pub := *rec
-	pub.ReadOnly = readOnly
-	n.emit(rcsi.EventPublish, &pub, target, mergeContext(rec.Context, req.GetVolumeContext()))
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
@@ -113,12 +121,13 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if rec == nil || !slices.Contains(rec.Targets, target) {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
+	n.emit(rcsi.EventUnpublish, rec, target, mergeContext(rec.Context, rec.Pods[target]))
 	rec.Targets = slices.DeleteFunc(rec.Targets, func(t string) bool { return t == target })
+	delete(rec.Pods, target)
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	klog.InfoS("volume unpublished", "volumeID", req.GetVolumeId(), "target", target)
-	n.emit(rcsi.EventUnpublish, rec, target, rec.Context)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 

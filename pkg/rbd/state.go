@@ -22,10 +22,15 @@ type stageRecord struct {
 	ReadOnly bool              `json:"readOnly"`
 	Mode     string            `json:"accessMode"`
 	Context  map[string]string `json:"volumeContext,omitempty"`
+	// Size is the device size last reported in an expand event.
+	Size int64 `json:"size,omitempty"`
 	// Staged is false while the volume is being mapped or mounted.
 	Staged bool `json:"staged"`
 	// Targets are the paths the volume is published at.
 	Targets []string `json:"targets,omitempty"`
+	// Pods holds each target's publish-time volume context (pod name,
+	// namespace and UID from podInfoOnMount), for its unpublish event.
+	Pods map[string]map[string]string `json:"pods,omitempty"`
 }
 
 // stateStore keeps one record file (and one work directory) per volume.
@@ -104,4 +109,24 @@ func (s stateStore) remove(volumeID string) error {
 		return err
 	}
 	return nil
+}
+
+// all loads every record.
+func (s stateStore) all() ([]*stageRecord, error) {
+	paths, err := filepath.Glob(filepath.Join(s.dir, "volumes", "*.json"))
+	if err != nil {
+		return nil, err
+	}
+	var out []*stageRecord
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue // removed meanwhile
+		}
+		var r stageRecord
+		if json.Unmarshal(b, &r) == nil {
+			out = append(out, &r)
+		}
+	}
+	return out, nil
 }

@@ -1,0 +1,251 @@
+package zmqbridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	zmq "github.com/pebbe/zmq4"
+	"k8s.io/klog/v2"
+)
+
+// Options configure a Bridge.
+type Options struct {
+	// Dir holds events.sock, control.sock and (by default) the journal.
+	Dir string
+	// SocketMode is the mode of the socket files (default 0600).
+	SocketMode os.FileMode
+	// Node and Driver fill every event's node and driver fields.
+	Node, Driver string
+	// Heartbeat is the heartbeat interval (default 1s).
+	Heartbeat time.Duration
+	// Journal configures the journal; its Dir defaults to Dir/journal.
+	Journal JournalOptions
+	// Flusher answers flush requests; nil refuses them.
+	Flusher Flusher
+	// Metrics, if set, is told what the bridge does.
+	Metrics Metrics
+}
+
+// FlushRequest names the volume a control client wants flushed.
+type FlushRequest struct {
+	VolumeID, PVC, Namespace string
+	// Scope is the namespace the asking endpoint may touch ("" = any).
+	Scope string
+}
+
+// Flusher flushes a volume and publishes its ack event (through Emit),
+// returning the ack's sequence number and how long the flush took.
+type Flusher interface {
+	Flush(ctx context.Context, req FlushRequest) (seq uint64, flushMs float64, err error)
+}
+
+// Metrics receives counts from the bridge; every method must return at once.
+type Metrics interface {
+	EventPublished(kind string)
+	ReplayServed()
+	JournalSynced(d time.Duration, bytes int64)
+	Subscribers(delta int)
+}
+
+// Bridge journals and publishes events. Emit is safe for concurrent use; each
+// ZeroMQ socket is owned by exactly one goroutine.
+type Bridge struct {
+	opts    Options
+	journal *Journal
+	zctx    *zmq.Context
+
+	synced    atomic.Uint64 // highest fsynced sequence
+	wakePub   chan struct{} // new synced records to publish
+	wakeSync  chan struct{} // new records to fsync
+	endpoints *endpoints
+	stop      chan struct{}
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+// New opens the journal, binds the node-wide endpoints in opts.Dir and starts
+// the publisher, committer and control goroutines.
+func New(opts Options) (*Bridge, error) {
+	if opts.Dir == "" || opts.Node == "" {
+		return nil, errors.New("zmqbridge: Dir and Node are required")
+	}
+	if opts.SocketMode == 0 {
+		opts.SocketMode = 0o600
+	}
+	if opts.Heartbeat <= 0 {
+		opts.Heartbeat = time.Second
+	}
+	if opts.Journal.Dir == "" {
+		opts.Journal.Dir = filepath.Join(opts.Dir, "journal")
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	j, err := OpenJournal(opts.Journal)
+	if err != nil {
+		return nil, fmt.Errorf("zmqbridge: opening journal: %w", err)
+	}
+	zctx, err := zmq.NewContext()
+	if err != nil {
+		j.Close()
+		return nil, err
+	}
+	b := &Bridge{
+		opts: opts, journal: j, zctx: zctx,
+		wakePub: make(chan struct{}, 1), wakeSync: make(chan struct{}, 1), stop: make(chan struct{}),
+	}
+	b.synced.Store(j.Last())
+	b.endpoints = newEndpoints(b)
+	if err := b.endpoints.add("", Endpoint{
+		Events:  "ipc://" + filepath.Join(opts.Dir, "events.sock"),
+		Control: "ipc://" + filepath.Join(opts.Dir, "control.sock"),
+	}); err != nil {
+		b.endpoints.closeAll()
+		zctx.Term()
+		j.Close()
+		return nil, err
+	}
+	b.wg.Add(3)
+	go b.commitLoop()
+	go b.publishLoop()
+	go b.controlLoop()
+	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First())
+	return b, nil
+}
+
+// Emit journals ev and returns its sequence number once the record is
+// durable (group-committed fsync). It never waits for subscribers.
+func (b *Bridge) Emit(ev Event) (uint64, error) {
+	seq, err := b.EmitAsync(ev)
+	if err != nil {
+		return 0, err
+	}
+	if err := b.journal.Sync(seq); err != nil {
+		return 0, err
+	}
+	return seq, nil
+}
+
+// EmitAsync journals ev (one write(2): it survives a process crash) and returns
+// before the fsync; the committer publishes it once it is durable.
+func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
+	ev.V, ev.Node = Version, b.opts.Node
+	if ev.Driver == "" {
+		ev.Driver = b.opts.Driver
+	}
+	rec, err := b.journal.Append(ev.Topic(), func(seq uint64) []byte {
+		ev.Seq = seq
+		ev.Time = time.Now().UTC().Format(time.RFC3339Nano)
+		return ev.Marshal()
+	})
+	if err != nil {
+		return 0, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
+	}
+	select {
+	case b.wakeSync <- struct{}{}:
+	default:
+	}
+	return rec.Seq, nil
+}
+
+// Last is the sequence number of the last journaled event.
+func (b *Bridge) Last() uint64 { return b.journal.Last() }
+
+// JournalBytes is the journal's size on disk.
+func (b *Bridge) JournalBytes() int64 { return b.journal.Bytes() }
+
+// commitLoop fsyncs what has been appended and wakes the publisher.
+func (b *Bridge) commitLoop() {
+	defer b.wg.Done()
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-b.wakeSync:
+		}
+		last := b.journal.Last()
+		if last <= b.synced.Load() {
+			continue
+		}
+		start := time.Now()
+		if err := b.journal.Sync(last); err != nil {
+			klog.ErrorS(err, "event journal fsync failed; will retry")
+			time.Sleep(100 * time.Millisecond)
+			b.poke(b.wakeSync)
+			continue
+		}
+		if m := b.opts.Metrics; m != nil {
+			m.JournalSynced(time.Since(start), b.journal.Bytes())
+		}
+		b.synced.Store(last)
+		b.poke(b.wakePub)
+	}
+}
+
+func (b *Bridge) poke(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// publishLoop owns the PUB sockets: it publishes durable records in sequence
+// order and heartbeats.
+func (b *Bridge) publishLoop() {
+	defer b.wg.Done()
+	published := b.journal.Last() // events before start were published by an earlier run, or are replayable
+	hb := time.NewTicker(b.opts.Heartbeat)
+	defer hb.Stop()
+	b.endpoints.heartbeat(published)
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-hb.C:
+			b.endpoints.heartbeat(published)
+			continue
+		case <-b.wakePub:
+		case cmd := <-b.endpoints.pubCmds:
+			cmd()
+			continue
+		}
+		for published < b.synced.Load() {
+			recs, err := b.journal.Read(published, 1000)
+			if err != nil || len(recs) == 0 {
+				if err != nil {
+					klog.ErrorS(err, "reading the event journal to publish")
+				}
+				published = b.synced.Load() // subscribers recover the rest by replay
+				break
+			}
+			for _, r := range recs {
+				if r.Seq > b.synced.Load() {
+					break
+				}
+				b.endpoints.publish(r)
+				published = r.Seq
+			}
+		}
+	}
+}
+
+// Close stops the goroutines, closes the sockets (linger 0: nothing journaled
+// is lost, subscribers replay) and syncs and closes the journal.
+func (b *Bridge) Close() error {
+	var err error
+	b.closeOnce.Do(func() {
+		close(b.stop)
+		b.wg.Wait()
+		b.endpoints.closeAll()
+		b.zctx.Term()
+		err = b.journal.Close()
+		klog.InfoS("event bridge stopped", "lastSeq", b.journal.Last())
+	})
+	return err
+}

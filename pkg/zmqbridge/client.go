@@ -1,0 +1,218 @@
+package zmqbridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	zmq "github.com/pebbe/zmq4"
+)
+
+// Client talks to a bridge endpoint: replay and flush over the control
+// socket, and a lossless subscription (subscribe, then replay, de-duplicate
+// by seq: the ZeroMQ Guide's Clone pattern). A Client is not safe for
+// concurrent use; it owns its sockets.
+type Client struct {
+	events, control string
+	zctx            *zmq.Context
+	req             *zmq.Socket
+	// Timeout bounds each control request (default 2 minutes: flushes can be slow).
+	Timeout time.Duration
+}
+
+// ErrTruncatedReplay says the journal no longer holds the requested events.
+type ErrTruncatedReplay struct{ First, Last uint64 }
+
+func (e ErrTruncatedReplay) Error() string {
+	return fmt.Sprintf("journal truncated: events before %d are gone (last %d)", e.First, e.Last)
+}
+
+// Dial prepares a client of the endpoints (ipc://... or tcp://...).
+func Dial(events, control string) (*Client, error) {
+	zctx, err := zmq.NewContext()
+	if err != nil {
+		return nil, err
+	}
+	return &Client{events: events, control: control, zctx: zctx, Timeout: 2 * time.Minute}, nil
+}
+
+// Close closes the client's sockets.
+func (c *Client) Close() {
+	if c.req != nil {
+		c.req.Close()
+	}
+	c.zctx.Term()
+}
+
+// call sends one control request and waits for its reply. A timed-out REQ
+// socket is replaced (REQ cannot send twice without a reply).
+func (c *Client) call(req any, reply any) error {
+	if c.req == nil {
+		s, err := c.zctx.NewSocket(zmq.REQ)
+		if err != nil {
+			return err
+		}
+		s.SetLinger(0)
+		if err := s.Connect(c.control); err != nil {
+			s.Close()
+			return err
+		}
+		c.req = s
+	}
+	b, _ := json.Marshal(req)
+	if _, err := c.req.SendBytes(b, 0); err != nil {
+		return err
+	}
+	poller := zmq.NewPoller()
+	poller.Add(c.req, zmq.POLLIN)
+	ready, err := poller.Poll(c.Timeout)
+	if err != nil || len(ready) == 0 {
+		c.req.Close()
+		c.req = nil
+		if err == nil {
+			err = fmt.Errorf("no answer from %s within %s", c.control, c.Timeout)
+		}
+		return err
+	}
+	resp, err := c.req.RecvBytes(0)
+	if err != nil {
+		return err
+	}
+	var e errorReply
+	if json.Unmarshal(resp, &e) == nil && e.Error != "" {
+		if e.Error == "truncated" {
+			return ErrTruncatedReplay{First: e.First, Last: e.Last}
+		}
+		return errors.New(e.Error)
+	}
+	return json.Unmarshal(resp, reply)
+}
+
+// Replay returns the raw events after since (at most max) and the last sequence.
+func (c *Client) Replay(since uint64, max int) ([]json.RawMessage, uint64, error) {
+	var r replayReply
+	err := c.call(Request{Op: "replay", Since: since, Max: max}, &r)
+	return r.Events, r.Last, err
+}
+
+// Flush asks the node to flush a volume (by ID, or by PVC and namespace) and
+// returns the ack event's sequence and the flush time.
+func (c *Client) Flush(volumeID, pvc, namespace string) (uint64, float64, error) {
+	var r flushReply
+	err := c.call(Request{Op: "flush", VolumeID: volumeID, PVC: pvc, Namespace: namespace}, &r)
+	return r.Seq, r.FlushMs, err
+}
+
+// Handler receives each event once, in sequence order, with its raw JSON.
+type Handler func(ev Event, raw []byte) error
+
+// Subscribe delivers every event with seq > since whose topic starts with one
+// of prefixes (all when empty), exactly once and in order, until ctx ends or
+// h fails. Live messages that skip a sequence, and heartbeats ahead of what
+// was seen, trigger a replay; a journal truncated past since is an error
+// (ErrTruncatedReplay) rather than a silent hole.
+func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64, h Handler) error {
+	sub, err := c.zctx.NewSocket(zmq.SUB)
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	sub.SetLinger(0)
+	sub.SetRcvhwm(100000)
+	sub.SetSubscribe("") // filtering happens here, after gap detection, which needs every seq
+	if err := sub.Connect(c.events); err != nil {
+		return err
+	}
+	match := func(topic string) bool {
+		if len(prefixes) == 0 {
+			return true
+		}
+		for _, p := range prefixes {
+			if strings.HasPrefix(topic, p) {
+				return true
+			}
+		}
+		return false
+	}
+	last := since
+	deliver := func(raw []byte) error {
+		var ev Event
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			return fmt.Errorf("bad event JSON: %w", err)
+		}
+		if ev.Seq <= last {
+			return nil // already delivered
+		}
+		last = ev.Seq
+		if match(ev.Topic()) {
+			return h(ev, raw)
+		}
+		return nil
+	}
+	catchUp := func() error {
+		for {
+			events, end, err := c.Replay(last, MaxReplay)
+			if err != nil {
+				return err
+			}
+			for _, raw := range events {
+				if err := deliver(raw); err != nil {
+					return err
+				}
+			}
+			if len(events) == 0 || last >= end {
+				if end > last {
+					last = end // scoped endpoints: the rest belongs to other namespaces
+				}
+				return nil
+			}
+		}
+	}
+	// Subscribed first, so nothing published from here on is missed.
+	time.Sleep(50 * time.Millisecond)
+	if err := catchUp(); err != nil {
+		return err
+	}
+	poller := zmq.NewPoller()
+	poller.Add(sub, zmq.POLLIN)
+	for ctx.Err() == nil {
+		ready, err := poller.Poll(200 * time.Millisecond)
+		if err != nil {
+			return err
+		}
+		if len(ready) == 0 {
+			continue
+		}
+		frames, err := sub.RecvMessageBytes(0)
+		if err != nil || len(frames) != 2 {
+			continue
+		}
+		var head struct {
+			Seq  uint64 `json:"seq"`
+			Kind string `json:"kind"`
+		}
+		if json.Unmarshal(frames[1], &head) != nil {
+			continue
+		}
+		switch {
+		case head.Kind == KindHeartbeat:
+			if head.Seq > last {
+				err = catchUp()
+			}
+		case head.Seq <= last:
+		case head.Seq == last+1:
+			err = deliver(frames[1])
+		default: // a gap: fetch what is missing in order, then this one
+			if err = catchUp(); err == nil {
+				err = deliver(frames[1])
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
+}

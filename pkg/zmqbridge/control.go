@@ -1,0 +1,253 @@
+package zmqbridge
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	zmq "github.com/pebbe/zmq4"
+	"k8s.io/klog/v2"
+)
+
+// maxRequestBytes bounds a control request; larger ones get an error reply.
+// ZeroMQ drops peers that send more than maxMessageBytes in one message.
+const (
+	maxRequestBytes = 64 << 10
+	maxMessageBytes = 1 << 20
+)
+
+// MaxReplay is the most events one replay answer carries.
+const MaxReplay = 1000
+
+// Request is a control request.
+type Request struct {
+	Op        string `json:"op"`
+	Since     uint64 `json:"since"`
+	Max       int    `json:"max"`
+	VolumeID  string `json:"volume_id"`
+	PVC       string `json:"pvc"`
+	Namespace string `json:"namespace"`
+}
+
+// ParseRequest decodes and checks one control request.
+func ParseRequest(b []byte) (Request, error) {
+	var r Request
+	if len(b) > maxRequestBytes {
+		return r, fmt.Errorf("request of %d bytes exceeds %d", len(b), maxRequestBytes)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return r, fmt.Errorf("bad JSON: %v", err)
+	}
+	if dec.More() {
+		return r, errors.New("bad JSON: more than one value")
+	}
+	switch r.Op {
+	case "replay":
+		if r.Max < 0 {
+			return r, errors.New("max must not be negative")
+		}
+		if r.Max == 0 || r.Max > MaxReplay {
+			r.Max = MaxReplay
+		}
+	case "flush":
+		if r.VolumeID == "" && (r.PVC == "" || r.Namespace == "") {
+			return r, errors.New("flush needs volume_id, or pvc and namespace")
+		}
+	case "":
+		return r, errors.New("missing op")
+	default:
+		return r, fmt.Errorf("unknown op %q", r.Op)
+	}
+	return r, nil
+}
+
+// replayReply is the answer to a replay.
+type replayReply struct {
+	Events []json.RawMessage `json:"events"`
+	Last   uint64            `json:"last"`
+}
+
+type errorReply struct {
+	Error string `json:"error"`
+	First uint64 `json:"first,omitempty"`
+	Last  uint64 `json:"last,omitempty"`
+}
+
+type flushReply struct {
+	Seq     uint64  `json:"seq"`
+	FlushMs float64 `json:"flush_ms"`
+}
+
+func marshal(v any) []byte {
+	b, _ := json.Marshal(v)
+	return b
+}
+
+// controlLoop owns the control sockets and the inproc socket on which flush
+// workers hand back their replies.
+func (b *Bridge) controlLoop() {
+	defer b.wg.Done()
+	replies, err := b.zctx.NewSocket(zmq.PULL)
+	if err == nil {
+		replies.SetLinger(0)
+		err = replies.Bind("inproc://flush-replies")
+	}
+	if err != nil {
+		klog.ErrorS(err, "event bridge control loop cannot start")
+		return
+	}
+	defer replies.Close()
+	for {
+		select {
+		case <-b.stop:
+			return
+		case cmd := <-b.endpoints.ctlCmds:
+			cmd()
+			continue
+		default:
+		}
+		eps := b.endpoints.snapshot()
+		poller := zmq.NewPoller()
+		poller.Add(replies, zmq.POLLIN)
+		for _, ep := range eps {
+			poller.Add(ep.ctl, zmq.POLLIN)
+		}
+		ready, err := poller.Poll(50 * time.Millisecond)
+		if err != nil {
+			if zmq.AsErrno(err) == zmq.ETERM {
+				return
+			}
+			continue
+		}
+		for _, p := range ready {
+			if p.Socket == replies {
+				b.forwardReply(replies, eps)
+				continue
+			}
+			for _, ep := range eps {
+				if ep.ctl == p.Socket {
+					b.serve(ep)
+				}
+			}
+		}
+	}
+}
+
+// serve answers one message on an endpoint's ROUTER socket.
+func (b *Bridge) serve(ep *endpoint) {
+	frames, err := ep.ctl.RecvMessageBytes(zmq.DONTWAIT)
+	if err != nil || len(frames) == 0 {
+		return
+	}
+	// ROUTER frames: identity, then REQ's empty delimiter (DEALERs may omit it), then the request.
+	envelope, body := frames[:1], frames[1:]
+	if len(body) > 0 && len(body[0]) == 0 {
+		envelope, body = frames[:2], frames[2:]
+	}
+	reply := func(v any) {
+		msg := make([][]byte, 0, len(envelope)+1)
+		msg = append(append(msg, envelope...), marshal(v))
+		ep.ctl.SendMessageDontwait(msg)
+	}
+	if len(body) != 1 {
+		reply(errorReply{Error: fmt.Sprintf("expected one JSON frame, got %d", len(body))})
+		return
+	}
+	req, err := ParseRequest(body[0])
+	if err != nil {
+		reply(errorReply{Error: err.Error()})
+		return
+	}
+	switch req.Op {
+	case "replay":
+		reply(b.replay(req, ep.Scope))
+		if m := b.opts.Metrics; m != nil {
+			m.ReplayServed()
+		}
+	case "flush":
+		if b.opts.Flusher == nil {
+			reply(errorReply{Error: "flush is not available on this node"})
+			return
+		}
+		if ep.Scope != "" && req.Namespace != "" && req.Namespace != ep.Scope {
+			reply(errorReply{Error: fmt.Sprintf("namespace %q is outside this endpoint's scope", req.Namespace)})
+			return
+		}
+		go b.flush(req, ep, envelope)
+	}
+}
+
+func (b *Bridge) replay(req Request, scope string) any {
+	// Only durable events are replayed: what a subscriber sees never vanishes.
+	synced := b.synced.Load()
+	out := replayReply{Events: []json.RawMessage{}, Last: synced}
+	since := req.Since
+	for len(out.Events) < req.Max && since < synced {
+		recs, err := b.journal.Read(since, req.Max)
+		if errors.Is(err, ErrTruncated) {
+			return errorReply{Error: "truncated", First: b.journal.First(), Last: synced}
+		}
+		if err != nil {
+			return errorReply{Error: "reading the journal: " + err.Error()}
+		}
+		if len(recs) == 0 {
+			break
+		}
+		for _, r := range recs {
+			if r.Seq > synced || len(out.Events) == req.Max {
+				since = synced
+				break
+			}
+			since = r.Seq
+			if scope == "" || TopicNamespace(r.Topic) == scope {
+				out.Events = append(out.Events, r.Data)
+			}
+		}
+	}
+	return out
+}
+
+// flush runs on its own goroutine (a flush may take seconds) and hands the
+// reply to the control loop through an inproc socket of its own.
+func (b *Bridge) flush(req Request, ep *endpoint, envelope [][]byte) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var reply any
+	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace, Scope: ep.Scope})
+	if err != nil {
+		reply = errorReply{Error: err.Error()}
+	} else {
+		reply = flushReply{Seq: seq, FlushMs: ms}
+	}
+	push, err := b.zctx.NewSocket(zmq.PUSH)
+	if err != nil {
+		return
+	}
+	defer push.Close()
+	push.SetLinger(time.Second)
+	if err := push.Connect("inproc://flush-replies"); err != nil {
+		return
+	}
+	msg := [][]byte{[]byte(ep.Control)}
+	msg = append(append(msg, envelope...), marshal(reply))
+	push.SendMessage(msg)
+}
+
+// forwardReply sends a flush worker's reply out of the endpoint it came in on.
+func (b *Bridge) forwardReply(replies *zmq.Socket, eps []*endpoint) {
+	frames, err := replies.RecvMessageBytes(zmq.DONTWAIT)
+	if err != nil || len(frames) < 2 {
+		return
+	}
+	for _, ep := range eps {
+		if ep.Control == string(frames[0]) {
+			ep.ctl.SendMessageDontwait(frames[1:])
+			return
+		}
+	}
+}

@@ -1,0 +1,180 @@
+package zmqbridge
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	zmq "github.com/pebbe/zmq4"
+	"k8s.io/klog/v2"
+)
+
+// Endpoint is a pair of sockets: PUB for events and ROUTER for control.
+type Endpoint struct {
+	Events, Control string // ZeroMQ addresses (ipc://path or tcp://host:port)
+	// Scope limits the endpoint to one namespace's events, replays and
+	// flushes; "" sees everything (node agents).
+	Scope string
+}
+
+// endpoint is a bound Endpoint. pub belongs to the publish goroutine, ctl to
+// the control goroutine.
+type endpoint struct {
+	Endpoint
+	pub, ctl *zmq.Socket
+}
+
+// endpoints is the set of bound endpoints. Changes run as commands on the
+// goroutines that own the sockets.
+type endpoints struct {
+	b       *Bridge
+	mu      sync.Mutex
+	byKey   map[string]*endpoint
+	pubCmds chan func()
+	ctlCmds chan func()
+}
+
+func newEndpoints(b *Bridge) *endpoints {
+	return &endpoints{b: b, byKey: map[string]*endpoint{}, pubCmds: make(chan func(), 16), ctlCmds: make(chan func(), 16)}
+}
+
+// add binds e under key (before the loops start, or from any goroutine after).
+func (es *endpoints) add(key string, e Endpoint) error {
+	ep := &endpoint{Endpoint: e}
+	var err error
+	if ep.pub, err = es.socket(zmq.PUB, e.Events); err != nil {
+		return err
+	}
+	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control); err != nil {
+		ep.pub.Close()
+		return err
+	}
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	if _, dup := es.byKey[key]; dup {
+		ep.pub.Close()
+		ep.ctl.Close()
+		return fmt.Errorf("zmqbridge: endpoint %q exists", key)
+	}
+	es.byKey[key] = ep
+	return nil
+}
+
+func (es *endpoints) socket(t zmq.Type, addr string) (*zmq.Socket, error) {
+	s, err := es.b.zctx.NewSocket(t)
+	if err != nil {
+		return nil, err
+	}
+	s.SetLinger(0)
+	switch t {
+	case zmq.PUB:
+		s.SetSndhwm(100000) // a subscriber this far behind recovers by replay
+	case zmq.ROUTER:
+		s.SetMaxmsgsize(maxMessageBytes) // a peer sending more is disconnected
+		s.SetRcvhwm(1000)
+	}
+	path, isIPC := strings.CutPrefix(addr, "ipc://")
+	if isIPC {
+		os.Remove(path) // a stale socket file from a crashed run
+	}
+	if err := s.Bind(addr); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("zmqbridge: binding %s: %w", addr, err)
+	}
+	if isIPC {
+		if err := os.Chmod(path, es.b.opts.SocketMode); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// snapshot lists the endpoints.
+func (es *endpoints) snapshot() []*endpoint {
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	out := make([]*endpoint, 0, len(es.byKey))
+	for _, ep := range es.byKey {
+		out = append(out, ep)
+	}
+	return out
+}
+
+// publish sends a record on every endpoint whose scope admits it (publish goroutine).
+func (es *endpoints) publish(r Record) {
+	ns := TopicNamespace(r.Topic)
+	for _, ep := range es.snapshot() {
+		if ep.Scope != "" && ep.Scope != ns {
+			continue
+		}
+		if _, err := ep.pub.SendMessageDontwait(r.Topic, r.Data); err != nil {
+			klog.V(4).InfoS("publishing event", "seq", r.Seq, "err", err)
+		}
+	}
+	if m := es.b.opts.Metrics; m != nil {
+		m.EventPublished(kindOf(r.Topic))
+	}
+}
+
+// heartbeat tells every endpoint the last sequence (publish goroutine).
+func (es *endpoints) heartbeat(seq uint64) {
+	hb := Event{V: Version, Seq: seq, Time: time.Now().UTC().Format(time.RFC3339Nano), Node: es.b.opts.Node, Kind: KindHeartbeat}
+	topic, data := KindHeartbeat+"/"+es.b.opts.Node, hb.Marshal()
+	for _, ep := range es.snapshot() {
+		ep.pub.SendMessageDontwait(topic, data)
+	}
+}
+
+// remove unbinds and closes the endpoint under key, on the goroutines that own
+// its sockets, and removes ipc socket files.
+func (es *endpoints) remove(key string) {
+	es.mu.Lock()
+	ep := es.byKey[key]
+	delete(es.byKey, key)
+	es.mu.Unlock()
+	if ep == nil {
+		return
+	}
+	done := make(chan struct{}, 2)
+	for _, cmd := range []struct {
+		ch chan func()
+		s  *zmq.Socket
+	}{{es.pubCmds, ep.pub}, {es.ctlCmds, ep.ctl}} {
+		select {
+		case cmd.ch <- func() { cmd.s.Close(); done <- struct{}{} }:
+		case <-es.b.stop:
+			return // closeAll has closed it, or will
+		}
+	}
+	for i := 0; i < 2; i++ {
+		select {
+		case <-done:
+		case <-es.b.stop:
+			return
+		}
+	}
+	for _, a := range []string{ep.Events, ep.Control} {
+		if p, ok := strings.CutPrefix(a, "ipc://"); ok {
+			os.Remove(p)
+		}
+	}
+}
+
+// closeAll closes every socket; only after the loops have stopped.
+func (es *endpoints) closeAll() {
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	for k, ep := range es.byKey {
+		ep.pub.Close()
+		ep.ctl.Close()
+		delete(es.byKey, k)
+	}
+}
+
+func kindOf(topic string) string {
+	k, _, _ := strings.Cut(topic, "/")
+	return k
+}

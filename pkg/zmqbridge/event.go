@@ -1,0 +1,77 @@
+package zmqbridge
+
+import (
+	"encoding/json"
+	"strings"
+)
+
+// Version is the protocol version carried in every message's "v" field.
+const Version = 1
+
+// Event kinds.
+const (
+	KindAttach    = "attach"
+	KindPublish   = "publish"
+	KindUnpublish = "unpublish"
+	KindExpand    = "expand"
+	KindAck       = "ack"
+	KindDetach    = "detach"
+	KindHeartbeat = "hb"
+)
+
+// Ack triggers.
+const (
+	TriggerRequest  = "request"
+	TriggerUnstage  = "unstage"
+	TriggerInterval = "interval"
+)
+
+// Event is one message of the protocol (docs/events.md). Seq, Time, V, Node
+// and Driver are filled in by the bridge.
+type Event struct {
+	V            int      `json:"v"`
+	Seq          uint64   `json:"seq"`
+	Time         string   `json:"time"`
+	Node         string   `json:"node"`
+	Kind         string   `json:"kind"`
+	VolumeID     string   `json:"volume_id,omitempty"`
+	Driver       string   `json:"driver,omitempty"`
+	PVC          string   `json:"pvc,omitempty"`
+	Namespace    string   `json:"namespace,omitempty"`
+	PV           string   `json:"pv,omitempty"`
+	Pod          string   `json:"pod,omitempty"`
+	PodNamespace string   `json:"pod_namespace,omitempty"`
+	PodUID       string   `json:"pod_uid,omitempty"`
+	AccessType   string   `json:"access_type,omitempty"`
+	FsType       string   `json:"fs_type,omitempty"`
+	ReadOnly     *bool    `json:"read_only,omitempty"`
+	SizeBytes    int64    `json:"size_bytes,omitempty"`
+	FlushMs      *float64 `json:"flush_ms,omitempty"`
+	Trigger      string   `json:"trigger,omitempty"`
+}
+
+// Topic is <kind>/<namespace>/<pvc>, or <kind>/<volume_id> without a PVC.
+func (e *Event) Topic() string {
+	if e.PVC != "" && e.Namespace != "" {
+		return e.Kind + "/" + e.Namespace + "/" + e.PVC
+	}
+	return e.Kind + "/" + e.VolumeID
+}
+
+// TopicNamespace returns the namespace a topic names, or "" if it names none.
+func TopicNamespace(topic string) string {
+	parts := strings.SplitN(topic, "/", 3)
+	if len(parts) == 3 {
+		return parts[1]
+	}
+	return ""
+}
+
+// Marshal encodes the event as the protocol's JSON.
+func (e *Event) Marshal() []byte {
+	b, err := json.Marshal(e)
+	if err != nil {
+		panic(err) // cannot happen: every field is a plain value
+	}
+	return b
+}

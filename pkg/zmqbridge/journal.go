@@ -1,0 +1,450 @@
+package zmqbridge
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Record is one journaled event.
+type Record struct {
+	Seq   uint64
+	Topic string
+	Data  []byte // the event JSON
+}
+
+// JournalOptions configures OpenJournal.
+type JournalOptions struct {
+	Dir          string           // created 0700 if missing
+	SegmentBytes int64            // rotate the active segment past this size (default 16 MiB)
+	MaxBytes     int64            // drop oldest whole segments while the total exceeds this (default 256 MiB)
+	MaxAge       time.Duration    // drop whole segments whose newest record is older than this (default 7 days); 0 = default
+	Now          func() time.Time // for tests; default time.Now
+}
+
+// ErrTruncated is returned by Read when the requested events were dropped by retention.
+var ErrTruncated = errors.New("truncated")
+
+var errClosed = errors.New("journal closed")
+
+// Journal is an append-only log of events in checksummed segment files, with
+// group commit, crash recovery and retention by size and age.
+type Journal struct {
+	o JournalOptions
+
+	mu         sync.Mutex
+	commitCond sync.Cond  // the committer waits here for work
+	syncCond   sync.Cond  // Sync callers wait here for synced to advance
+	segs       []*segment // oldest first; the last one is active
+	active     *os.File
+	ix         indexer // sparse index state of the active segment
+	buf        []byte  // encoding buffer, reused under mu
+	last       uint64
+	total      int64
+	sealed     []*os.File // rotated segments not fsynced yet (the committer closes them)
+	dirDirty   bool       // a segment file was created since the last directory fsync
+	synced     uint64     // every record with Seq <= synced is fsynced
+	syncReq    uint64     // highest seq a Sync caller waits for
+	err        error      // sticky write or fsync error
+	closed     bool
+	stopped    bool // the committer has exited
+	done       chan struct{}
+
+	fsyncs atomic.Int64 // file fsyncs done, for tests
+}
+
+// OpenJournal opens (or creates) the journal in o.Dir, drops a torn or corrupt
+// tail of the newest segment, and applies retention.
+func OpenJournal(o JournalOptions) (*Journal, error) {
+	if o.Dir == "" {
+		return nil, errors.New("journal: no directory")
+	}
+	if o.SegmentBytes <= 0 {
+		o.SegmentBytes = 16 << 20
+	}
+	if o.MaxBytes <= 0 {
+		o.MaxBytes = 256 << 20
+	}
+	if o.MaxAge <= 0 {
+		o.MaxAge = 7 * 24 * time.Hour
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	segs, err := listSegments(o.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	j := &Journal{o: o, done: make(chan struct{})}
+	j.commitCond.L = &j.mu
+	j.syncCond.L = &j.mu
+	if len(segs) == 0 {
+		s := &segment{first: 1, path: filepath.Join(o.Dir, segName(1)), indexed: true}
+		if j.active, err = createSegment(s.path); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		j.segs = []*segment{s}
+	} else {
+		for _, s := range segs[:len(segs)-1] {
+			st, err := os.Stat(s.path)
+			if err != nil {
+				return nil, fmt.Errorf("journal: %w", err)
+			}
+			s.size, s.newest = st.Size(), st.ModTime()
+			j.total += s.size
+		}
+		s := segs[len(segs)-1]
+		if j.active, err = os.OpenFile(s.path, os.O_RDWR, 0); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		// Recovery fsyncs the segment, so everything found is durable.
+		if j.last, err = recoverSegment(j.active, s); err != nil {
+			j.active.Close()
+			return nil, fmt.Errorf("journal: recover %s: %w", s.path, err)
+		}
+		j.total += s.size
+		if n := len(s.index); n > 0 {
+			j.ix.next = s.index[n-1].off + indexStride
+		}
+		j.segs = segs
+	}
+	if err := syncDir(o.Dir); err != nil {
+		j.active.Close()
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	j.synced = j.last
+	j.retainLocked(o.Now())
+	go j.commitLoop()
+	return j, nil
+}
+
+func createSegment(path string) (*os.File, error) {
+	return os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+}
+
+// Append assigns the next sequence number, calls build(seq) to get the record's data
+// (the JSON contains seq), and writes the record with one write(2) before returning
+// (so it survives a process crash). Safe for concurrent use; sequence order == file order.
+func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, error) {
+	if len(topic) > maxTopicLen {
+		return Record{}, fmt.Errorf("journal: topic of %d bytes is longer than %d", len(topic), maxTopicLen)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return Record{}, errClosed
+	}
+	if j.err != nil {
+		return Record{}, j.err
+	}
+	seq := j.last + 1
+	data := build(seq)
+	if n := payloadMin + len(topic) + len(data); n > maxPayload {
+		return Record{}, fmt.Errorf("journal: record of %d bytes is larger than %d", n, maxPayload)
+	}
+	j.buf = encodeRecord(j.buf[:0], seq, topic, data)
+	s := j.segs[len(j.segs)-1]
+	if n, err := j.active.WriteAt(j.buf, s.size); err != nil {
+		if n > 0 {
+			// Never leave a partial record in front of the next one.
+			if terr := j.active.Truncate(s.size); terr != nil {
+				j.err = fmt.Errorf("journal: partial write not undone: %w", terr)
+			}
+		}
+		return Record{}, fmt.Errorf("journal: %w", err)
+	}
+	s.index = j.ix.add(s.index, seq, s.size)
+	s.size += int64(len(j.buf))
+	j.total += int64(len(j.buf))
+	j.last = seq
+	if cap(j.buf) > 1<<20 {
+		j.buf = nil // do not pin one huge record's buffer
+	}
+	if s.size >= j.o.SegmentBytes {
+		// The record is written; if rotation fails the next Append retries it.
+		_ = j.rotateLocked()
+	}
+	return Record{Seq: seq, Topic: topic, Data: data}, nil
+}
+
+// rotateLocked seals the active segment, starts a new one and applies retention.
+func (j *Journal) rotateLocked() error {
+	s := j.segs[len(j.segs)-1]
+	ns := &segment{first: j.last + 1, path: filepath.Join(j.o.Dir, segName(j.last+1)), indexed: true}
+	f, err := createSegment(ns.path)
+	if err != nil {
+		return err
+	}
+	// The sealed segment's newest record was just written: stamp its mtime with
+	// the journal's clock so MaxAge holds across restarts.
+	now := j.o.Now()
+	s.newest = now
+	_ = os.Chtimes(s.path, now, now)
+	j.sealed = append(j.sealed, j.active)
+	j.active = f
+	j.segs = append(j.segs, ns)
+	j.ix = indexer{}
+	j.dirDirty = true
+	j.retainLocked(now)
+	j.commitCond.Signal()
+	return nil
+}
+
+// retainLocked drops the oldest sealed segments beyond MaxBytes or MaxAge.
+func (j *Journal) retainLocked(now time.Time) {
+	for len(j.segs) > 1 {
+		s := j.segs[0]
+		if j.total <= j.o.MaxBytes && now.Sub(s.newest) <= j.o.MaxAge {
+			return
+		}
+		if err := os.Remove(s.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return // try again at the next rotation
+		}
+		j.total -= s.size
+		j.segs[0] = nil
+		j.segs = j.segs[1:]
+	}
+}
+
+// commitLoop is the group committer: each round fsyncs everything appended
+// so far, on behalf of every Sync caller waiting at that moment.
+func (j *Journal) commitLoop() {
+	defer close(j.done)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for {
+		for !j.closed && len(j.sealed) == 0 && (j.syncReq <= j.synced || j.err != nil) {
+			j.commitCond.Wait()
+		}
+		target, sealed, f, dirty, closing := j.last, j.sealed, j.active, j.dirDirty, j.closed
+		j.sealed, j.dirDirty = nil, false
+		j.mu.Unlock()
+		err := j.commit(sealed, f, dirty)
+		j.mu.Lock()
+		if err != nil && j.err == nil {
+			j.err = fmt.Errorf("journal: %w", err)
+		}
+		if err == nil && target > j.synced {
+			j.synced = target
+		}
+		if closing {
+			if err := j.active.Close(); err != nil && j.err == nil {
+				j.err = fmt.Errorf("journal: %w", err)
+			}
+			j.stopped = true
+		}
+		j.syncCond.Broadcast()
+		if closing {
+			return
+		}
+	}
+}
+
+// commit fsyncs and closes the sealed files, the directory if needed, and the
+// active file. Only the committer closes files, so none is closed under it.
+func (j *Journal) commit(sealed []*os.File, active *os.File, dirty bool) error {
+	var err error
+	keep := func(e error) {
+		if err == nil {
+			err = e
+		}
+	}
+	for _, f := range sealed {
+		keep(j.fsync(f))
+		keep(f.Close())
+	}
+	if dirty {
+		keep(syncDir(j.o.Dir))
+	}
+	keep(j.fsync(active))
+	return err
+}
+
+func (j *Journal) fsync(f *os.File) error {
+	j.fsyncs.Add(1)
+	return f.Sync()
+}
+
+// Sync blocks until every record with Seq <= seq is fsynced. Group commit: concurrent
+// callers share fsyncs (one background committer goroutine), so N concurrent
+// Append+Sync pairs cost far fewer than N fsyncs.
+func (j *Journal) Sync(seq uint64) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return errClosed
+	}
+	seq = min(seq, j.last)
+	for j.synced < seq {
+		if j.err != nil {
+			return j.err
+		}
+		if j.stopped {
+			return errClosed
+		}
+		if seq > j.syncReq {
+			j.syncReq = seq
+			j.commitCond.Signal()
+		}
+		j.syncCond.Wait()
+	}
+	return nil
+}
+
+// Read returns records with Seq > after, in order, at most max (max <= 0 means 1000).
+// It returns ErrTruncated if retention dropped any of them, and an error if one is corrupt.
+func (j *Journal) Read(after uint64, max int) ([]Record, error) {
+	if max <= 0 {
+		max = 1000
+	}
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return nil, errClosed
+	}
+	last := j.last
+	if after >= last {
+		j.mu.Unlock()
+		return []Record{}, nil
+	}
+	if after+1 < j.segs[0].first {
+		j.mu.Unlock()
+		return nil, ErrTruncated
+	}
+	want := after + 1
+	stop := min(last, after+uint64(max))
+	i := sort.Search(len(j.segs), func(i int) bool { return j.segs[i].first > want }) - 1
+	var views []segView
+	for k := i; k < len(j.segs) && j.segs[k].first <= stop; k++ {
+		v := segView{segment: *j.segs[k], end: last}
+		if k+1 < len(j.segs) {
+			v.end = j.segs[k+1].first - 1
+		}
+		views = append(views, v)
+	}
+	j.mu.Unlock()
+
+	out := make([]Record, 0, stop-after)
+	for _, v := range views {
+		if want > stop {
+			break
+		}
+		if v.first > want {
+			return nil, fmt.Errorf("journal: %w: no record %d before %s", errCorrupt, want, v.path)
+		}
+		var err error
+		if out, err = j.readSegment(&v, want, min(v.end, stop), out); err != nil {
+			return nil, err
+		}
+		want = min(v.end, stop) + 1
+	}
+	return out, nil
+}
+
+// segView is a snapshot of a segment taken by Read; end is its last seq.
+type segView struct {
+	segment
+	end uint64
+}
+
+// readSegment appends the records want..hi of v to out, verifying each.
+func (j *Journal) readSegment(v *segView, want, hi uint64, out []Record) ([]Record, error) {
+	if !v.indexed {
+		idx, err := buildIndex(v.path, v.first, v.size)
+		if err != nil {
+			return nil, j.openErr(want, err)
+		}
+		v.index = idx
+		j.mu.Lock()
+		k := sort.Search(len(j.segs), func(k int) bool { return j.segs[k].first >= v.first })
+		if k < len(j.segs) && j.segs[k].first == v.first && !j.segs[k].indexed {
+			j.segs[k].index, j.segs[k].indexed = idx, true
+		}
+		j.mu.Unlock()
+	}
+	f, err := os.Open(v.path)
+	if err != nil {
+		return nil, j.openErr(want, err)
+	}
+	defer f.Close()
+	e := lookup(v.index, v.first, want)
+	rr := newRecordReader(f, e.off, v.size, 64<<10)
+	for seq := e.seq; seq <= hi; seq++ {
+		off := rr.off
+		n, crc, got, ok, err := rr.header()
+		if err == nil && !ok {
+			err = errors.New("segment ends early")
+		}
+		if err == nil && got != seq {
+			err = fmt.Errorf("%w: seq %d", errCorrupt, got)
+		}
+		if err == nil {
+			if seq < want {
+				err = rr.skipBody(n)
+			} else {
+				var rec Record
+				if rec, err = rr.body(n, crc); err == nil {
+					out = append(out, rec)
+				}
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("journal: record %d at %s offset %d: %w", seq, v.path, off, err)
+		}
+	}
+	return out, nil
+}
+
+// openErr turns a segment that retention removed under Read into ErrTruncated.
+func (j *Journal) openErr(want uint64, err error) error {
+	if errors.Is(err, fs.ErrNotExist) && want < j.First() {
+		return ErrTruncated
+	}
+	return fmt.Errorf("journal: %w", err)
+}
+
+// First returns the lowest seq still held (Last()+1 when empty).
+func (j *Journal) First() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.segs[0].first
+}
+
+// Last returns the highest seq written (0 for a brand-new journal).
+func (j *Journal) Last() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.last
+}
+
+// Bytes returns the total size of the segment files on disk.
+func (j *Journal) Bytes() int64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.total
+}
+
+// Close syncs and closes; further calls return an error.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return errClosed
+	}
+	j.closed = true
+	j.commitCond.Signal()
+	j.mu.Unlock()
+	<-j.done
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.err
+}
