@@ -34,7 +34,7 @@ vet:
 	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
 
 unit: deps
-	$(GO) test -count=1 ./pkg/... ./cmd/...
+	$(GO) test -count=1 -race ./pkg/... ./cmd/...
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
 
 sanity: build cluster-up
@@ -50,6 +50,8 @@ test: vet unit sanity integration
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
+	$(GO) test -run '^$$' -fuzz '^FuzzJournalRecover$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
 
 bench: build cluster-up
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -257,4 +259,63 @@ func TestBadInput(t *testing.T) {
 	if got := images(t, prefix); len(got) != 0 {
 		t.Errorf("bad requests created images: %v", got)
 	}
+}
+
+// GetCapacity reports the pool's free space; ListVolumes pages through the
+// journal in volume ID order with the credentials of a credentials directory.
+func TestCapacityAndList(t *testing.T) {
+	dir := newDriverDir(t)
+	creds := filepath.Join(dir, "creds", "c1")
+	os.MkdirAll(creds, 0o700)
+	os.WriteFile(filepath.Join(creds, "userID"), []byte(env["ROOKZMQ_CEPH_RBD_USER"]), 0o600)
+	os.WriteFile(filepath.Join(creds, "userKey"), []byte(env["ROOKZMQ_CEPH_RBD_KEY"]+"\n"), 0o600)
+	d := startDriver(t, dir, nil, "--credentials-dir", filepath.Join(dir, "creds"))
+	c := ctx(t)
+	capResp, err := d.ctrl.GetCapacity(c, &csi.GetCapacityRequest{Parameters: map[string]string{"clusterID": "c1", "pool": "rbd"}})
+	if err != nil || capResp.GetAvailableCapacity() <= 0 {
+		t.Fatalf("GetCapacity: %v %v", capResp, err)
+	}
+	if _, err := d.ctrl.GetCapacity(c, &csi.GetCapacityRequest{Parameters: map[string]string{"clusterID": "c1", "pool": "nope"}}); status.Code(err) != codes.NotFound {
+		t.Errorf("GetCapacity of a missing pool: %v, want NotFound", err)
+	}
+	prefix := uniquePrefix(t)
+	var ids []string
+	for i := 0; i < 5; i++ {
+		r, err := d.ctrl.CreateVolume(c, createReq(fmt.Sprintf("%s%d", prefix, i), prefix, 64<<20))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.GetVolume().GetVolumeId())
+	}
+	seen := map[string]int{}
+	token := ""
+	for pages := 0; ; pages++ {
+		r, err := d.ctrl.ListVolumes(c, &csi.ListVolumesRequest{MaxEntries: 2, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(r.GetEntries()) > 2 || pages > 1000 {
+			t.Fatalf("page of %d entries", len(r.GetEntries()))
+		}
+		for _, e := range r.GetEntries() {
+			seen[e.GetVolume().GetVolumeId()]++
+		}
+		if token = r.GetNextToken(); token == "" {
+			break
+		}
+	}
+	for _, id := range ids {
+		if seen[id] != 1 {
+			t.Errorf("volume %s listed %d times", id, seen[id])
+		}
+	}
+	if _, err := d.ctrl.ListVolumes(c, &csi.ListVolumesRequest{StartingToken: "bogus"}); status.Code(err) != codes.Aborted {
+		t.Errorf("bad token: %v, want Aborted", err)
+	}
+	for _, id := range ids {
+		if _, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	assertNoOrphans(t, prefix)
 }

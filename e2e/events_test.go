@@ -34,7 +34,7 @@ type recorder struct {
 
 func record(t *testing.T, dir string, since uint64) *recorder {
 	r := &recorder{done: make(chan error, 1)}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := contextWithCancel()
 	r.cancel = cancel
 	c := eventsClient(t, dir)
 	go func() {
@@ -210,3 +210,5 @@ func TestEventsSurviveKill(t *testing.T) {
 		t.Errorf("SIGTERM took %s", time.Since(start))
 	}
 }
+
+func contextWithCancel() (context.Context, func()) { return context.WithCancel(context.Background()) }

@@ -81,6 +81,8 @@ type driver struct {
 	ctrl  csi.ControllerClient
 	node  csi.NodeClient
 	ident csi.IdentityClient
+	// podEvents is the events.rookzmq.io node service (per-pod endpoints).
+	podEvents csi.NodeClient
 }
 
 // newDriverDir makes a work directory with a clusters file.
@@ -102,7 +104,7 @@ func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *
 	args := append([]string{"--controller", "--node", "--endpoint", "unix://" + d.sock, "--nodeid", "e2e-node",
 		"--clusters", filepath.Join(dir, "config.json"), "--default-mounter", "rbd-fuse",
 		"--statedir", filepath.Join(dir, "state"), "--events-dir", filepath.Join(dir, "events"),
-		"--events-heartbeat", "200ms", "-v=4"}, flags...)
+		"--events-heartbeat", "200ms", "--events-endpoint", "unix://" + filepath.Join(dir, "events-csi.sock"), "-v=4"}, flags...)
 	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -134,6 +136,12 @@ func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *
 		t.Fatal(err)
 	}
 	d.ctrl, d.node, d.ident = csi.NewControllerClient(d.conn), csi.NewNodeClient(d.conn), csi.NewIdentityClient(d.conn)
+	evConn, err := grpc.NewClient("unix://"+filepath.Join(dir, "events-csi.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.podEvents = csi.NewNodeClient(evConn)
+	t.Cleanup(func() { evConn.Close() })
 	t.Cleanup(func() { d.stop() })
 	return d
 }

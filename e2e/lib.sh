@@ -32,6 +32,7 @@ start_driver() {
 	rm -f "$WORK/csi.sock"
 	"$BIN" --controller --node --endpoint "unix://$WORK/csi.sock" --nodeid "$(hostname)" \
 		--clusters "$WORK/config.json" --default-mounter rbd-fuse --statedir "$WORK/state" \
+		--events-dir "$WORK/events" --events-endpoint "unix://$WORK/events-csi.sock" \
 		-v=4 "$@" >>"$WORK/driver.log" 2>&1 &
 	DRIVER_PID=$!
 	for _ in $(seq 100); do

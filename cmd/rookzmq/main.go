@@ -53,7 +53,7 @@ type serveFlags struct {
 	driverType, driverName, endpoint, nodeID, clusters string
 	defaultMounter, stateDir, credentialsDir           string
 	controller, node                                   bool
-	eventsDir, eventsMode                              string
+	eventsDir, eventsMode, eventsEndpoint              string
 	eventsHeartbeat, eventsJournalAge                  time.Duration
 	eventsJournalBytes                                 int64
 }
@@ -73,6 +73,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
 	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
+	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
 	fs.StringVar(&f.eventsMode, "events-mode", "0600", "mode of the event socket files")
 	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
 	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
@@ -141,8 +142,23 @@ func serve(args []string) error {
 		}
 		defer bridge.Close()
 		sink.Bridge, sink.Volumes = bridge, node
+		if f.eventsEndpoint != "" {
+			podEvents := &rcsi.PodEvents{NodeID: f.nodeID, Bridge: bridge, Dir: filepath.Join(f.eventsDir, "p"), PodVolumes: node.PodVolumes}
+			if err := podEvents.Start(); err != nil {
+				return err
+			}
+			evSrv, err := rcsi.Listen(f.eventsEndpoint, nil, func(s *grpc.Server) {
+				csi.RegisterIdentityServer(s, &rcsi.Identity{Name: rcsi.PodEventsDriverName, Version: version})
+				csi.RegisterNodeServer(s, podEvents)
+			})
+			if err != nil {
+				return err
+			}
+			go evSrv.Serve()
+			defer evSrv.Stop(5 * time.Second)
+		}
 	}
-	identity := &rcsi.Identity{Name: f.driverName, Version: version, Controller: f.controller}
+	identity := &rcsi.Identity{Name: f.driverName, Version: version, Controller: f.controller, Expansion: true}
 	srv, err := rcsi.Listen(f.endpoint, nil, func(s *grpc.Server) {
 		csi.RegisterIdentityServer(s, identity)
 		if controller != nil {

@@ -13,6 +13,8 @@ type Identity struct {
 	Name, Version string
 	// Controller says whether this process serves the Controller service.
 	Controller bool
+	// Expansion says whether volumes grow online.
+	Expansion bool
 	// Ready reports nil when the plugin can serve calls.
 	Ready func(ctx context.Context) error
 }
@@ -22,14 +24,15 @@ func (i *Identity) GetPluginInfo(context.Context, *csi.GetPluginInfoRequest) (*c
 	return &csi.GetPluginInfoResponse{Name: i.Name, VendorVersion: i.Version}, nil
 }
 
-// GetPluginCapabilities lists the controller service and online expansion.
+// GetPluginCapabilities lists the controller service and online expansion, where served.
 func (i *Identity) GetPluginCapabilities(context.Context, *csi.GetPluginCapabilitiesRequest) (*csi.GetPluginCapabilitiesResponse, error) {
 	svc := func(t csi.PluginCapability_Service_Type) *csi.PluginCapability {
 		return &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: t}}}
 	}
-	caps := []*csi.PluginCapability{
-		{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
-			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
+	var caps []*csi.PluginCapability
+	if i.Expansion {
+		caps = append(caps, &csi.PluginCapability{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
+			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}})
 	}
 	if i.Controller {
 		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE))

@@ -90,3 +90,18 @@ func (n *Node) VolumeByPVC(namespace, pvc string) (string, bool) {
 	}
 	return "", false
 }
+
+// PodVolumes lists the volumes published to a pod (by pod UID).
+func (n *Node) PodVolumes(podUID string) []string {
+	recs, _ := n.state.all()
+	var ids []string
+	for _, r := range recs {
+		for _, pc := range r.Pods {
+			if pc["csi.storage.k8s.io/pod.uid"] == podUID {
+				ids = append(ids, r.VolumeID)
+				break
+			}
+		}
+	}
+	return ids
+}

@@ -49,7 +49,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec))
 	}
 	if slices.Contains(rec.Targets, target) {
-		if notMnt, err := n.mounts.IsLikelyNotMountPoint(target); err == nil && !notMnt {
+		if mnt, err := n.mounts.IsMountPoint(target); err == nil && mnt {
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
 	} else if vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER && len(rec.Targets) > 0 {
@@ -74,7 +74,8 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	}
 	start := time.Now()
 	// A crash after the mount but before the record was saved: keep that mount.
-	if notMnt, err := n.mounts.IsLikelyNotMountPoint(target); err != nil || notMnt {
+	// IsMountPoint reads the mount table: bind mounts can share the parent's device.
+	if mnt, err := n.mounts.IsMountPoint(target); err != nil || !mnt {
 		if err := n.mounts.Mount(source, target, "", opts); err != nil {
 			return nil, status.Errorf(codes.Internal, "bind-mounting %s at %s: %v", source, target, err)
 		}

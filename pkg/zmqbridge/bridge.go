@@ -37,6 +37,8 @@ type FlushRequest struct {
 	VolumeID, PVC, Namespace string
 	// Scope is the namespace the asking endpoint may touch ("" = any).
 	Scope string
+	// Permit reports whether the asking endpoint may flush a volume ID.
+	Permit func(volumeID string) bool
 }
 
 // Flusher flushes a volume and publishes its ack event (through Emit),
@@ -234,6 +236,17 @@ func (b *Bridge) publishLoop() {
 		}
 	}
 }
+
+// AddEndpoint binds another endpoint (e.g. a pod's), under a key for RemoveEndpoint.
+func (b *Bridge) AddEndpoint(key string, e Endpoint) error {
+	if key == "" {
+		return errors.New("zmqbridge: empty endpoint key")
+	}
+	return b.endpoints.add(key, e)
+}
+
+// RemoveEndpoint closes an endpoint and removes its socket files.
+func (b *Bridge) RemoveEndpoint(key string) { b.endpoints.remove(key) }
 
 // Close stops the goroutines, closes the sockets (linger 0: nothing journaled
 // is lost, subscribers replay) and syncs and closes the journal.

@@ -165,7 +165,7 @@ func (b *Bridge) serve(ep *endpoint) {
 	}
 	switch req.Op {
 	case "replay":
-		reply(b.replay(req, ep.Scope))
+		reply(b.replay(req, ep))
 		if m := b.opts.Metrics; m != nil {
 			m.ReplayServed()
 		}
@@ -174,7 +174,7 @@ func (b *Bridge) serve(ep *endpoint) {
 			reply(errorReply{Error: "flush is not available on this node"})
 			return
 		}
-		if ep.Scope != "" && req.Namespace != "" && req.Namespace != ep.Scope {
+		if ep.Scope.Namespace != "" && req.Namespace != "" && req.Namespace != ep.Scope.Namespace {
 			reply(errorReply{Error: fmt.Sprintf("namespace %q is outside this endpoint's scope", req.Namespace)})
 			return
 		}
@@ -182,7 +182,7 @@ func (b *Bridge) serve(ep *endpoint) {
 	}
 }
 
-func (b *Bridge) replay(req Request, scope string) any {
+func (b *Bridge) replay(req Request, ep *endpoint) any {
 	// Only durable events are replayed: what a subscriber sees never vanishes.
 	synced := b.synced.Load()
 	out := replayReply{Events: []json.RawMessage{}, Last: synced}
@@ -204,7 +204,7 @@ func (b *Bridge) replay(req Request, scope string) any {
 				break
 			}
 			since = r.Seq
-			if scope == "" || TopicNamespace(r.Topic) == scope {
+			if ep.admits(r) {
 				out.Events = append(out.Events, r.Data)
 			}
 		}
@@ -218,7 +218,8 @@ func (b *Bridge) flush(req Request, ep *endpoint, envelope [][]byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var reply any
-	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace, Scope: ep.Scope})
+	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace,
+		Scope: ep.Scope.Namespace, Permit: ep.permits})
 	if err != nil {
 		reply = errorReply{Error: err.Error()}
 	} else {

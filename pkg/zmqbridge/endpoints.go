@@ -1,6 +1,7 @@
 package zmqbridge
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"strings"
@@ -14,9 +15,22 @@ import (
 // Endpoint is a pair of sockets: PUB for events and ROUTER for control.
 type Endpoint struct {
 	Events, Control string // ZeroMQ addresses (ipc://path or tcp://host:port)
-	// Scope limits the endpoint to one namespace's events, replays and
-	// flushes; "" sees everything (node agents).
-	Scope string
+	// Mode of ipc socket files (0: the bridge's SocketMode).
+	Mode os.FileMode
+	// Scope limits what the endpoint delivers, replays and flushes; the zero
+	// Scope sees everything (node agents).
+	Scope Scope
+}
+
+// Scope is what one endpoint may see.
+type Scope struct {
+	// Namespace: only events of PVCs in this namespace ("" = all).
+	Namespace string
+	// PodUID, with Namespace: only events of volumes published to this pod
+	// (its publish/unpublish events and, from then on, its volumes' others).
+	PodUID string
+	// Volumes seeds the pod's volumes that were published before the endpoint.
+	Volumes []string
 }
 
 // endpoint is a bound Endpoint. pub belongs to the publish goroutine, ctl to
@@ -24,6 +38,51 @@ type Endpoint struct {
 type endpoint struct {
 	Endpoint
 	pub, ctl *zmq.Socket
+
+	mu      sync.Mutex
+	volumes map[string]bool // pod scope: the pod's volumes
+}
+
+// admits reports whether the endpoint may see a record, learning the pod's
+// volumes from its publish events.
+func (ep *endpoint) admits(r Record) bool {
+	sc := ep.Scope
+	if sc.Namespace == "" {
+		return true
+	}
+	if TopicNamespace(r.Topic) != sc.Namespace {
+		return false
+	}
+	if sc.PodUID == "" {
+		return true
+	}
+	var ev struct {
+		Kind     string `json:"kind"`
+		VolumeID string `json:"volume_id"`
+		PodUID   string `json:"pod_uid"`
+	}
+	if json.Unmarshal(r.Data, &ev) != nil {
+		return false
+	}
+	ep.mu.Lock()
+	defer ep.mu.Unlock()
+	if ev.PodUID == sc.PodUID {
+		if ev.Kind == KindPublish {
+			ep.volumes[ev.VolumeID] = true
+		}
+		return true
+	}
+	return ep.volumes[ev.VolumeID]
+}
+
+// permits reports whether the endpoint may flush a volume.
+func (ep *endpoint) permits(volumeID string) bool {
+	if ep.Scope.PodUID == "" {
+		return true
+	}
+	ep.mu.Lock()
+	defer ep.mu.Unlock()
+	return ep.volumes[volumeID]
 }
 
 // endpoints is the set of bound endpoints. Changes run as commands on the
@@ -42,12 +101,19 @@ func newEndpoints(b *Bridge) *endpoints {
 
 // add binds e under key (before the loops start, or from any goroutine after).
 func (es *endpoints) add(key string, e Endpoint) error {
-	ep := &endpoint{Endpoint: e}
+	ep := &endpoint{Endpoint: e, volumes: map[string]bool{}}
+	for _, v := range e.Scope.Volumes {
+		ep.volumes[v] = true
+	}
 	var err error
-	if ep.pub, err = es.socket(zmq.PUB, e.Events); err != nil {
+	mode := e.Mode
+	if mode == 0 {
+		mode = es.b.opts.SocketMode
+	}
+	if ep.pub, err = es.socket(zmq.PUB, e.Events, mode); err != nil {
 		return err
 	}
-	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control); err != nil {
+	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode); err != nil {
 		ep.pub.Close()
 		return err
 	}
@@ -62,7 +128,7 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	return nil
 }
 
-func (es *endpoints) socket(t zmq.Type, addr string) (*zmq.Socket, error) {
+func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Socket, error) {
 	s, err := es.b.zctx.NewSocket(t)
 	if err != nil {
 		return nil, err
@@ -84,7 +150,7 @@ func (es *endpoints) socket(t zmq.Type, addr string) (*zmq.Socket, error) {
 		return nil, fmt.Errorf("zmqbridge: binding %s: %w", addr, err)
 	}
 	if isIPC {
-		if err := os.Chmod(path, es.b.opts.SocketMode); err != nil {
+		if err := os.Chmod(path, mode); err != nil {
 			s.Close()
 			return nil, err
 		}
@@ -105,9 +171,8 @@ func (es *endpoints) snapshot() []*endpoint {
 
 // publish sends a record on every endpoint whose scope admits it (publish goroutine).
 func (es *endpoints) publish(r Record) {
-	ns := TopicNamespace(r.Topic)
 	for _, ep := range es.snapshot() {
-		if ep.Scope != "" && ep.Scope != ns {
+		if !ep.admits(r) {
 			continue
 		}
 		if _, err := ep.pub.SendMessageDontwait(r.Topic, r.Data); err != nil {
