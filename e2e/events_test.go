@@ -3,8 +3,13 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -212,3 +217,71 @@ func TestEventsSurviveKill(t *testing.T) {
 }
 
 func contextWithCancel() (context.Context, func()) { return context.WithCancel(context.Background()) }
+
+// Prometheus metrics count events, subscribers and CSI calls; /healthz answers.
+func TestMetrics(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil, "--metrics-address", addr)
+	rec := record(t, dir, 0)
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 64<<20, mountCap("", rwo))
+	if _, _, err := eventsClient(t, dir).Flush(s.id, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	rec.wait(t, 3)
+	get := func(path string) string {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %d %s", path, resp.StatusCode, b)
+		}
+		return string(b)
+	}
+	if h := get("/healthz"); h != "ok\n" {
+		t.Errorf("healthz: %q", h)
+	}
+	m := get("/metrics")
+	for _, want := range []string{
+		`rookzmq_events_published_total{kind="attach"} 1`,
+		`rookzmq_events_published_total{kind="publish"} 1`,
+		`rookzmq_events_published_total{kind="ack"} 1`,
+		`rookzmq_csi_call_seconds_count{code="OK",method="/csi.v1.Node/NodeStageVolume"} 1`,
+		`rookzmq_volume_flush_seconds_count 1`,
+		`rookzmq_event_replay_requests_total`,
+		`rookzmq_event_journal_fsync_seconds_count`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^rookzmq_event_subscribers [1-9]`).MatchString(m) {
+		t.Errorf("no subscriber counted:\n%s", grepLines(m, "subscribers"))
+	}
+	if _, err := d.node.NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: "1-zz"}); err == nil {
+		t.Fatal("bad stage succeeded")
+	}
+	if m := get("/metrics"); !strings.Contains(m, `rookzmq_csi_call_seconds_count{code="InvalidArgument",method="/csi.v1.Node/NodeStageVolume"} 1`) {
+		t.Errorf("failed call not counted:\n%s", grepLines(m, "NodeStageVolume"))
+	}
+	unpublishUnstageDelete(t, d, s)
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/klog/v2"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
@@ -55,6 +56,7 @@ type serveFlags struct {
 	controller, node                                   bool
 	eventsDir, eventsMode, eventsEndpoint              string
 	eventsHeartbeat, eventsJournalAge                  time.Duration
+	metricsAddress                                     string
 	eventsJournalBytes                                 int64
 }
 
@@ -74,6 +76,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
+	fs.StringVar(&f.metricsAddress, "metrics-address", "", "serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090); empty disables")
 	fs.StringVar(&f.eventsMode, "events-mode", "0600", "mode of the event socket files")
 	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
 	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
@@ -119,6 +122,9 @@ func serve(args []string) error {
 	}
 	conns := &rcsi.Conns{}
 	defer conns.Close()
+	metrics := rcsi.NewMetrics()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 
 	var controller *rbd.Controller
 	if f.controller {
@@ -126,7 +132,7 @@ func serve(args []string) error {
 	}
 	var node *rbd.Node
 	if f.node {
-		sink := &rcsi.BridgeSink{Driver: f.driverName}
+		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
 		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink})
 		if err != nil {
 			return err
@@ -134,7 +140,7 @@ func serve(args []string) error {
 		mode, _ := strconv.ParseUint(f.eventsMode, 8, 32)
 		bridge, err := zmqbridge.New(zmqbridge.Options{
 			Dir: f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
-			Heartbeat: f.eventsHeartbeat, Flusher: sink,
+			Heartbeat: f.eventsHeartbeat, Flusher: sink, Metrics: metrics,
 			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge},
 		})
 		if err != nil {
@@ -147,7 +153,7 @@ func serve(args []string) error {
 			if err := podEvents.Start(); err != nil {
 				return err
 			}
-			evSrv, err := rcsi.Listen(f.eventsEndpoint, nil, func(s *grpc.Server) {
+			evSrv, err := rcsi.Listen(f.eventsEndpoint, metrics.ObserveCall, func(s *grpc.Server) {
 				csi.RegisterIdentityServer(s, &rcsi.Identity{Name: rcsi.PodEventsDriverName, Version: version})
 				csi.RegisterNodeServer(s, podEvents)
 			})
@@ -159,7 +165,7 @@ func serve(args []string) error {
 		}
 	}
 	identity := &rcsi.Identity{Name: f.driverName, Version: version, Controller: f.controller, Expansion: true}
-	srv, err := rcsi.Listen(f.endpoint, nil, func(s *grpc.Server) {
+	srv, err := rcsi.Listen(f.endpoint, metrics.ObserveCall, func(s *grpc.Server) {
 		csi.RegisterIdentityServer(s, identity)
 		if controller != nil {
 			csi.RegisterControllerServer(s, controller)
@@ -174,9 +180,14 @@ func serve(args []string) error {
 	klog.InfoS("rookzmq serving", "version", version, "driver", f.driverName, "endpoint", f.endpoint,
 		"controller", f.controller, "node", f.node, "nodeID", f.nodeID, "defaultMounter", f.defaultMounter)
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	errc := make(chan error, 1)
+	if f.metricsAddress != "" {
+		go func() {
+			if err := metrics.Serve(ctx, f.metricsAddress, func() error { return probe(ctx, f.endpoint) }); err != nil {
+				errc <- fmt.Errorf("metrics: %w", err)
+			}
+		}()
+	}
 	go func() { errc <- srv.Serve() }()
 	select {
 	case err := <-errc:
@@ -186,4 +197,32 @@ func serve(args []string) error {
 		srv.Stop(10 * time.Second)
 		return nil
 	}
+}
+
+// probe calls the driver's own Identity.Probe, so /healthz reflects whether
+// CSI calls are answered.
+func probe(ctx context.Context, endpoint string) error {
+	network, addr, err := rcsi.ParseEndpoint(endpoint)
+	if err != nil {
+		return err
+	}
+	target := addr
+	if network == "unix" {
+		target = "unix://" + addr
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	r, err := csi.NewIdentityClient(conn).Probe(ctx, &csi.ProbeRequest{})
+	if err != nil {
+		return err
+	}
+	if !r.GetReady().GetValue() {
+		return errors.New("not ready")
+	}
+	return nil
 }

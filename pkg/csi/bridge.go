@@ -3,6 +3,7 @@ package csi
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"k8s.io/klog/v2"
 
@@ -36,10 +37,12 @@ type BridgeSink struct {
 	Bridge  *zmqbridge.Bridge
 	Volumes FlushableVolumes
 	Driver  string
+	Metrics *Metrics // optional
 }
 
 // VolumeEvent journals and publishes ev; it returns once ev is durable.
 func (s *BridgeSink) VolumeEvent(ev VolumeEvent) {
+	s.observe(ev)
 	if _, err := s.Bridge.Emit(s.convert(ev)); err != nil {
 		klog.ErrorS(err, "event lost: the journal refused it", "kind", ev.Kind, "volumeID", ev.VolumeID)
 	}
@@ -65,11 +68,18 @@ func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uin
 		return 0, 0, err
 	}
 	ev.Trigger = TriggerRequest
+	s.observe(ev)
 	seq, err := s.Bridge.Emit(s.convert(ev))
 	if err != nil {
 		return 0, 0, err
 	}
 	return seq, ev.FlushMs, nil
+}
+
+func (s *BridgeSink) observe(ev VolumeEvent) {
+	if s.Metrics != nil && ev.Kind == EventAck {
+		s.Metrics.FlushDone(time.Duration(ev.FlushMs * float64(time.Millisecond)))
+	}
 }
 
 func (s *BridgeSink) convert(ev VolumeEvent) zmqbridge.Event {

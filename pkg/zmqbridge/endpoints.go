@@ -113,6 +113,9 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	if ep.pub, err = es.socket(zmq.PUB, e.Events, mode); err != nil {
 		return err
 	}
+	if m := es.b.opts.Metrics; m != nil {
+		es.watchSubscribers(ep.pub, m)
+	}
 	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode); err != nil {
 		ep.pub.Close()
 		return err
@@ -156,6 +159,42 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Soc
 		}
 	}
 	return s, nil
+}
+
+// watchSubscribers counts connections to a PUB socket through a ZeroMQ socket
+// monitor, read by a goroutine that owns the monitor's PAIR socket and ends
+// when the PUB socket closes.
+func (es *endpoints) watchSubscribers(pub *zmq.Socket, m Metrics) {
+	addr := fmt.Sprintf("inproc://monitor-%p", pub)
+	if err := pub.Monitor(addr, zmq.EVENT_ACCEPTED|zmq.EVENT_DISCONNECTED); err != nil {
+		return
+	}
+	mon, err := es.b.zctx.NewSocket(zmq.PAIR)
+	if err != nil {
+		return
+	}
+	if err := mon.Connect(addr); err != nil {
+		mon.Close()
+		return
+	}
+	go func() {
+		defer mon.Close()
+		mon.SetLinger(0)
+		for {
+			ev, _, _, err := mon.RecvEvent(0)
+			if err != nil {
+				return
+			}
+			switch ev {
+			case zmq.EVENT_ACCEPTED:
+				m.Subscribers(1)
+			case zmq.EVENT_DISCONNECTED:
+				m.Subscribers(-1)
+			case zmq.EVENT_MONITOR_STOPPED:
+				return
+			}
+		}
+	}()
 }
 
 // snapshot lists the endpoints.
