@@ -285,3 +285,35 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// ackIntervalSeconds: the node flushes and acks staged volumes periodically,
+// and stops at unstage.
+func TestAckInterval(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil)
+	rec := record(t, dir, 0)
+	s := createStagePublish(t, d, uniquePrefix(t), 64<<20, mountCap("", rwo), "ackIntervalSeconds", "1")
+	got := rec.wait(t, 4) // attach, publish, 2 periodic acks
+	for _, ev := range got[2:4] {
+		if ev.Kind != "ack" || ev.Trigger != "interval" {
+			t.Errorf("want periodic acks, got %+v", ev)
+		}
+	}
+	unpublishUnstageDelete(t, d, s)
+	n := len(rec.snapshot())
+	time.Sleep(2500 * time.Millisecond)
+	after := rec.snapshot()
+	if len(after) != n {
+		t.Errorf("events after unstage: %+v", after[n:])
+	}
+	if last := after[len(after)-1]; last.Kind != "detach" {
+		t.Errorf("last event %s, want detach", last.Kind)
+	}
+	for _, bad := range []string{"0", "x", "100000"} {
+		req := createReq("bad-ack", "bad-ack-", 64<<20)
+		req.Parameters["ackIntervalSeconds"] = bad
+		if _, err := d.ctrl.CreateVolume(ctx(t), req); err == nil || !strings.Contains(err.Error(), "ackIntervalSeconds") {
+			t.Errorf("ackIntervalSeconds=%s: %v", bad, err)
+		}
+	}
+}

@@ -148,6 +148,7 @@ func serve(args []string) error {
 		}
 		defer bridge.Close()
 		sink.Bridge, sink.Volumes = bridge, node
+		node.ResumeAckTimers()
 		if f.eventsEndpoint != "" {
 			podEvents := &rcsi.PodEvents{NodeID: f.nodeID, Bridge: bridge, Dir: filepath.Join(f.eventsDir, "p"), PodVolumes: node.PodVolumes}
 			if err := podEvents.Start(); err != nil {

@@ -161,7 +161,8 @@ func volumeContext(p Params, cluster rcsi.ClusterConfig, image string) map[strin
 		ctxRadosNamespace: cluster.RBD.RadosNamespace,
 		ctxFsType:         p.FsType,
 	}
-	for k, v := range map[string]string{ParamMounter: p.Mounter, ParamPVCName: p.PVCName, ParamPVCNamespace: p.PVCNamespace, ParamPVName: p.PVName} {
+	for k, v := range map[string]string{ParamMounter: p.Mounter, ParamPVCName: p.PVCName, ParamPVCNamespace: p.PVCNamespace,
+		ParamPVName: p.PVName, ParamAckInterval: p.AckInterval} {
 		if v != "" {
 			vc[k] = v
 		}

@@ -29,6 +29,7 @@ type Node struct {
 	state          stateStore
 	events         rcsi.EventSink
 	locks          rcsi.KeyLocks
+	acks           ackTimers
 }
 
 // NodeConfig configures NewNode.
@@ -175,6 +176,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
+	n.acks.start(n, want)
 	klog.InfoS("volume staged", "volumeID", req.GetVolumeId(), "mounter", mounterName, "device", m.Device,
 		"map", mapped, "total", time.Since(start))
 	return &csi.NodeStageVolumeResponse{}, nil
@@ -272,6 +274,7 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 		return nil, status.Errorf(codes.InvalidArgument, "volume is staged at %s, not %s", rec.StagingPath, staging)
 	}
 	start := time.Now()
+	n.acks.stop(rec.VolumeID)
 	if err := n.teardown(ctx, rec, rec.Staged); err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package rbd
 import (
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/ceph/go-ceph/rbd"
@@ -16,6 +17,9 @@ const (
 	ParamMounter       = "mounter"
 	ParamFsType        = "csi.storage.k8s.io/fstype"
 	ParamNamePrefix    = "volumeNamePrefix"
+	// ParamAckInterval makes the node flush staged volumes of the class and
+	// publish an ack event every so many seconds.
+	ParamAckInterval = "ackIntervalSeconds"
 
 	ParamPVCName      = "csi.storage.k8s.io/pvc/name"
 	ParamPVCNamespace = "csi.storage.k8s.io/pvc/namespace"
@@ -71,6 +75,8 @@ type Params struct {
 	Mounter    string // "" means the node's default
 	FsType     string
 	NamePrefix string
+	// AckInterval is ackIntervalSeconds, as given ("" = none).
+	AckInterval string
 	// Kubernetes names passed by external-provisioner --extra-create-metadata.
 	PVCName, PVCNamespace, PVName string
 }
@@ -106,6 +112,11 @@ func ParseParams(in map[string]string) (Params, error) {
 			}
 		case ParamNamePrefix:
 			p.NamePrefix = v
+		case ParamAckInterval:
+			if n, err := strconv.Atoi(v); err != nil || n < 1 || n > 86400 {
+				return p, fmt.Errorf("parameter %s=%q: want whole seconds from 1 to 86400", k, v)
+			}
+			p.AckInterval = v
 		case ParamPVCName:
 			p.PVCName = v
 		case ParamPVCNamespace:
