@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 
+	zmq "github.com/pebbe/zmq4"
+
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
 
@@ -21,6 +23,10 @@ commands:
             every matching event after N, exactly once, in order (subscribe, then replay)
   replay    [--since N] [--max M] [-o json]
   flush     --volume-id ID | --pvc NAME --namespace NS
+  keygen    print a new CURVE keypair (Z85) for the TCP endpoint
+
+For the TCP endpoint: --events tcp://HOST:PORT --control tcp://HOST:PORT+1
+  --server-key KEY (the server's public key) --key-file FILE (this client's secret key)
 `
 
 // runEvents is the node event client: subscribe, replay, flush.
@@ -30,9 +36,20 @@ func runEvents(args []string) int {
 	dir := fs.String("dir", "/var/lib/kubelet/plugins/rbd.rookzmq.io/events", "directory holding events.sock and control.sock")
 	eventsAddr := fs.String("events", "", "PUB address (default ipc://DIR/events.sock)")
 	controlAddr := fs.String("control", "", "control address (default ipc://DIR/control.sock)")
+	serverKey := fs.String("server-key", "", "TCP endpoint: the server's Z85 public key")
+	keyFile := fs.String("key-file", "", "TCP endpoint: file holding this client's Z85 secret key")
 	if err := fs.Parse(args); err != nil || fs.NArg() == 0 {
 		fs.Usage()
 		return 2
+	}
+	if fs.Arg(0) == "keygen" {
+		pub, sec, err := zmq.NewCurveKeypair()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "events:", err)
+			return 1
+		}
+		fmt.Printf("public: %s\nsecret: %s\n", pub, sec)
+		return 0
 	}
 	if *eventsAddr == "" {
 		*eventsAddr = "ipc://" + filepath.Join(*dir, "events.sock")
@@ -46,6 +63,20 @@ func runEvents(args []string) int {
 		return 1
 	}
 	defer c.Close()
+	if *keyFile != "" {
+		b, err := os.ReadFile(*keyFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "events:", err)
+			return 1
+		}
+		sec := strings.TrimSpace(string(b))
+		pub, err := zmq.AuthCurvePublic(sec)
+		if err != nil || *serverKey == "" {
+			fmt.Fprintln(os.Stderr, "events: --key-file needs a Z85 secret key and --server-key")
+			return 2
+		}
+		c.Curve = &zmqbridge.ClientKeys{ServerPublic: *serverKey, Public: pub, Secret: sec}
+	}
 	cmd, rest := fs.Arg(0), fs.Args()[1:]
 	sub := flag.NewFlagSet("rookzmq events "+cmd, flag.ContinueOnError)
 	since := sub.Uint64("since", 0, "deliver events after this sequence number")

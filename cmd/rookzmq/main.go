@@ -11,6 +11,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -57,6 +58,7 @@ type serveFlags struct {
 	eventsDir, eventsMode, eventsEndpoint              string
 	eventsHeartbeat, eventsJournalAge                  time.Duration
 	metricsAddress                                     string
+	eventsTCP, eventsServerKey, eventsClients          string
 	eventsJournalBytes                                 int64
 }
 
@@ -77,6 +79,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
 	fs.StringVar(&f.metricsAddress, "metrics-address", "", "serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090); empty disables")
+	fs.StringVar(&f.eventsTCP, "events-tcp", "", "HOST:PORT of the CURVE-encrypted TCP event endpoint (events on PORT, control on PORT+1); empty disables")
+	fs.StringVar(&f.eventsServerKey, "events-curve-server-key", "", "file holding the TCP endpoint's Z85 CURVE secret key (a mounted Secret)")
+	fs.StringVar(&f.eventsClients, "events-curve-clients", "", "file listing authorised client keys and their namespaces (a mounted Secret; reloaded on change)")
 	fs.StringVar(&f.eventsMode, "events-mode", "0600", "mode of the event socket files")
 	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
 	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
@@ -101,6 +106,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if _, err := strconv.ParseUint(f.eventsMode, 8, 32); err != nil {
 		return nil, fmt.Errorf("--events-mode=%s is not an octal mode", f.eventsMode)
+	}
+	if f.eventsTCP != "" && (f.eventsServerKey == "" || f.eventsClients == "") {
+		return nil, errors.New("--events-tcp needs --events-curve-server-key and --events-curve-clients")
 	}
 	if f.stateDir == "" {
 		f.stateDir = filepath.Join("/var/lib/rookzmq", f.driverName)
@@ -138,8 +146,13 @@ func serve(args []string) error {
 			return err
 		}
 		mode, _ := strconv.ParseUint(f.eventsMode, 8, 32)
+		curve, err := curveOptions(f)
+		if err != nil {
+			return err
+		}
 		bridge, err := zmqbridge.New(zmqbridge.Options{
-			Dir: f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
+			Curve: curve,
+			Dir:   f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
 			Heartbeat: f.eventsHeartbeat, Flusher: sink, Metrics: metrics,
 			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge},
 		})
@@ -226,4 +239,17 @@ func probe(ctx context.Context, endpoint string) error {
 		return errors.New("not ready")
 	}
 	return nil
+}
+
+// curveOptions turns --events-tcp and the key flags into the bridge's options.
+func curveOptions(f *serveFlags) (*zmqbridge.CurveOptions, error) {
+	if f.eventsTCP == "" {
+		return nil, nil
+	}
+	host, portStr, err := net.SplitHostPort(f.eventsTCP)
+	port, perr := strconv.Atoi(portStr)
+	if err != nil || perr != nil || port < 1 || port > 65534 {
+		return nil, fmt.Errorf("--events-tcp=%s: want HOST:PORT (PORT+1 is the control port)", f.eventsTCP)
+	}
+	return &zmqbridge.CurveOptions{Host: host, Port: port, ServerKeyFile: f.eventsServerKey, ClientsFile: f.eventsClients}, nil
 }

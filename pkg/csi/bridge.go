@@ -59,7 +59,7 @@ func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uin
 		}
 	}
 	vc, ok := s.Volumes.StagedContext(id)
-	if !ok || (req.Scope != "" && vc[ctxPVCNamespace] != req.Scope) || (req.Permit != nil && !req.Permit(id)) {
+	if !ok || (req.Allowed != nil && !req.Allowed(vc[ctxPVCNamespace], id)) {
 		// Out-of-scope volumes are reported exactly like absent ones.
 		return 0, 0, fmt.Errorf("volume %s is not staged on this node", id)
 	}

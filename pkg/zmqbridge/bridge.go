@@ -30,15 +30,17 @@ type Options struct {
 	Flusher Flusher
 	// Metrics, if set, is told what the bridge does.
 	Metrics Metrics
+	// Curve, if set, adds the authenticated TCP endpoint.
+	Curve *CurveOptions
 }
 
 // FlushRequest names the volume a control client wants flushed.
 type FlushRequest struct {
 	VolumeID, PVC, Namespace string
-	// Scope is the namespace the asking endpoint may touch ("" = any).
-	Scope string
-	// Permit reports whether the asking endpoint may flush a volume ID.
-	Permit func(volumeID string) bool
+	// Allowed reports whether the asker may flush a volume of a PVC namespace
+	// ("" for a volume without PVC). The Flusher must refuse what it denies,
+	// exactly as it refuses a volume that is not there.
+	Allowed func(namespace, volumeID string) bool
 }
 
 // Flusher flushes a volume and publishes its ack event (through Emit),
@@ -66,9 +68,12 @@ type Bridge struct {
 	wakePub   chan struct{} // new synced records to publish
 	wakeSync  chan struct{} // new records to fsync
 	endpoints *endpoints
-	stop      chan struct{}
-	wg        sync.WaitGroup
-	closeOnce sync.Once
+	// CURVE endpoint state (nil without Options.Curve).
+	curveKeys   *keyring
+	curveSecret atomic.Value // string: the server's Z85 secret key
+	stop        chan struct{}
+	wg          sync.WaitGroup
+	closeOnce   sync.Once
 }
 
 // New opens the journal, binds the node-wide endpoints in opts.Dir and starts
@@ -113,12 +118,55 @@ func New(opts Options) (*Bridge, error) {
 		j.Close()
 		return nil, err
 	}
+	if opts.Curve != nil {
+		if err := b.startCurve(); err != nil {
+			close(b.stop)
+			b.wg.Wait()
+			b.endpoints.closeAll()
+			zctx.Term()
+			j.Close()
+			return nil, err
+		}
+	}
 	b.wg.Add(3)
 	go b.commitLoop()
 	go b.publishLoop()
 	go b.controlLoop()
 	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First())
 	return b, nil
+}
+
+// startCurve loads the keys, starts the ZAP handler and binds the TCP endpoint.
+func (b *Bridge) startCurve() error {
+	c := b.opts.Curve
+	secret, _, err := readServerKey(c.ServerKeyFile)
+	if err != nil {
+		return fmt.Errorf("zmqbridge: %w", err)
+	}
+	clients, err := os.ReadFile(c.ClientsFile)
+	if err != nil {
+		return fmt.Errorf("zmqbridge: %w", err)
+	}
+	keys, err := parseClients(clients)
+	if err != nil {
+		return fmt.Errorf("zmqbridge: %w", err)
+	}
+	b.curveKeys = &keyring{}
+	b.curveKeys.keys.Store(&keys)
+	b.curveSecret.Store(secret)
+	ready := make(chan error, 1)
+	b.wg.Add(1)
+	go b.zapLoop(ready)
+	if err := <-ready; err != nil {
+		return fmt.Errorf("zmqbridge: ZAP handler: %w", err)
+	}
+	if err := b.endpoints.add(curveKey, b.curveEndpoint()); err != nil {
+		return err
+	}
+	b.wg.Add(1)
+	go b.watchCurve()
+	klog.InfoS("CURVE event endpoint bound", "events", b.curveEndpoint().Events, "control", b.curveEndpoint().Control, "clients", len(keys))
+	return nil
 }
 
 // Emit journals ev and returns its sequence number once the record is
@@ -204,6 +252,14 @@ func (b *Bridge) publishLoop() {
 	published := b.journal.Last() // events before start were published by an earlier run, or are replayable
 	hb := time.NewTicker(b.opts.Heartbeat)
 	defer hb.Stop()
+	// CURVE clients' subscription requests arrive on the XPUB socket, which
+	// only this goroutine may read: look every 10 ms.
+	var subs <-chan time.Time
+	if b.curveKeys != nil {
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		subs = t.C
+	}
 	b.endpoints.heartbeat(published)
 	for {
 		select {
@@ -211,6 +267,13 @@ func (b *Bridge) publishLoop() {
 			return
 		case <-hb.C:
 			b.endpoints.heartbeat(published)
+			continue
+		case <-subs:
+			for _, ep := range b.endpoints.snapshot() {
+				if ep.keys != nil {
+					b.authorizeSubscriptions(ep)
+				}
+			}
 			continue
 		case <-b.wakePub:
 		case cmd := <-b.endpoints.pubCmds:

@@ -21,6 +21,34 @@ type Client struct {
 	req             *zmq.Socket
 	// Timeout bounds each control request (default 2 minutes: flushes can be slow).
 	Timeout time.Duration
+	// Curve, for the TCP endpoint: the server's public key and this client's keypair.
+	Curve *ClientKeys
+}
+
+// ClientKeys are the Z85 CURVE keys a client of the TCP endpoint uses.
+type ClientKeys struct {
+	ServerPublic, Public, Secret string
+}
+
+// socket makes a socket of the client's context with CURVE set when asked for.
+func (c *Client) socket(t zmq.Type) (*zmq.Socket, error) {
+	s, err := c.zctx.NewSocket(t)
+	if err != nil {
+		return nil, err
+	}
+	s.SetLinger(0)
+	if k := c.Curve; k != nil {
+		if err := s.SetCurveServerkey(k.ServerPublic); err == nil {
+			if err = s.SetCurvePublickey(k.Public); err == nil {
+				err = s.SetCurveSecretkey(k.Secret)
+			}
+		}
+		if err != nil {
+			s.Close()
+			return nil, fmt.Errorf("CURVE keys: %w", err)
+		}
+	}
+	return s, nil
 }
 
 // ErrTruncatedReplay says the journal no longer holds the requested events.
@@ -51,11 +79,10 @@ func (c *Client) Close() {
 // socket is replaced (REQ cannot send twice without a reply).
 func (c *Client) call(req any, reply any) error {
 	if c.req == nil {
-		s, err := c.zctx.NewSocket(zmq.REQ)
+		s, err := c.socket(zmq.REQ)
 		if err != nil {
 			return err
 		}
-		s.SetLinger(0)
 		if err := s.Connect(c.control); err != nil {
 			s.Close()
 			return err
@@ -115,12 +142,11 @@ type Handler func(ev Event, raw []byte) error
 // was seen, trigger a replay; a journal truncated past since is an error
 // (ErrTruncatedReplay) rather than a silent hole.
 func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64, h Handler) error {
-	sub, err := c.zctx.NewSocket(zmq.SUB)
+	sub, err := c.socket(zmq.SUB)
 	if err != nil {
 		return err
 	}
 	defer sub.Close()
-	sub.SetLinger(0)
 	sub.SetRcvhwm(100000)
 	sub.SetSubscribe("") // filtering happens here, after gap detection, which needs every seq
 	if err := sub.Connect(c.events); err != nil {

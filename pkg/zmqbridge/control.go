@@ -140,7 +140,7 @@ func (b *Bridge) controlLoop() {
 
 // serve answers one message on an endpoint's ROUTER socket.
 func (b *Bridge) serve(ep *endpoint) {
-	frames, err := ep.ctl.RecvMessageBytes(zmq.DONTWAIT)
+	frames, v, err := b.receive(ep)
 	if err != nil || len(frames) == 0 {
 		return
 	}
@@ -163,9 +163,13 @@ func (b *Bridge) serve(ep *endpoint) {
 		reply(errorReply{Error: err.Error()})
 		return
 	}
+	if v == nil {
+		reply(errorReply{Error: "not authorized"})
+		return
+	}
 	switch req.Op {
 	case "replay":
-		reply(b.replay(req, ep))
+		reply(b.replay(req, v))
 		if m := b.opts.Metrics; m != nil {
 			m.ReplayServed()
 		}
@@ -174,15 +178,41 @@ func (b *Bridge) serve(ep *endpoint) {
 			reply(errorReply{Error: "flush is not available on this node"})
 			return
 		}
-		if ep.Scope.Namespace != "" && req.Namespace != "" && req.Namespace != ep.Scope.Namespace {
-			reply(errorReply{Error: fmt.Sprintf("namespace %q is outside this endpoint's scope", req.Namespace)})
-			return
-		}
-		go b.flush(req, ep, envelope)
+		go b.flush(req, ep, v, envelope)
 	}
 }
 
-func (b *Bridge) replay(req Request, ep *endpoint) any {
+// receive reads one control message and says who may do what with it: the
+// endpoint's scope, or for the CURVE endpoint the client key's namespaces.
+func (b *Bridge) receive(ep *endpoint) ([][]byte, viewer, error) {
+	if ep.keys == nil {
+		frames, err := ep.ctl.RecvMessageBytes(zmq.DONTWAIT)
+		return frames, ep, err
+	}
+	// The User-Id (the client's key, set by our ZAP handler) is on the frames
+	// the peer sent, not on the routing-id frame ROUTER prepends.
+	var frames [][]byte
+	user := ""
+	for flags := zmq.DONTWAIT; ; flags = 0 {
+		f, meta, err := ep.ctl.RecvBytesWithMetadata(flags, "User-Id")
+		if err != nil {
+			return nil, nil, err
+		}
+		frames = append(frames, f)
+		if u := meta["User-Id"]; u != "" {
+			user = u
+		}
+		if more, err := ep.ctl.GetRcvmore(); err != nil || !more {
+			break
+		}
+	}
+	if c := ep.keys.lookup(user); c != nil {
+		return frames, c, nil
+	}
+	return frames, nil, nil
+}
+
+func (b *Bridge) replay(req Request, v viewer) any {
 	// Only durable events are replayed: what a subscriber sees never vanishes.
 	synced := b.synced.Load()
 	out := replayReply{Events: []json.RawMessage{}, Last: synced}
@@ -204,7 +234,7 @@ func (b *Bridge) replay(req Request, ep *endpoint) any {
 				break
 			}
 			since = r.Seq
-			if ep.admits(r) {
+			if v.sees(r) {
 				out.Events = append(out.Events, r.Data)
 			}
 		}
@@ -214,17 +244,22 @@ func (b *Bridge) replay(req Request, ep *endpoint) any {
 
 // flush runs on its own goroutine (a flush may take seconds) and hands the
 // reply to the control loop through an inproc socket of its own.
-func (b *Bridge) flush(req Request, ep *endpoint, envelope [][]byte) {
+func (b *Bridge) flush(req Request, ep *endpoint, v viewer, envelope [][]byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var reply any
 	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace,
-		Scope: ep.Scope.Namespace, Permit: ep.permits})
+		Allowed: v.mayFlush})
 	if err != nil {
 		reply = errorReply{Error: err.Error()}
 	} else {
 		reply = flushReply{Seq: seq, FlushMs: ms}
 	}
+	b.replyFlush(ep, envelope, reply)
+}
+
+// replyFlush hands a reply to the control loop through an inproc socket.
+func (b *Bridge) replyFlush(ep *endpoint, envelope [][]byte, reply any) {
 	push, err := b.zctx.NewSocket(zmq.PUSH)
 	if err != nil {
 		return

@@ -38,6 +38,8 @@ type Scope struct {
 type endpoint struct {
 	Endpoint
 	pub, ctl *zmq.Socket
+	// keys, on the CURVE endpoint, say what each client key may see.
+	keys *keyring
 
 	mu      sync.Mutex
 	volumes map[string]bool // pod scope: the pod's volumes
@@ -75,14 +77,26 @@ func (ep *endpoint) admits(r Record) bool {
 	return ep.volumes[ev.VolumeID]
 }
 
-// permits reports whether the endpoint may flush a volume.
-func (ep *endpoint) permits(volumeID string) bool {
+// sees is admits for replay (a viewer).
+func (ep *endpoint) sees(r Record) bool { return ep.admits(r) }
+
+// mayFlush reports whether the endpoint may flush a volume.
+func (ep *endpoint) mayFlush(namespace, volumeID string) bool {
+	if ep.Scope.Namespace != "" && namespace != ep.Scope.Namespace {
+		return false
+	}
 	if ep.Scope.PodUID == "" {
 		return true
 	}
 	ep.mu.Lock()
 	defer ep.mu.Unlock()
 	return ep.volumes[volumeID]
+}
+
+// viewer decides what one requester may replay and flush.
+type viewer interface {
+	sees(r Record) bool
+	mayFlush(namespace, volumeID string) bool
 }
 
 // endpoints is the set of bound endpoints. Changes run as commands on the
@@ -110,7 +124,13 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	if mode == 0 {
 		mode = es.b.opts.SocketMode
 	}
-	if ep.pub, err = es.socket(zmq.PUB, e.Events, mode); err != nil {
+	pubType := zmq.PUB
+	if key == curveKey {
+		// XPUB in manual mode: the bridge decides which subscriptions a client
+		// key gets (its namespaces), not the client.
+		pubType, ep.keys = zmq.XPUB, es.b.curveKeys
+	}
+	if ep.pub, err = es.socket(pubType, e.Events, mode); err != nil {
 		return err
 	}
 	if m := es.b.opts.Metrics; m != nil {
@@ -137,7 +157,16 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Soc
 		return nil, err
 	}
 	s.SetLinger(0)
+	if strings.HasPrefix(addr, "tcp://") {
+		if err := es.b.secureSocket(s); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("zmqbridge: CURVE on %s: %w", addr, err)
+		}
+	}
 	switch t {
+	case zmq.XPUB:
+		s.SetXpubManual(1)
+		s.SetSndhwm(100000)
 	case zmq.PUB:
 		s.SetSndhwm(100000) // a subscriber this far behind recovers by replay
 	case zmq.ROUTER:

@@ -47,7 +47,7 @@ type Journal struct {
 	buf        []byte  // encoding buffer, reused under mu
 	last       uint64
 	total      int64
-	sealed     []*os.File // rotated segments not fsynced yet (the committer closes them)
+	retired    []*os.File // sealed segments for the committer to close
 	dirDirty   bool       // a segment file was created since the last directory fsync
 	synced     uint64     // every record with Seq <= synced is fsynced
 	syncReq    uint64     // highest seq a Sync caller waits for
@@ -162,16 +162,24 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 		}
 		return Record{}, fmt.Errorf("journal: %w", err)
 	}
-	s.index = j.ix.add(s.index, seq, s.size)
-	s.size += int64(len(j.buf))
-	j.total += int64(len(j.buf))
-	j.last = seq
+	n := int64(len(j.buf))
 	if cap(j.buf) > 1<<20 {
 		j.buf = nil // do not pin one huge record's buffer
 	}
+	s.index = j.ix.add(s.index, seq, s.size)
+	s.size += n
+	j.total += n
+	j.last = seq
+	if half := j.o.SegmentBytes / 2; s.size >= half && s.size-n < half && j.syncReq < seq {
+		// Start writeback early so the fsync at rotation has less to do.
+		j.syncReq = seq
+		j.commitCond.Signal()
+	}
 	if s.size >= j.o.SegmentBytes {
-		// The record is written; if rotation fails the next Append retries it.
-		_ = j.rotateLocked()
+		// If the new segment cannot be created, the next Append retries.
+		if err := j.rotateLocked(); err != nil && j.err != nil {
+			return Record{}, err
+		}
 	}
 	return Record{Seq: seq, Topic: topic, Data: data}, nil
 }
@@ -179,17 +187,23 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 // rotateLocked seals the active segment, starts a new one and applies retention.
 func (j *Journal) rotateLocked() error {
 	s := j.segs[len(j.segs)-1]
+	// The sealed segment's newest record was just written: stamp its mtime with
+	// the journal's clock so MaxAge holds across restarts.
+	now := j.o.Now()
+	_ = os.Chtimes(s.path, now, now)
+	// Seal durably before anything lands in the next segment: a torn record can
+	// then only be in the last segment, which is all recovery scans.
+	if err := j.fsync(j.active); err != nil {
+		j.err = fmt.Errorf("journal: %w", err)
+		return j.err
+	}
 	ns := &segment{first: j.last + 1, path: filepath.Join(j.o.Dir, segName(j.last+1)), indexed: true}
 	f, err := createSegment(ns.path)
 	if err != nil {
 		return err
 	}
-	// The sealed segment's newest record was just written: stamp its mtime with
-	// the journal's clock so MaxAge holds across restarts.
-	now := j.o.Now()
 	s.newest = now
-	_ = os.Chtimes(s.path, now, now)
-	j.sealed = append(j.sealed, j.active)
+	j.retired = append(j.retired, j.active)
 	j.active = f
 	j.segs = append(j.segs, ns)
 	j.ix = indexer{}
@@ -222,18 +236,24 @@ func (j *Journal) commitLoop() {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	for {
-		for !j.closed && len(j.sealed) == 0 && (j.syncReq <= j.synced || j.err != nil) {
+		for !j.closed && len(j.retired) == 0 && (j.syncReq <= j.synced || j.err != nil) {
 			j.commitCond.Wait()
 		}
-		target, sealed, f, dirty, closing := j.last, j.sealed, j.active, j.dirDirty, j.closed
-		j.sealed, j.dirDirty = nil, false
+		retired, closing := j.retired, j.closed
+		target, f, dirty := j.last, j.active, j.dirDirty
+		if j.syncReq <= j.synced && !closing {
+			f = nil // only retired files to close
+		} else {
+			j.dirDirty = false
+		}
+		j.retired = nil
 		j.mu.Unlock()
-		err := j.commit(sealed, f, dirty)
+		err := j.commit(retired, f, dirty)
 		j.mu.Lock()
 		if err != nil && j.err == nil {
 			j.err = fmt.Errorf("journal: %w", err)
 		}
-		if err == nil && target > j.synced {
+		if err == nil && f != nil && target > j.synced {
 			j.synced = target
 		}
 		if closing {
@@ -249,29 +269,30 @@ func (j *Journal) commitLoop() {
 	}
 }
 
-// commit fsyncs and closes the sealed files, the directory if needed, and the
-// active file. Only the committer closes files, so none is closed under it.
-func (j *Journal) commit(sealed []*os.File, active *os.File, dirty bool) error {
+// commit closes the retired files (rotation fsynced them) and, unless active
+// is nil, fsyncs the directory if dirty and the active file. Only the
+// committer closes files, so none is closed under its fsync.
+func (j *Journal) commit(retired []*os.File, active *os.File, dirty bool) error {
 	var err error
-	keep := func(e error) {
-		if err == nil {
+	for _, f := range retired {
+		if e := f.Close(); err == nil {
 			err = e
 		}
 	}
-	for _, f := range sealed {
-		keep(j.fsync(f))
-		keep(f.Close())
+	if active == nil || err != nil {
+		return err
 	}
 	if dirty {
-		keep(syncDir(j.o.Dir))
+		if err := syncDir(j.o.Dir); err != nil {
+			return err
+		}
 	}
-	keep(j.fsync(active))
-	return err
+	return j.fsync(active)
 }
 
 func (j *Journal) fsync(f *os.File) error {
 	j.fsyncs.Add(1)
-	return f.Sync()
+	return fileSync(f)
 }
 
 // Sync blocks until every record with Seq <= seq is fsynced. Group commit: concurrent
@@ -348,68 +369,6 @@ func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 		want = min(v.end, stop) + 1
 	}
 	return out, nil
-}
-
-// segView is a snapshot of a segment taken by Read; end is its last seq.
-type segView struct {
-	segment
-	end uint64
-}
-
-// readSegment appends the records want..hi of v to out, verifying each.
-func (j *Journal) readSegment(v *segView, want, hi uint64, out []Record) ([]Record, error) {
-	if !v.indexed {
-		idx, err := buildIndex(v.path, v.first, v.size)
-		if err != nil {
-			return nil, j.openErr(want, err)
-		}
-		v.index = idx
-		j.mu.Lock()
-		k := sort.Search(len(j.segs), func(k int) bool { return j.segs[k].first >= v.first })
-		if k < len(j.segs) && j.segs[k].first == v.first && !j.segs[k].indexed {
-			j.segs[k].index, j.segs[k].indexed = idx, true
-		}
-		j.mu.Unlock()
-	}
-	f, err := os.Open(v.path)
-	if err != nil {
-		return nil, j.openErr(want, err)
-	}
-	defer f.Close()
-	e := lookup(v.index, v.first, want)
-	rr := newRecordReader(f, e.off, v.size, 64<<10)
-	for seq := e.seq; seq <= hi; seq++ {
-		off := rr.off
-		n, crc, got, ok, err := rr.header()
-		if err == nil && !ok {
-			err = errors.New("segment ends early")
-		}
-		if err == nil && got != seq {
-			err = fmt.Errorf("%w: seq %d", errCorrupt, got)
-		}
-		if err == nil {
-			if seq < want {
-				err = rr.skipBody(n)
-			} else {
-				var rec Record
-				if rec, err = rr.body(n, crc); err == nil {
-					out = append(out, rec)
-				}
-			}
-		}
-		if err != nil {
-			return nil, fmt.Errorf("journal: record %d at %s offset %d: %w", seq, v.path, off, err)
-		}
-	}
-	return out, nil
-}
-
-// openErr turns a segment that retention removed under Read into ErrTruncated.
-func (j *Journal) openErr(want uint64, err error) error {
-	if errors.Is(err, fs.ErrNotExist) && want < j.First() {
-		return ErrTruncated
-	}
-	return fmt.Errorf("journal: %w", err)
 }
 
 // First returns the lowest seq still held (Last()+1 when empty).

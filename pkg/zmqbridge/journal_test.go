@@ -7,8 +7,10 @@ import (
 	"hash/crc32"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -323,9 +325,15 @@ func TestJournalCorruptSealed(t *testing.T) {
 	if off+rec3 >= len(first) {
 		t.Fatal("record 3 is the last of its segment")
 	}
-	for _, pos := range []int{off + headerLen + 20, off + 4, off, off + headerLen} { // data, crc, length, seq
+	// Flip a bit of the data, crc, length or seq; or (pos -1) put a record that
+	// is valid but has the wrong seq in place of record 3.
+	for _, pos := range []int{off + headerLen + 20, off + 4, off, off + headerLen, -1} {
 		b := bytes.Clone(first)
-		b[pos] ^= 0x01
+		if pos >= 0 {
+			b[pos] ^= 0x01
+		} else {
+			copy(b[off:], encodeRecord(nil, 99, eventTopic(3), eventData(3)))
+		}
 		if err := os.WriteFile(segs[0], b, 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -404,7 +412,7 @@ func TestJournalRetentionAge(t *testing.T) {
 	advance(25 * time.Hour)
 	// The active segment gets a new record before it is sealed, so it stays.
 	keep := j.segs[len(j.segs)-1].first
-	for j.First() == 1 { // the next rotation drops the old segments
+	for i := 0; j.First() == 1 && i < 100; i++ { // the next rotation drops the old segments
 		appendN(t, j, 1)
 	}
 	if j.First() != keep {
@@ -465,6 +473,66 @@ func TestJournalSeqNeverReused(t *testing.T) {
 	}
 	if r, err := j.Append("t", eventData); err != nil || r.Seq != 42 {
 		t.Fatalf("Append = %d, %v; want 42", r.Seq, err)
+	}
+}
+
+// stubSync replaces every fsync with fn until the test ends. Tests using it
+// must Close their journals before returning.
+func stubSync(t *testing.T, fn func(*os.File) error) {
+	orig := fileSync
+	fileSync = fn
+	t.Cleanup(func() { fileSync = orig })
+}
+
+func TestJournalRotationSealsDurably(t *testing.T) {
+	var mu sync.Mutex
+	var synced []string
+	stubSync(t, func(f *os.File) error {
+		mu.Lock()
+		synced = append(synced, filepath.Base(f.Name()))
+		mu.Unlock()
+		return f.Sync()
+	})
+	j := openT(t, JournalOptions{Dir: t.TempDir(), SegmentBytes: 1})
+	defer j.Close()
+	for seq := uint64(1); seq <= 3; seq++ {
+		appendN(t, j, 1)
+		// Before Append returns, the segment it sealed is fsynced, so no later
+		// record can be durable while this one is torn.
+		mu.Lock()
+		if !slices.Contains(synced, segName(seq)) {
+			t.Errorf("segment %s sealed but not fsynced (fsyncs: %v)", segName(seq), synced)
+		}
+		mu.Unlock()
+	}
+}
+
+func TestJournalFsyncErrorSticky(t *testing.T) {
+	var fail atomic.Bool
+	stubSync(t, func(f *os.File) error {
+		if fail.Load() {
+			return errors.New("EIO")
+		}
+		return f.Sync()
+	})
+	j := openT(t, JournalOptions{Dir: t.TempDir()})
+	appendN(t, j, 2)
+	if err := j.Sync(2); err != nil {
+		t.Fatal(err)
+	}
+	fail.Store(true)
+	appendN(t, j, 1)
+	if err := j.Sync(3); err == nil {
+		t.Fatal("Sync succeeded although fsync failed")
+	}
+	if err := j.Sync(2); err != nil {
+		t.Fatalf("Sync of records synced before the failure: %v", err)
+	}
+	if _, err := j.Append("t", eventData); err == nil {
+		t.Fatal("Append succeeded after a failed fsync")
+	}
+	if err := j.Close(); err == nil {
+		t.Fatal("Close reported no error after a failed fsync")
 	}
 }
 
@@ -583,6 +651,9 @@ func TestJournalReplaySealed(t *testing.T) {
 	o := JournalOptions{Dir: dir, SegmentBytes: 200 << 10}
 	j := openT(t, o)
 	appendN(t, j, 10000)
+	if s := j.segs[len(j.segs)-1]; len(s.index) < int(s.size/indexStride) || s.index[0] != (idxEntry{s.first, 0}) {
+		t.Fatalf("active segment index: %d entries for %d bytes", len(s.index), s.size)
+	}
 	j.Close()
 	j = openT(t, o)
 	defer j.Close()
@@ -599,6 +670,14 @@ func TestJournalReplaySealed(t *testing.T) {
 	start := time.Now()
 	checkRecs(t, readAll(t, j, 0), 1, 10000)
 	t.Logf("replayed 10000 events in %v", time.Since(start))
+	// Every segment now has a sparse index, so Read never rescans a whole one.
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for _, s := range j.segs {
+		if want := int(s.size / indexStride); !s.indexed || len(s.index) < want {
+			t.Errorf("segment %d: indexed %v, %d entries for %d bytes", s.first, s.indexed, len(s.index), s.size)
+		}
+	}
 }
 
 // validSegment returns the bytes of a segment holding records 1..n.
@@ -616,6 +695,9 @@ func FuzzJournalRecover(f *testing.F) {
 	f.Add(seg[:len(seg)-3])
 	f.Add(append(bytes.Clone(seg), 0, 0, 0, 0))
 	f.Add([]byte{})
+	// fsync only costs time here (tens of executions a second instead of thousands).
+	defer func(orig func(*os.File) error) { fileSync = orig }(fileSync)
+	fileSync = func(*os.File) error { return nil }
 	f.Fuzz(func(t *testing.T, b []byte) {
 		dir := t.TempDir()
 		path := filepath.Join(dir, segName(1))

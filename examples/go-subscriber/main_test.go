@@ -1,0 +1,184 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
+)
+
+// TestStateRestart stops a subscriber with a state file halfway, emits more
+// while it is down and restarts it: together the two runs print each event once.
+func TestStateRestart(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name, func(t *testing.T) {
+			dir, b := newBridge(t, zmqbridge.JournalOptions{})
+			state := filepath.Join(t.TempDir(), "last-seq")
+			resume, done := emit(t, b, 300)
+			s1 := start(t, dir, "--state", state)
+			waitFor(t, "120 events printed", func() bool { return last(t, s1) >= 120 })
+			stop(t, s1)
+			resume() // events 301.. are emitted while no subscriber runs
+			time.Sleep(100 * time.Millisecond)
+			first := s1.stdout.seqs(t)
+			if n := len(first); n >= 300 {
+				t.Fatalf("first run printed %d events; it should have stopped halfway", n)
+			}
+			s2 := start(t, dir, "--state", state)
+			<-done
+			waitFor(t, "the last event to be printed", func() bool { return last(t, s2) >= total })
+			time.Sleep(300 * time.Millisecond)
+			stop(t, s2)
+			checkSeqs(t, append(first, s2.stdout.seqs(t)...), 1)
+			if b, err := os.ReadFile(state); err != nil || strings.TrimSpace(string(b)) != fmt.Sprint(total) {
+				t.Errorf("state file holds %q (%v), want %d", b, err, total)
+			}
+		})
+	}
+}
+
+// TestMidStream starts a subscriber after some events were emitted, while
+// the rest are being emitted (replay and live messages race), directly and
+// through a relay that loses events (gaps and heartbeats trigger replays).
+func TestMidStream(t *testing.T) {
+	for name, start := range starters {
+		for _, lossy := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/lossy=%v", name, lossy), func(t *testing.T) {
+				dir, b := newBridge(t, zmqbridge.JournalOptions{})
+				var args []string
+				if lossy { // every 10th event and the last 5 (only heartbeats reveal those) are lost
+					args = relay(t, dir, "", func(ev zmqbridge.Event) bool { return ev.Seq%10 != 0 && ev.Seq <= total-5 })
+				}
+				resume, _ := emit(t, b, 150)
+				waitFor(t, "150 events", func() bool { return b.Last() >= 150 })
+				s := start(t, dir, args...)
+				resume()
+				waitFor(t, "the last event to be printed", func() bool { return last(t, s) >= total })
+				time.Sleep(300 * time.Millisecond) // a duplicate would show up now
+				stop(t, s)
+				checkSeqs(t, s.stdout.seqs(t), 1)
+			})
+		}
+	}
+}
+
+// TestTruncated replays from 0 a journal whose oldest segments were dropped:
+// the subscriber warns and prints everything from the first retained event.
+func TestTruncated(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name, func(t *testing.T) {
+			dir, b := newBridge(t, zmqbridge.JournalOptions{SegmentBytes: 4 << 10, MaxBytes: 16 << 10})
+			for i := 0; i < total; i++ {
+				if _, err := b.Emit(zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: "ns"}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s := start(t, dir, "--since", "0")
+			waitFor(t, "the last event to be printed", func() bool { return last(t, s) >= total })
+			stop(t, s)
+			seqs := s.stdout.seqs(t)
+			if seqs[0] <= 1 || !strings.Contains(s.stderr.String(), "truncated") {
+				t.Fatalf("no truncation reported: first seq %d, stderr %q", seqs[0], s.stderr.String())
+			}
+			checkSeqs(t, seqs, seqs[0])
+		})
+	}
+}
+
+// TestFlush asks for flushes (by volume ID, by PVC) and prints the ack's
+// sequence, or the error.
+func TestFlush(t *testing.T) {
+	dir, b := newBridge(t, zmqbridge.JournalOptions{})
+	python := exec.Command("/usr/bin/python3", "-c", "import zmq").Run() == nil
+	for _, args := range [][]string{{"--flush-volume", "v"}, {"--flush-pvc", "p", "--flush-namespace", "ns"}, {"--flush-volume", "w"}} {
+		cfg, req, err := parseArgs(append([]string{"--dir", dir}, args...))
+		if err != nil || req == nil {
+			t.Fatalf("parseArgs(%q) = %v, %v", args, req, err)
+		}
+		var o out
+		err = flush(context.Background(), cfg, req, &o)
+		want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5}`, b.Last())
+		if args[1] == "w" {
+			want = `{"error":"volume w is not staged on this node"}`
+			if err == nil {
+				t.Errorf("flush %q did not fail", args)
+			}
+		} else if err != nil {
+			t.Errorf("flush %q: %v", args, err)
+		}
+		if got := strings.TrimSpace(o.String()); got != want {
+			t.Errorf("go flush %q printed %q, want %q", args, got, want)
+		}
+		if !python {
+			continue
+		}
+		before := b.Last()
+		py, err := exec.Command("/usr/bin/python3", append([]string{"../python-subscriber/subscriber.py", "--dir", dir}, args...)...).Output()
+		if args[1] != "w" {
+			want = fmt.Sprintf(`{"seq":%d,"flush_ms":1.5}`, before+1)
+		}
+		if got := strings.TrimSpace(string(py)); got != want || (err == nil) != (args[1] != "w") {
+			t.Errorf("python flush %q printed %q (%v), want %q", args, got, err, want)
+		}
+	}
+	if !python {
+		t.Skip("/usr/bin/python3 cannot import zmq")
+	}
+}
+
+// TestTopic prints only the events whose topic has the --topic prefix.
+func TestTopic(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name, func(t *testing.T) {
+			dir, b := newBridge(t, zmqbridge.JournalOptions{})
+			for i := 1; i <= 20; i++ {
+				ns := map[bool]string{true: "a", false: "ab"}[i%2 == 1] // "attach/a/" is not a prefix of "attach/ab/"
+				if _, err := b.Emit(zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: ns}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s := start(t, dir, "--topic", "attach/a/")
+			waitFor(t, "event 19 to be printed", func() bool { return last(t, s) >= 19 })
+			time.Sleep(300 * time.Millisecond)
+			stop(t, s)
+			if got, want := fmt.Sprint(s.stdout.seqs(t)), "[1 3 5 7 9 11 13 15 17 19]"; got != want {
+				t.Errorf("printed seqs %s, want %s", got, want)
+			}
+		})
+	}
+}
+
+// TestScoped subscribes to a namespace-scoped endpoint: sequence numbers
+// skip the other namespace's events, and the state file ends at the node's last.
+func TestScoped(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name, func(t *testing.T) {
+			dir, b := newBridge(t, zmqbridge.JournalOptions{})
+			args := relay(t, dir, "a", func(ev zmqbridge.Event) bool { return ev.Namespace == "a" })
+			state := filepath.Join(t.TempDir(), "last-seq")
+			resume, done := emit(t, b, 150, "a", "other")
+			waitFor(t, "150 events", func() bool { return b.Last() >= 150 })
+			s := start(t, dir, append(args, "--state", state)...)
+			resume()
+			<-done
+			waitFor(t, "the state file to reach the last event", func() bool {
+				b, _ := os.ReadFile(state)
+				return strings.TrimSpace(string(b)) == fmt.Sprint(total)
+			})
+			stop(t, s)
+			var want []uint64
+			for seq := uint64(1); seq < total; seq += 2 {
+				want = append(want, seq)
+			}
+			if got := s.stdout.seqs(t); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("printed seqs %v, want the odd ones 1..%d", got, total-1)
+			}
+		})
+	}
+}
