@@ -34,7 +34,7 @@ vet:
 	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
 
 unit: deps
-	$(GO) test -count=1 -race ./pkg/... ./cmd/...
+	$(GO) test -count=1 -race ./pkg/... ./cmd/... ./examples/...
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
 
 sanity: build cluster-up
@@ -52,9 +52,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
 	$(GO) test -run '^$$' -fuzz '^FuzzJournalRecover$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
+	$(GO) test -run '^$$' -fuzz '^FuzzAppendJSON$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
 
+# Performance beside the floors Ceph (raw go-ceph) and ZeroMQ (raw PUB/SUB) set, in the same run.
 bench: build cluster-up
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/
+	$(GO) test -count=1 -run '^$$' -bench 'BridgeVsRaw' -benchtime 1x -timeout 10m ./pkg/zmqbridge/
 
 clean:
 	rm -rf bin

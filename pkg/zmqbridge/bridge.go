@@ -65,6 +65,7 @@ type Bridge struct {
 	zctx    *zmq.Context
 
 	synced    atomic.Uint64 // highest fsynced sequence
+	recent    tail          // recent records, published from memory
 	wakePub   chan struct{} // new synced records to publish
 	wakeSync  chan struct{} // new records to fsync
 	endpoints *endpoints
@@ -197,6 +198,7 @@ func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
 	}
+	b.recent.put(rec)
 	select {
 	case b.wakeSync <- struct{}{}:
 	default:
@@ -280,19 +282,27 @@ func (b *Bridge) publishLoop() {
 			cmd()
 			continue
 		}
+		var batch []Record
 		for published < b.synced.Load() {
-			recs, err := b.journal.Read(published, 1000)
-			if err != nil || len(recs) == 0 {
+			synced := b.synced.Load()
+			batch = b.recent.get(published, synced, batch[:0])
+			if len(batch) == 0 { // fell out of the ring (or a concurrent append is not in it yet): read the journal
+				recs, err := b.journal.Read(published, 1000)
 				if err != nil {
 					klog.ErrorS(err, "reading the event journal to publish")
-				}
-				published = b.synced.Load() // subscribers recover the rest by replay
-				break
-			}
-			for _, r := range recs {
-				if r.Seq > b.synced.Load() {
+					published = synced // subscribers recover the rest by replay
 					break
 				}
+				for _, r := range recs {
+					if r.Seq <= synced {
+						batch = append(batch, r)
+					}
+				}
+				if len(batch) == 0 {
+					break
+				}
+			}
+			for _, r := range batch {
 				b.endpoints.publish(r)
 				published = r.Seq
 			}

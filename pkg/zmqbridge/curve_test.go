@@ -97,7 +97,7 @@ func TestCurveEndpoint(t *testing.T) {
 	defer b.Close()
 	events := fmt.Sprintf("tcp://127.0.0.1:%d", port)
 	zctx, _ := zmq.NewContext()
-	t.Cleanup(func() { zctx.Term() }) // after the sockets' clean-ups (they run first)
+	t.Cleanup(func() { zctx.Term() })                  // after the sockets' clean-ups (they run first)
 	subA := rawSub(t, zctx, events, server.pub, a, "") // asks for everything
 	subAll := rawSub(t, zctx, events, server.pub, all, "")
 	subStranger := rawSub(t, zctx, events, server.pub, stranger, "")
