@@ -13,6 +13,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
 
 // runDemo walks one volume through create, stage, publish, write, read, expand,
@@ -27,6 +29,7 @@ func runDemo(args []string) int {
 	mounter := fs.String("mounter", "rbd-fuse", "mounter parameter")
 	fsType := fs.String("fstype", "xfs", "filesystem (ext4 grows online only where the plugin has CAP_SYS_RESOURCE)")
 	workDir := fs.String("workdir", "/tmp/rookzmq-demo", "where staging and target paths are made")
+	eventsDir := fs.String("events-dir", "", "the driver's --events-dir: also ask for a write acknowledgement (flush -> ack event)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -35,7 +38,7 @@ func runDemo(args []string) int {
 		fmt.Fprintf(os.Stderr, "demo: reading --keyfile: %v\n", err)
 		return 2
 	}
-	d := &demo{secrets: map[string]string{"userID": *user, "userKey": strings.TrimSpace(string(key))}}
+	d := &demo{secrets: map[string]string{"userID": *user, "userKey": strings.TrimSpace(string(key))}, eventsDir: *eventsDir}
 	if err := d.run(*endpoint, *clusterID, *pool, *mounter, *fsType, *workDir); err != nil {
 		fmt.Fprintf(os.Stderr, "demo FAILED: %v\n", err)
 		return 1
@@ -45,9 +48,10 @@ func runDemo(args []string) int {
 }
 
 type demo struct {
-	secrets map[string]string
-	start   time.Time
-	step    int
+	secrets   map[string]string
+	eventsDir string
+	start     time.Time
+	step      int
 }
 
 // do runs one step and prints its duration.
@@ -127,6 +131,7 @@ func (d *demo) run(endpoint, clusterID, pool, mounter, fsType, workDir string) e
 		}},
 		{"write a file (fsync)", func() error { return writeFile(filepath.Join(pubTarget, "hello.txt")) }},
 		{"read it back", func() error { return checkFile(filepath.Join(pubTarget, "hello.txt")) }},
+		{"flush over ZeroMQ (write acknowledged by Ceph)", func() error { return d.flush(id) }},
 		{"ControllerExpandVolume (to 1 GiB)", func() error {
 			r, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
 				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}, VolumeCapability: capability, Secrets: d.secrets})
@@ -205,4 +210,23 @@ func checkFile(path string) error {
 		return fmt.Errorf("read back %q, wrote %q", got, demoContent)
 	}
 	return nil
+}
+
+// flush asks the node's event bridge for a write acknowledgement.
+func (d *demo) flush(volumeID string) error {
+	if d.eventsDir == "" {
+		fmt.Println("    (skipped: no --events-dir)")
+		return nil
+	}
+	c, err := zmqbridge.Dial("ipc://"+filepath.Join(d.eventsDir, "events.sock"), "ipc://"+filepath.Join(d.eventsDir, "control.sock"))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.Timeout = time.Minute
+	seq, ms, err := c.Flush(volumeID, "", "")
+	if err == nil {
+		fmt.Printf("    ack event seq %d, flush took %.3f ms\n", seq, ms)
+	}
+	return err
 }
