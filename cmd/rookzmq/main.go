@@ -139,6 +139,7 @@ func serve(args []string) error {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
 	}
 	var node *rbd.Node
+	healthy := func() error { return nil }
 	if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
 		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink})
@@ -160,6 +161,7 @@ func serve(args []string) error {
 			return err
 		}
 		defer bridge.Close()
+		healthy = bridge.Healthy
 		sink.Bridge, sink.Volumes = bridge, node
 		node.ResumeAckTimers()
 		if f.eventsEndpoint != "" {
@@ -197,7 +199,13 @@ func serve(args []string) error {
 	errc := make(chan error, 1)
 	if f.metricsAddress != "" {
 		go func() {
-			if err := metrics.Serve(ctx, f.metricsAddress, func() error { return probe(ctx, f.endpoint) }); err != nil {
+			ready := func() error {
+				if err := healthy(); err != nil {
+					return err
+				}
+				return probe(ctx, f.endpoint)
+			}
+			if err := metrics.Serve(ctx, f.metricsAddress, ready); err != nil {
 				errc <- fmt.Errorf("metrics: %w", err)
 			}
 		}()

@@ -2,8 +2,12 @@ package csi
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"k8s.io/klog/v2"
 
@@ -22,13 +26,13 @@ const (
 
 // FlushableVolumes is what the node services offer the event bridge.
 type FlushableVolumes interface {
-	// StagedContext returns a staged volume's volume context.
-	StagedContext(volumeID string) (map[string]string, bool)
 	// VolumeByPVC finds the staged volume of a PVC.
 	VolumeByPVC(namespace, pvc string) (string, bool)
-	// FlushVolume writes the volume's cached data through to Ceph and
-	// returns the ack event (not yet emitted).
-	FlushVolume(ctx context.Context, volumeID string) (VolumeEvent, error)
+	// FlushVolume writes the volume's cached data through to Ceph and emits
+	// its ack (with trigger) before it lets go of the volume, returning the
+	// ack's sequence number. A volume allowed refuses is reported exactly as
+	// a volume that is not staged.
+	FlushVolume(ctx context.Context, volumeID, trigger string, allowed func(namespace, volumeID string) bool) (seq uint64, flushMs float64, err error)
 }
 
 // BridgeSink connects the node services and the event bridge: it is the
@@ -41,39 +45,33 @@ type BridgeSink struct {
 }
 
 // VolumeEvent journals and publishes ev; it returns once ev is durable.
-func (s *BridgeSink) VolumeEvent(ev VolumeEvent) {
-	s.observe(ev)
-	if _, err := s.Bridge.Emit(s.convert(ev)); err != nil {
-		klog.ErrorS(err, "event lost: the journal refused it", "kind", ev.Kind, "volumeID", ev.VolumeID)
-	}
-}
-
-// Flush flushes the named volume, if the asking endpoint's scope covers it,
-// and emits its ack.
-func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
-	id := req.VolumeID
-	if id == "" {
-		var ok bool
-		if id, ok = s.Volumes.VolumeByPVC(req.Namespace, req.PVC); !ok {
-			return 0, 0, fmt.Errorf("no volume of PVC %s/%s is staged on this node", req.Namespace, req.PVC)
-		}
-	}
-	vc, ok := s.Volumes.StagedContext(id)
-	if !ok || (req.Allowed != nil && !req.Allowed(vc[ctxPVCNamespace], id)) {
-		// Out-of-scope volumes are reported exactly like absent ones.
-		return 0, 0, fmt.Errorf("volume %s is not staged on this node", id)
-	}
-	ev, err := s.Volumes.FlushVolume(ctx, id)
-	if err != nil {
-		return 0, 0, err
-	}
-	ev.Trigger = TriggerRequest
+func (s *BridgeSink) VolumeEvent(ev VolumeEvent) uint64 {
 	s.observe(ev)
 	seq, err := s.Bridge.Emit(s.convert(ev))
 	if err != nil {
-		return 0, 0, err
+		klog.ErrorS(err, "event lost: the journal refused it", "kind", ev.Kind, "volumeID", ev.VolumeID)
 	}
-	return seq, ev.FlushMs, nil
+	return seq
+}
+
+// Flush flushes the named volume, if the asker may, and emits its ack.
+func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
+	id := req.VolumeID
+	notHere := fmt.Errorf("volume %s is not staged on this node", id)
+	if id == "" {
+		notHere = fmt.Errorf("no volume of PVC %s/%s is staged on this node", req.Namespace, req.PVC)
+		var ok bool
+		if id, ok = s.Volumes.VolumeByPVC(req.Namespace, req.PVC); !ok {
+			return 0, 0, notHere
+		}
+	}
+	seq, ms, err := s.Volumes.FlushVolume(ctx, id, TriggerRequest, req.Allowed)
+	if status.Code(err) == codes.NotFound {
+		return 0, 0, notHere // the same words whether absent or out of scope
+	} else if err != nil {
+		return 0, 0, errors.New(status.Convert(err).Message())
+	}
+	return seq, ms, nil
 }
 
 func (s *BridgeSink) observe(ev VolumeEvent) {

@@ -22,8 +22,7 @@ type VolumeEvent struct {
 	Kind          string
 	VolumeID      string
 	VolumeContext map[string]string // carries the PVC/PV names and pod info
-	TargetPath    string
-	AccessType    string // "block" or "mount"
+	AccessType    string            // "block" or "mount"
 	FsType        string
 	ReadOnly      bool
 	SizeBytes     int64
@@ -31,14 +30,15 @@ type VolumeEvent struct {
 	Trigger       string  // ack only
 }
 
-// EventSink receives volume events from the node services. Implementations must
-// return at once (queue, never block a CSI call).
+// EventSink receives volume events from the node services and returns the
+// event's sequence number (0 if none). It may wait for the event to be durable
+// (an fsync), never for its subscribers.
 type EventSink interface {
-	VolumeEvent(VolumeEvent)
+	VolumeEvent(VolumeEvent) uint64
 }
 
 // NoEvents discards events.
 type NoEvents struct{}
 
 // VolumeEvent does nothing.
-func (NoEvents) VolumeEvent(VolumeEvent) {}
+func (NoEvents) VolumeEvent(VolumeEvent) uint64 { return 0 }

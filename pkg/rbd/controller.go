@@ -87,7 +87,10 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		return nil, err
 	}
 	t, err := c.open(ctx, p.ClusterID, p.Pool, req.GetSecrets())
-	if err != nil {
+	if status.Code(err) == codes.NotFound {
+		// NotFound is for a missing content source: a missing pool is a bad parameter.
+		return nil, status.Errorf(codes.InvalidArgument, "parameter pool: %s", status.Convert(err).Message())
+	} else if err != nil {
 		return nil, err
 	}
 	unlock, err := c.locks.Lock(ctx, "create\x00"+p.ClusterID+"\x00"+p.Pool+"\x00"+req.GetName())
@@ -272,8 +275,10 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 	}
 	klog.V(3).InfoS("volume expanded", "volumeID", req.GetVolumeId(), "bytes", got, "duration", time.Since(start))
 	return &csi.ControllerExpandVolumeResponse{
-		CapacityBytes:         int64(got),
-		NodeExpansionRequired: req.GetVolumeCapability().GetBlock() == nil,
+		CapacityBytes: int64(got),
+		// Block volumes too: a loop device over rbd-fuse grows only when the
+		// node refreshes it, and the controller cannot know the node's mounter.
+		NodeExpansionRequired: true,
 	}, nil
 }
 

@@ -44,3 +44,15 @@ func toolEnv() []string {
 	}
 	return append(env, "CEPH_CONF=/dev/null")
 }
+
+// spec names the mapped image (for finding its device).
+func (m Mapping) spec() ImageSpec {
+	return ImageSpec{Pool: m.Pool, Namespace: m.Namespace, Image: m.Image}
+}
+
+// bootID identifies this boot of the node: mappings and mounts do not
+// survive a reboot, stage records do.
+func bootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+}

@@ -39,6 +39,11 @@ type ImageSpec struct {
 type Mapping struct {
 	Mounter string `json:"mounter"`
 	Device  string `json:"device"`
+	// The image, so kernel mappings are found by image, never by a device
+	// path that may belong to another image by now.
+	Pool      string `json:"pool,omitempty"`
+	Namespace string `json:"namespace,omitempty"`
+	Image     string `json:"image,omitempty"`
 	// FuseDir is where rbd-fuse exposes the image (rbd-fuse only).
 	FuseDir string `json:"fuseDir,omitempty"`
 	// Pid is the userspace process serving the device (rbd-fuse only).

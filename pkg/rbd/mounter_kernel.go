@@ -59,7 +59,7 @@ func (c *cliMounter) imageArg(spec ImageSpec) string {
 }
 
 func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (Mapping, error) {
-	m := Mapping{Mounter: c.name}
+	m := Mapping{Mounter: c.name, Pool: spec.Pool, Namespace: spec.Namespace, Image: spec.Image}
 	if dev := c.mapped(ctx, spec); dev != "" {
 		m.Device = dev // a retry: already mapped
 		return m, nil
@@ -100,16 +100,16 @@ func (c *cliMounter) mapped(ctx context.Context, spec ImageSpec) string {
 	return findMapped(out, spec)
 }
 
+// Unmap unmaps the device the image is mapped at now (after a crash or a
+// reboot the recorded path may name another image's device).
 func (c *cliMounter) Unmap(ctx context.Context, m Mapping) error {
-	if m.Device == "" {
-		return nil
+	dev := c.mapped(ctx, m.spec())
+	if dev == "" {
+		return nil // not mapped (any more)
 	}
-	if _, err := os.Stat(m.Device); os.IsNotExist(err) {
-		return nil
-	}
-	out, err := exec.CommandContext(ctx, c.binary, "unmap", m.Device).CombinedOutput()
+	out, err := exec.CommandContext(ctx, c.binary, "unmap", dev).CombinedOutput()
 	if err != nil && !strings.Contains(string(out), "not mapped") && !strings.Contains(string(out), "No such") {
-		return fmt.Errorf("%s unmap %s: %v: %s", c.binary, m.Device, err, lastLine(out))
+		return fmt.Errorf("%s unmap %s: %v: %s", c.binary, dev, err, lastLine(out))
 	}
 	return nil
 }
@@ -118,8 +118,13 @@ func (c *cliMounter) Unmap(ctx context.Context, m Mapping) error {
 func (c *cliMounter) Refresh(context.Context, Mapping, int64) error { return nil }
 
 func (c *cliMounter) Check(m Mapping) error {
-	if _, err := os.Stat(m.Device); err != nil {
-		return fmt.Errorf("device %s is gone: %v", m.Device, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	switch dev := c.mapped(ctx, m.spec()); {
+	case dev == "":
+		return fmt.Errorf("image %s/%s is no longer mapped", m.Pool, m.Image)
+	case dev != m.Device:
+		return fmt.Errorf("image %s/%s is mapped at %s, not %s", m.Pool, m.Image, dev, m.Device)
 	}
 	return nil
 }

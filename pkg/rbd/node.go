@@ -88,6 +88,39 @@ func (n *Node) lock(ctx context.Context, volumeID string) (func(), error) {
 	return unlock, nil
 }
 
+// stale says why a staged record no longer describes the node ("" if it does).
+func (n *Node) stale(rec *stageRecord) string {
+	if rec.BootID != bootID() {
+		return "the node rebooted since"
+	}
+	if m := n.mounters[rec.Mounter]; m != nil {
+		if err := m.Check(rec.Mapping); err != nil {
+			return err.Error()
+		}
+	}
+	if !rec.Block {
+		if mnt, err := n.mounts.IsMountPoint(rec.StagingPath); err != nil || !mnt {
+			return "the staging path is not mounted"
+		}
+	}
+	return ""
+}
+
+// begin locks a volume for one call and loads its stage record (nil if it
+// has none); the caller defers unlock.
+func (n *Node) begin(ctx context.Context, volumeID string) (*stageRecord, func(), error) {
+	unlock, err := n.lock(ctx, volumeID)
+	if err != nil {
+		return nil, nil, err
+	}
+	rec, err := n.state.load(volumeID)
+	if err != nil {
+		unlock()
+		return nil, nil, status.Error(codes.Internal, err.Error())
+	}
+	return rec, unlock, nil
+}
+
 // NodeStageVolume maps the image, makes a filesystem on a blank device and mounts
 // it at the staging path (block volumes keep just the device).
 func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
@@ -119,17 +152,20 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 		mounterName = n.defaultMounter
 	}
 	mounter := n.mounters[mounterName]
-	unlock, err := n.lock(ctx, req.GetVolumeId())
+	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-
-	rec, err := n.state.load(req.GetVolumeId())
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
 	want := newRecord(req.GetVolumeId(), staging, vc, req.GetVolumeContext())
+	if rec != nil && rec.Staged {
+		if reason := n.stale(rec); reason != "" {
+			// Staged before a reboot or crash that took the mapping or mount
+			// along: stage again rather than trust the record.
+			klog.InfoS("stage record is stale: staging again", "volumeID", rec.VolumeID, "reason", reason)
+			rec.Staged = false
+		}
+	}
 	if rec != nil && rec.Staged {
 		if rec.StagingPath != staging {
 			return nil, status.Errorf(codes.FailedPrecondition, "volume is already staged at %s", rec.StagingPath)
@@ -148,6 +184,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 		want.Mapping = rec.Mapping
 	}
 	want.Mounter = mounterName
+	want.BootID = bootID()
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -169,9 +206,14 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 			return nil, err
 		}
 	}
-	// Emit before recording success: a crash in between repeats the event
-	// (at least once) rather than losing it.
-	n.emit(rcsi.EventAttach, want, "", want.Context)
+	// Record that attach is announced, then emit, then record success: a crash
+	// in between repeats the event (at least once) rather than losing it, and
+	// an unstage after it still emits ack and detach.
+	want.Announced = true
+	if err := n.state.save(want); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	n.emit(rcsi.EventAttach, want, want.Context)
 	want.Staged = true
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -254,15 +296,11 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 	if err := rcsi.Required("staging_target_path", staging); err != nil {
 		return nil, err
 	}
-	unlock, err := n.lock(ctx, req.GetVolumeId())
+	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	rec, err := n.state.load(req.GetVolumeId())
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
 	if rec == nil {
 		// Nothing recorded: at most a stray mount is left to remove.
 		if err := mount.CleanupMountPoint(staging, n.mounts, true); err != nil {
@@ -275,7 +313,7 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 	}
 	start := time.Now()
 	n.acks.stop(rec.VolumeID)
-	if err := n.teardown(ctx, rec, rec.Staged); err != nil {
+	if err := n.teardown(ctx, rec, rec.Staged || rec.Announced); err != nil {
 		return nil, err
 	}
 	klog.InfoS("volume unstaged", "volumeID", req.GetVolumeId(), "duration", time.Since(start))
@@ -286,9 +324,15 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 // forgets the volume. The record goes last, so a crash anywhere is retried
 // from the start: events then repeat rather than go missing.
 func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) error {
-	if ack, err := n.flush(rec); err != nil && !errors.Is(err, errNothingToFlush) {
+	ack, err := n.flush(rec)
+	if errors.Is(err, errNothingToFlush) {
+		// The mount or device is already gone: nothing of it is cached here.
+		ack, err = n.ackEvent(rec, 0), nil
+	}
+	if err != nil {
 		return status.Errorf(codes.Internal, "flushing volume %s: %v", rec.VolumeID, err)
-	} else if err == nil && events {
+	}
+	if events { // detach always follows the ack of the last flush
 		ack.Trigger = rcsi.TriggerUnstage
 		n.events.VolumeEvent(ack)
 	}
@@ -303,7 +347,7 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 		}
 	}
 	if events {
-		n.emit(rcsi.EventDetach, rec, "", rec.Context)
+		n.emit(rcsi.EventDetach, rec, rec.Context)
 	}
 	if err := n.state.remove(rec.VolumeID); err != nil {
 		return status.Errorf(codes.Internal, "removing stage record: %v", err)
@@ -331,9 +375,9 @@ func syncDevice(dev string) error {
 	return f.Sync()
 }
 
-func (n *Node) emit(kind string, rec *stageRecord, target string, volCtx map[string]string) {
+func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
 	ev := rcsi.VolumeEvent{
-		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx, TargetPath: target,
+		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx,
 		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly,
 	}
 	if kind == rcsi.EventExpand {

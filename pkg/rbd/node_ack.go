@@ -43,15 +43,9 @@ func (a *ackTimers) start(n *Node, rec *stageRecord) {
 				return
 			case <-t.C:
 			}
-			ev, err := n.FlushVolume(ctx, id)
-			if err != nil {
-				if ctx.Err() == nil {
-					klog.ErrorS(err, "periodic flush failed", "volumeID", id)
-				}
-				continue
+			if _, _, err := n.FlushVolume(ctx, id, rcsi.TriggerInterval, nil); err != nil && ctx.Err() == nil {
+				klog.ErrorS(err, "periodic flush failed", "volumeID", id)
 			}
-			ev.Trigger = rcsi.TriggerInterval
-			n.events.VolumeEvent(ev)
 		}
 	}(rec.VolumeID, time.Duration(secs)*time.Second)
 }

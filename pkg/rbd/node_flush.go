@@ -25,7 +25,7 @@ func (n *Node) flush(rec *stageRecord) (rcsi.VolumeEvent, error) {
 	var err error
 	switch {
 	case !rec.Block:
-		if notMnt, merr := n.mounts.IsLikelyNotMountPoint(rec.StagingPath); merr != nil || notMnt {
+		if mnt, merr := n.mounts.IsMountPoint(rec.StagingPath); merr != nil || !mnt {
 			return rcsi.VolumeEvent{}, errNothingToFlush
 		}
 		err = syncFS(rec.StagingPath)
@@ -40,41 +40,35 @@ func (n *Node) flush(rec *stageRecord) (rcsi.VolumeEvent, error) {
 	if err != nil {
 		return rcsi.VolumeEvent{}, err
 	}
+	return n.ackEvent(rec, time.Since(start)), nil
+}
+
+func (n *Node) ackEvent(rec *stageRecord, took time.Duration) rcsi.VolumeEvent {
 	return rcsi.VolumeEvent{
 		Kind: rcsi.EventAck, VolumeID: rec.VolumeID, VolumeContext: rec.Context,
 		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly,
-		FlushMs: float64(time.Since(start).Microseconds()) / 1000,
-	}, nil
+		FlushMs: float64(took.Microseconds()) / 1000,
+	}
 }
 
-// FlushVolume flushes a staged volume for the event bridge and returns its ack.
-func (n *Node) FlushVolume(ctx context.Context, volumeID string) (rcsi.VolumeEvent, error) {
-	unlock, err := n.lock(ctx, volumeID)
+// FlushVolume flushes a staged volume and emits its ack while it still holds
+// the volume, so no detach can come between the flush and its ack. A volume
+// allowed refuses is reported as not staged.
+func (n *Node) FlushVolume(ctx context.Context, volumeID, trigger string, allowed func(namespace, volumeID string) bool) (uint64, float64, error) {
+	rec, unlock, err := n.begin(ctx, volumeID)
 	if err != nil {
-		return rcsi.VolumeEvent{}, err
+		return 0, 0, err
 	}
 	defer unlock()
-	rec, err := n.state.load(volumeID)
-	if err != nil {
-		return rcsi.VolumeEvent{}, err
-	}
-	if rec == nil || !rec.Staged {
-		return rcsi.VolumeEvent{}, errNotStaged(volumeID)
+	if rec == nil || !rec.Staged || (allowed != nil && !allowed(rec.Context[ParamPVCNamespace], volumeID)) {
+		return 0, 0, errNotStaged(volumeID)
 	}
 	ev, err := n.flush(rec)
 	if err != nil {
-		return ev, status.Errorf(codes.Internal, "flushing volume %s: %v", volumeID, err)
+		return 0, 0, status.Errorf(codes.Internal, "flushing volume %s: %v", volumeID, err)
 	}
-	return ev, nil
-}
-
-// StagedContext returns the volume context of a volume staged on this node.
-func (n *Node) StagedContext(volumeID string) (map[string]string, bool) {
-	rec, err := n.state.load(volumeID)
-	if err != nil || rec == nil || !rec.Staged {
-		return nil, false
-	}
-	return rec.Context, true
+	ev.Trigger = trigger
+	return n.events.VolumeEvent(ev), ev.FlushMs, nil
 }
 
 // VolumeByPVC finds the staged volume of a PVC.

@@ -151,15 +151,11 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 	if err := rcsi.Required("volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
-	unlock, err := n.lock(ctx, req.GetVolumeId())
+	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	rec, err := n.state.load(req.GetVolumeId())
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
 	if rec == nil || !rec.Staged {
 		return nil, errNotStaged(req.GetVolumeId())
 	}
@@ -187,7 +183,7 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 	klog.InfoS("volume expanded on node", "volumeID", req.GetVolumeId(), "bytes", size, "duration", time.Since(start))
 	if size != rec.Size { // a repeated call that changed nothing emits nothing
 		rec.Size = size
-		n.emit(rcsi.EventExpand, rec, "", rec.Context)
+		n.emit(rcsi.EventExpand, rec, rec.Context)
 		if err := n.state.save(rec); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}

@@ -33,29 +33,33 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	if err := rcsi.Capability(vc, checkCapability); err != nil {
 		return nil, err
 	}
-	unlock, err := n.lock(ctx, req.GetVolumeId())
+	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	rec, err := n.state.load(req.GetVolumeId())
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
 	if rec == nil || !rec.Staged || rec.StagingPath != req.GetStagingTargetPath() {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", req.GetVolumeId(), req.GetStagingTargetPath())
+	}
+	if reason := n.stale(rec); reason != "" {
+		// Never bind an empty staging directory (the node's own disk) or a
+		// device path that now names another image into a pod.
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s must be staged again: %s", req.GetVolumeId(), reason)
 	}
 	if (vc.GetBlock() != nil) != rec.Block {
 		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec))
 	}
+	readOnly := req.GetReadonly() || rec.ReadOnly
 	if slices.Contains(rec.Targets, target) {
+		if rec.ReadOnlyTargets[target] != readOnly {
+			return nil, status.Errorf(codes.AlreadyExists, "volume is published at %s with read_only=%v", target, !readOnly)
+		}
 		if mnt, err := n.mounts.IsMountPoint(target); err == nil && mnt {
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
 	} else if vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER && len(rec.Targets) > 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume is SINGLE_NODE_SINGLE_WRITER and already published at %s", rec.Targets[0])
 	}
-	readOnly := req.GetReadonly() || rec.ReadOnly
 	opts := []string{"bind"}
 	if readOnly {
 		opts = append(opts, "ro")
@@ -83,7 +87,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	// Emit before recording: a crash in between repeats the event, never loses it.
 	pub := *rec
 	pub.ReadOnly = readOnly
-	n.emit(rcsi.EventPublish, &pub, target, mergeContext(rec.Context, req.GetVolumeContext()))
+	n.emit(rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext()))
 	if !slices.Contains(rec.Targets, target) {
 		rec.Targets = append(rec.Targets, target)
 	}
@@ -91,6 +95,10 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		rec.Pods = map[string]map[string]string{}
 	}
 	rec.Pods[target] = req.GetVolumeContext()
+	if rec.ReadOnlyTargets == nil {
+		rec.ReadOnlyTargets = map[string]bool{}
+	}
+	rec.ReadOnlyTargets[target] = readOnly
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -107,7 +115,7 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if err := rcsi.Required("target_path", target); err != nil {
 		return nil, err
 	}
-	unlock, err := n.lock(ctx, req.GetVolumeId())
+	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -115,16 +123,13 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if err := mount.CleanupMountPoint(target, n.mounts, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmounting %s: %v", target, err)
 	}
-	rec, err := n.state.load(req.GetVolumeId())
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
 	if rec == nil || !slices.Contains(rec.Targets, target) {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
-	n.emit(rcsi.EventUnpublish, rec, target, mergeContext(rec.Context, rec.Pods[target]))
+	n.emit(rcsi.EventUnpublish, rec, mergeContext(rec.Context, rec.Pods[target]))
 	rec.Targets = slices.DeleteFunc(rec.Targets, func(t string) bool { return t == target })
 	delete(rec.Pods, target)
+	delete(rec.ReadOnlyTargets, target)
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}

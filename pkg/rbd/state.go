@@ -24,6 +24,10 @@ type stageRecord struct {
 	Context  map[string]string `json:"volumeContext,omitempty"`
 	// Size is the device size last reported in an expand event.
 	Size int64 `json:"size,omitempty"`
+	// BootID is the boot the volume was staged in.
+	BootID string `json:"bootID,omitempty"`
+	// Announced: the attach event was emitted (unstage owes ack and detach).
+	Announced bool `json:"announced,omitempty"`
 	// Staged is false while the volume is being mapped or mounted.
 	Staged bool `json:"staged"`
 	// Targets are the paths the volume is published at.
@@ -31,6 +35,8 @@ type stageRecord struct {
 	// Pods holds each target's publish-time volume context (pod name,
 	// namespace and UID from podInfoOnMount), for its unpublish event.
 	Pods map[string]map[string]string `json:"pods,omitempty"`
+	// ReadOnlyTargets are the targets published read-only.
+	ReadOnlyTargets map[string]bool `json:"readOnlyTargets,omitempty"`
 }
 
 // stateStore keeps one record file (and one work directory) per volume.

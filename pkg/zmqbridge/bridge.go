@@ -65,6 +65,7 @@ type Bridge struct {
 	zctx    *zmq.Context
 
 	synced    atomic.Uint64 // highest fsynced sequence
+	failed    atomic.Value  // error: the journal's sticky failure, if any
 	recent    tail          // recent records, published from memory
 	wakePub   chan struct{} // new synced records to publish
 	wakeSync  chan struct{} // new records to fsync
@@ -206,11 +207,17 @@ func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
 	return rec.Seq, nil
 }
 
+// Healthy reports the journal's failure, if it has failed (then nothing new
+// is published: restart the process so recovery runs).
+func (b *Bridge) Healthy() error {
+	if err, ok := b.failed.Load().(error); ok {
+		return fmt.Errorf("event journal failed: %w", err)
+	}
+	return nil
+}
+
 // Last is the sequence number of the last journaled event.
 func (b *Bridge) Last() uint64 { return b.journal.Last() }
-
-// JournalBytes is the journal's size on disk.
-func (b *Bridge) JournalBytes() int64 { return b.journal.Bytes() }
 
 // commitLoop fsyncs what has been appended and wakes the publisher.
 func (b *Bridge) commitLoop() {
@@ -227,6 +234,7 @@ func (b *Bridge) commitLoop() {
 		}
 		start := time.Now()
 		if err := b.journal.Sync(last); err != nil {
+			b.failed.Store(err)
 			klog.ErrorS(err, "event journal fsync failed; will retry")
 			time.Sleep(100 * time.Millisecond)
 			b.poke(b.wakeSync)

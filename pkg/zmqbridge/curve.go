@@ -206,9 +206,9 @@ func (b *Bridge) watchCurve() {
 		old := b.curveKeys.keys.Load()
 		b.curveKeys.keys.Store(&keys)
 		revoked := !bytes.Equal(server, lastServer)
-		for k := range *old {
-			if keys[k] == nil {
-				revoked = true
+		for k, was := range *old {
+			if now := keys[k]; now == nil || narrower(was, now) {
+				revoked = true // live subscriptions granted before must go
 			}
 		}
 		lastClients, lastServer = clients, server
@@ -224,6 +224,22 @@ func (b *Bridge) watchCurve() {
 }
 
 const curveKey = "\x00curve"
+
+// narrower reports whether now may see less than was.
+func narrower(was, now *client) bool {
+	if now.all {
+		return false
+	}
+	if was.all {
+		return true
+	}
+	for ns := range was.ns {
+		if !now.ns[ns] {
+			return true
+		}
+	}
+	return false
+}
 
 // addCurveEndpoint binds the TCP endpoint, retrying while the old listener
 // is still being closed.

@@ -40,6 +40,8 @@ type endpoint struct {
 	pub, ctl *zmq.Socket
 	// keys, on the CURVE endpoint, say what each client key may see.
 	keys *keyring
+	// Set (under endpoints.mu) once the owning goroutine closed the socket.
+	pubClosed, ctlClosed bool
 
 	mu      sync.Mutex
 	volumes map[string]bool // pod scope: the pod's volumes
@@ -105,16 +107,32 @@ type endpoints struct {
 	b       *Bridge
 	mu      sync.Mutex
 	byKey   map[string]*endpoint
+	adding  map[string]bool // keys being bound
+	dying   []*endpoint     // removed, sockets not closed yet
 	pubCmds chan func()
 	ctlCmds chan func()
 }
 
 func newEndpoints(b *Bridge) *endpoints {
-	return &endpoints{b: b, byKey: map[string]*endpoint{}, pubCmds: make(chan func(), 16), ctlCmds: make(chan func(), 16)}
+	return &endpoints{b: b, byKey: map[string]*endpoint{}, adding: map[string]bool{}, pubCmds: make(chan func(), 16), ctlCmds: make(chan func(), 16)}
 }
 
 // add binds e under key (before the loops start, or from any goroutine after).
 func (es *endpoints) add(key string, e Endpoint) error {
+	// Reserve the key first: binding removes a stale socket file, which must
+	// never be a live endpoint's.
+	es.mu.Lock()
+	if _, dup := es.byKey[key]; dup || es.adding[key] {
+		es.mu.Unlock()
+		return fmt.Errorf("zmqbridge: endpoint %q exists", key)
+	}
+	es.adding[key] = true
+	es.mu.Unlock()
+	defer func() {
+		es.mu.Lock()
+		delete(es.adding, key)
+		es.mu.Unlock()
+	}()
 	ep := &endpoint{Endpoint: e, volumes: map[string]bool{}}
 	for _, v := range e.Scope.Volumes {
 		ep.volumes[v] = true
@@ -142,11 +160,6 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	}
 	es.mu.Lock()
 	defer es.mu.Unlock()
-	if _, dup := es.byKey[key]; dup {
-		ep.pub.Close()
-		ep.ctl.Close()
-		return fmt.Errorf("zmqbridge: endpoint %q exists", key)
-	}
 	es.byKey[key] = ep
 	return nil
 }
@@ -195,7 +208,8 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Soc
 // when the PUB socket closes.
 func (es *endpoints) watchSubscribers(pub *zmq.Socket, m Metrics) {
 	addr := fmt.Sprintf("inproc://monitor-%p", pub)
-	if err := pub.Monitor(addr, zmq.EVENT_ACCEPTED|zmq.EVENT_DISCONNECTED); err != nil {
+	// MONITOR_STOPPED must be asked for, or the reader never learns the socket closed.
+	if err := pub.Monitor(addr, zmq.EVENT_ACCEPTED|zmq.EVENT_DISCONNECTED|zmq.EVENT_MONITOR_STOPPED); err != nil {
 		return
 	}
 	mon, err := es.b.zctx.NewSocket(zmq.PAIR)
@@ -209,6 +223,8 @@ func (es *endpoints) watchSubscribers(pub *zmq.Socket, m Metrics) {
 	go func() {
 		defer mon.Close()
 		mon.SetLinger(0)
+		live := 0
+		defer func() { m.Subscribers(-live) }() // connections still open when the socket closed
 		for {
 			ev, _, _, err := mon.RecvEvent(0)
 			if err != nil {
@@ -216,8 +232,10 @@ func (es *endpoints) watchSubscribers(pub *zmq.Socket, m Metrics) {
 			}
 			switch ev {
 			case zmq.EVENT_ACCEPTED:
+				live++
 				m.Subscribers(1)
 			case zmq.EVENT_DISCONNECTED:
+				live--
 				m.Subscribers(-1)
 			case zmq.EVENT_MONITOR_STOPPED:
 				return
@@ -272,19 +290,33 @@ func (es *endpoints) remove(key string) {
 	es.mu.Lock()
 	ep := es.byKey[key]
 	delete(es.byKey, key)
+	if ep != nil {
+		es.dying = append(es.dying, ep) // closeAll closes it if the loops stop first
+	}
 	es.mu.Unlock()
 	if ep == nil {
 		return
 	}
 	done := make(chan struct{}, 2)
-	for _, cmd := range []struct {
+	closer := func(s *zmq.Socket, closed *bool) func() {
+		return func() {
+			es.mu.Lock()
+			if !*closed {
+				s.Close()
+				*closed = true
+			}
+			es.mu.Unlock()
+			done <- struct{}{}
+		}
+	}
+	for _, c := range []struct {
 		ch chan func()
-		s  *zmq.Socket
-	}{{es.pubCmds, ep.pub}, {es.ctlCmds, ep.ctl}} {
+		f  func()
+	}{{es.pubCmds, closer(ep.pub, &ep.pubClosed)}, {es.ctlCmds, closer(ep.ctl, &ep.ctlClosed)}} {
 		select {
-		case cmd.ch <- func() { cmd.s.Close(); done <- struct{}{} }:
+		case c.ch <- c.f:
 		case <-es.b.stop:
-			return // closeAll has closed it, or will
+			return
 		}
 	}
 	for i := 0; i < 2; i++ {
@@ -294,6 +326,14 @@ func (es *endpoints) remove(key string) {
 			return
 		}
 	}
+	es.mu.Lock()
+	for i, d := range es.dying {
+		if d == ep {
+			es.dying = append(es.dying[:i], es.dying[i+1:]...)
+			break
+		}
+	}
+	es.mu.Unlock()
 	for _, a := range []string{ep.Events, ep.Control} {
 		if p, ok := strings.CutPrefix(a, "ipc://"); ok {
 			os.Remove(p)
@@ -301,7 +341,8 @@ func (es *endpoints) remove(key string) {
 	}
 }
 
-// closeAll closes every socket; only after the loops have stopped.
+// closeAll closes every socket, including those of endpoints whose removal
+// the stopping loops did not carry out; only after the loops have stopped.
 func (es *endpoints) closeAll() {
 	es.mu.Lock()
 	defer es.mu.Unlock()
@@ -310,6 +351,15 @@ func (es *endpoints) closeAll() {
 		ep.ctl.Close()
 		delete(es.byKey, k)
 	}
+	for _, ep := range es.dying {
+		if !ep.pubClosed {
+			ep.pub.Close()
+		}
+		if !ep.ctlClosed {
+			ep.ctl.Close()
+		}
+	}
+	es.dying = nil
 }
 
 func kindOf(topic string) string {
