@@ -95,17 +95,7 @@ func TestRandomKills(t *testing.T) {
 		// A process killed while it had the image open leaves a watch that Ceph
 		// expires after osd_client_watch_timeout: until then the image is
 		// "in use" (FailedPrecondition) and the CO retries.
-		deadline := time.Now().Add(90 * time.Second)
-		for {
-			_, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
-			if err == nil {
-				break
-			}
-			if status.Code(err) != codes.FailedPrecondition || time.Now().After(deadline) {
-				t.Fatalf("delete retry: %v", err)
-			}
-			time.Sleep(time.Second)
-		}
+		deleteEventually(t, d, id)
 		d.stop()
 	}
 	assertNoOrphans(t, prefix)

@@ -19,7 +19,9 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 )
 
 var (
@@ -275,5 +277,22 @@ func assertNoOrphans(t *testing.T, prefix string) {
 	}
 	if keys := journal(t, prefix); len(keys) != 0 {
 		t.Errorf("orphan journal entries: %v", keys)
+	}
+}
+
+// deleteEventually deletes a volume, retrying while Ceph still sees a killed
+// client's watch on the image ("in use": FailedPrecondition, which a CO retries).
+func deleteEventually(t *testing.T, d *driver, id string) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		_, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+		if err == nil {
+			return
+		}
+		if status.Code(err) != codes.FailedPrecondition || time.Now().After(deadline) {
+			t.Fatalf("delete: %v", err)
+		}
+		time.Sleep(time.Second)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -291,4 +292,62 @@ func TestReadOnlyVolume(t *testing.T) {
 	if left := nodeLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
+}
+
+// A staged volume whose mapping died (as after a node reboot) is never bound
+// into a pod: publish refuses, stage maps it again, and the data is intact.
+func TestStaleStageIsRestaged(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil)
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 512<<20, mountCap("xfs", rwo))
+	if err := writeSync(filepath.Join(s.target, "keep"), []byte("survives")); err != nil {
+		t.Fatal(err)
+	}
+	c := ctx(t)
+	if _, err := d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: s.target}); err != nil {
+		t.Fatal(err)
+	}
+	// The mapping dies (as in a reboot, or an OOM kill of rbd-fuse).
+	for _, l := range nodeLeftovers(dir) {
+		if strings.HasPrefix(l, "process: ") {
+			pid := fuseProcessPid(dir)
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	pub := &csi.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, TargetPath: s.target, VolumeCapability: s.capability}
+	if _, err := d.node.NodePublishVolume(c, pub); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("publish of a volume whose staging is gone: %v, want FailedPrecondition", err)
+	}
+	if _, err := d.node.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging,
+		VolumeCapability: s.capability, VolumeContext: s.context, Secrets: secrets()}); err != nil {
+		t.Fatalf("stage again: %v", err)
+	}
+	if _, err := d.node.NodePublishVolume(c, pub); err != nil {
+		t.Fatalf("publish after staging again: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(s.target, "keep")); err != nil || string(b) != "survives" {
+		t.Fatalf("data after re-staging: %q %v", b, err)
+	}
+	if _, err := d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: s.target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging}); err != nil {
+		t.Fatal(err)
+	}
+	deleteEventually(t, d, s.id) // the killed rbd-fuse's watch expires first
+	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}
+
+func fuseProcessPid(dir string) int {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if argv0, _, _ := bytes.Cut(b, []byte{0}); filepath.Base(string(argv0)) == "rbd-fuse" && bytes.Contains(b, []byte(dir)) && !zombie(pidOf(p)) {
+			return pidOf(p)
+		}
+	}
+	return 0
 }

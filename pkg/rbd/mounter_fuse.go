@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 )
@@ -45,6 +46,14 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 	if pid := fusePid(dir); pid > 0 && isFuseMounted(dir) {
 		m.Pid = pid // a retry after a crash: the image is already exposed
 	} else {
+		if isFuseMounted(dir) { // its rbd-fuse died: the mount is dead
+			if dev := findLoop(file); dev != "" {
+				detachLoop(dev)
+			}
+			if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+				return m, fmt.Errorf("removing the dead rbd-fuse mount at %s: %w", dir, err)
+			}
+		}
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return m, err
 		}

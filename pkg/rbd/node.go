@@ -106,6 +106,22 @@ func (n *Node) stale(rec *stageRecord) string {
 	return ""
 }
 
+// clearStale removes what a dead stage left: the staging mount and the
+// mapping (best effort: their device may be dead, so nothing is flushed).
+func (n *Node) clearStale(ctx context.Context, rec *stageRecord) {
+	if !rec.Block {
+		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
+			klog.ErrorS(err, "unmounting a stale staging path", "path", rec.StagingPath)
+		}
+	}
+	if m := n.mounters[rec.Mounter]; m != nil {
+		if err := m.Unmap(ctx, rec.Mapping); err != nil {
+			klog.ErrorS(err, "unmapping a stale mapping", "volumeID", rec.VolumeID)
+		}
+	}
+	rec.Mapping = Mapping{}
+}
+
 // begin locks a volume for one call and loads its stage record (nil if it
 // has none); the caller defers unlock.
 func (n *Node) begin(ctx context.Context, volumeID string) (*stageRecord, func(), error) {
@@ -161,8 +177,9 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if rec != nil && rec.Staged {
 		if reason := n.stale(rec); reason != "" {
 			// Staged before a reboot or crash that took the mapping or mount
-			// along: stage again rather than trust the record.
+			// along: clear what is left of it and stage again.
 			klog.InfoS("stage record is stale: staging again", "volumeID", rec.VolumeID, "reason", reason)
+			n.clearStale(ctx, rec)
 			rec.Staged = false
 		}
 	}
