@@ -14,14 +14,16 @@ import (
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
 
-// Volume context keys that carry Kubernetes names.
+// Keys Kubernetes puts in parameters and volume contexts: the PVC and PV
+// names (external-provisioner --extra-create-metadata) and the pod's
+// (podInfoOnMount). The RBD driver also stores the first three as image metadata.
 const (
-	ctxPVCName      = "csi.storage.k8s.io/pvc/name"
-	ctxPVCNamespace = "csi.storage.k8s.io/pvc/namespace"
-	ctxPVName       = "csi.storage.k8s.io/pv/name"
-	ctxPodName      = "csi.storage.k8s.io/pod.name"
-	ctxPodNamespace = "csi.storage.k8s.io/pod.namespace"
-	ctxPodUID       = "csi.storage.k8s.io/pod.uid"
+	KeyPVCName      = "csi.storage.k8s.io/pvc/name"
+	KeyPVCNamespace = "csi.storage.k8s.io/pvc/namespace"
+	KeyPVName       = "csi.storage.k8s.io/pv/name"
+	KeyPodName      = "csi.storage.k8s.io/pod.name"
+	KeyPodNamespace = "csi.storage.k8s.io/pod.namespace"
+	KeyPodUID       = "csi.storage.k8s.io/pod.uid"
 )
 
 // FlushableVolumes is what the node services offer the event bridge.
@@ -85,11 +87,11 @@ func (s *BridgeSink) convert(ev VolumeEvent) zmqbridge.Event {
 	readOnly := ev.ReadOnly
 	out := zmqbridge.Event{
 		Kind: ev.Kind, VolumeID: ev.VolumeID, Driver: s.Driver,
-		PVC: vc[ctxPVCName], Namespace: vc[ctxPVCNamespace], PV: vc[ctxPVName],
+		PVC: vc[KeyPVCName], Namespace: vc[KeyPVCNamespace], PV: vc[KeyPVName],
 		AccessType: ev.AccessType, FsType: ev.FsType, ReadOnly: &readOnly, SizeBytes: ev.SizeBytes,
 	}
 	if ev.Kind == EventPublish || ev.Kind == EventUnpublish {
-		out.Pod, out.PodNamespace, out.PodUID = vc[ctxPodName], vc[ctxPodNamespace], vc[ctxPodUID]
+		out.Pod, out.PodNamespace, out.PodUID = vc[KeyPodName], vc[KeyPodNamespace], vc[KeyPodUID]
 	}
 	if ev.Kind == EventAck {
 		ms := ev.FlushMs

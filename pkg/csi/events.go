@@ -1,20 +1,22 @@
 package csi
 
-// Kinds of volume events on a node.
+import "github.com/rookzmq/rookzmq/pkg/zmqbridge"
+
+// Kinds of volume events on a node: the protocol's (docs/events.md).
 const (
-	EventAttach    = "attach"    // NodeStageVolume succeeded
-	EventPublish   = "publish"   // NodePublishVolume succeeded
-	EventUnpublish = "unpublish" // NodeUnpublishVolume succeeded
-	EventExpand    = "expand"    // NodeExpandVolume succeeded
-	EventDetach    = "detach"    // NodeUnstageVolume succeeded
-	EventAck       = "ack"       // a flush reached Ceph
+	EventAttach    = zmqbridge.KindAttach    // NodeStageVolume succeeded
+	EventPublish   = zmqbridge.KindPublish   // NodePublishVolume succeeded
+	EventUnpublish = zmqbridge.KindUnpublish // NodeUnpublishVolume succeeded
+	EventExpand    = zmqbridge.KindExpand    // NodeExpandVolume succeeded
+	EventDetach    = zmqbridge.KindDetach    // NodeUnstageVolume succeeded
+	EventAck       = zmqbridge.KindAck       // a flush reached Ceph
 )
 
 // Ack triggers.
 const (
-	TriggerRequest  = "request"
-	TriggerUnstage  = "unstage"
-	TriggerInterval = "interval"
+	TriggerRequest  = zmqbridge.TriggerRequest
+	TriggerUnstage  = zmqbridge.TriggerUnstage
+	TriggerInterval = zmqbridge.TriggerInterval
 )
 
 // VolumeEvent says what happened to a volume on this node.

@@ -116,7 +116,7 @@ func (p *PodEvents) NodePublishVolume(ctx context.Context, req *csi.NodePublishV
 		return nil, status.Error(codes.InvalidArgument, "volume_capability must be a mount volume")
 	}
 	vc := req.GetVolumeContext()
-	r := podEndpoint{VolumeID: req.GetVolumeId(), Target: target, Namespace: vc[ctxPodNamespace], PodUID: vc[ctxPodUID], Scope: vc[attrScope]}
+	r := podEndpoint{VolumeID: req.GetVolumeId(), Target: target, Namespace: vc[KeyPodNamespace], PodUID: vc[KeyPodUID], Scope: vc[attrScope]}
 	for k := range vc {
 		if k != attrScope && !strings.HasPrefix(k, "csi.storage.k8s.io/") {
 			return nil, status.Errorf(codes.InvalidArgument, "unknown volume attribute %q (only %q)", k, attrScope)

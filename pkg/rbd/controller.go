@@ -123,7 +123,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		return nil, err
 	}
 	rcsi.CrashPoint("create-after-image")
-	meta := map[string]string{metaPVCName: p.PVCName, metaPVCNamespace: p.PVCNamespace, metaPVName: p.PVName}
+	meta := map[string]string{rcsi.KeyPVCName: p.PVCName, rcsi.KeyPVCNamespace: p.PVCNamespace, rcsi.KeyPVName: p.PVName}
 	if err := setImageMetadata(t.io, image, meta); err != nil {
 		return nil, cephStatus(err, "storing PVC names on image %s", image)
 	}

@@ -12,13 +12,6 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Image metadata keys for the Kubernetes names of a volume.
-const (
-	metaPVCName      = "csi.storage.k8s.io/pvc/name"
-	metaPVCNamespace = "csi.storage.k8s.io/pvc/namespace"
-	metaPVName       = "csi.storage.k8s.io/pv/name"
-)
-
 // createImage makes image name. An image left half-made by a crash (its id
 // object exists but it cannot be opened) is removed and made again.
 func createImage(io *rados.IOContext, name string, size uint64, features uint64) error {

@@ -91,7 +91,7 @@ func (n *Node) PodVolumes(podUID string) []string {
 	var ids []string
 	for _, r := range recs {
 		for _, pc := range r.Pods {
-			if pc["csi.storage.k8s.io/pod.uid"] == podUID {
+			if pc[rcsi.KeyPodUID] == podUID {
 				ids = append(ids, r.VolumeID)
 				break
 			}

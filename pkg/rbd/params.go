@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"github.com/ceph/go-ceph/rbd"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // StorageClass parameter and volume context keys (ceph-csi's names).
@@ -21,9 +23,9 @@ const (
 	// publish an ack event every so many seconds.
 	ParamAckInterval = "ackIntervalSeconds"
 
-	ParamPVCName      = "csi.storage.k8s.io/pvc/name"
-	ParamPVCNamespace = "csi.storage.k8s.io/pvc/namespace"
-	ParamPVName       = "csi.storage.k8s.io/pv/name"
+	ParamPVCName      = rcsi.KeyPVCName
+	ParamPVCNamespace = rcsi.KeyPVCNamespace
+	ParamPVName       = rcsi.KeyPVName
 
 	ctxImageName      = "imageName"
 	ctxRadosNamespace = "radosNamespace"
