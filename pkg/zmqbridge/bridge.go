@@ -67,6 +67,7 @@ type Bridge struct {
 	synced    atomic.Uint64 // highest fsynced sequence
 	failed    atomic.Value  // error: the journal's sticky failure, if any
 	recent    tail          // recent records, published from memory
+	replays   chan struct{} // replay workers' semaphore
 	wakePub   chan struct{} // new synced records to publish
 	wakeSync  chan struct{} // new records to fsync
 	endpoints *endpoints
@@ -108,6 +109,7 @@ func New(opts Options) (*Bridge, error) {
 	b := &Bridge{
 		opts: opts, journal: j, zctx: zctx,
 		wakePub: make(chan struct{}, 1), wakeSync: make(chan struct{}, 1), stop: make(chan struct{}),
+		replays: make(chan struct{}, maxReplays),
 	}
 	b.synced.Store(j.Last())
 	b.endpoints = newEndpoints(b)

@@ -169,10 +169,16 @@ func (b *Bridge) serve(ep *endpoint) {
 	}
 	switch req.Op {
 	case "replay":
-		reply(b.replay(req, v))
-		if m := b.opts.Metrics; m != nil {
-			m.ReplayServed()
-		}
+		// Off the control loop: a scoped replay may scan much of the journal,
+		// and other endpoints must not wait for it. At most maxReplays at once.
+		go func() {
+			b.replays <- struct{}{}
+			defer func() { <-b.replays }()
+			b.replyFlush(ep, envelope, b.replay(req, v))
+			if m := b.opts.Metrics; m != nil {
+				m.ReplayServed()
+			}
+		}()
 	case "flush":
 		if b.opts.Flusher == nil {
 			reply(errorReply{Error: "flush is not available on this node"})
@@ -258,20 +264,24 @@ func (b *Bridge) flush(req Request, ep *endpoint, v viewer, envelope [][]byte) {
 	b.replyFlush(ep, envelope, reply)
 }
 
-// replyFlush hands a reply to the control loop through an inproc socket.
+// maxReplays bounds concurrent replay scans.
+const maxReplays = 4
+
+// replyFlush hands a worker's reply (flush or replay) to the control loop
+// through an inproc socket of the worker's own.
 func (b *Bridge) replyFlush(ep *endpoint, envelope [][]byte, reply any) {
 	push, err := b.zctx.NewSocket(zmq.PUSH)
 	if err != nil {
 		return
 	}
 	defer push.Close()
-	push.SetLinger(time.Second)
+	push.SetLinger(100 * time.Millisecond)
 	if err := push.Connect("inproc://flush-replies"); err != nil {
 		return
 	}
 	msg := [][]byte{[]byte(ep.Control)}
 	msg = append(append(msg, envelope...), marshal(reply))
-	push.SendMessage(msg)
+	push.SendMessageDontwait(msg) // never block: the control loop may be gone (Close)
 }
 
 // forwardReply sends a flush worker's reply out of the endpoint it came in on.
