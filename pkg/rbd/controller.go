@@ -201,6 +201,7 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 	if err != nil {
 		return nil, cephStatus(err, "reading the journal")
 	}
+	rcsi.CrashPoint("delete-before-image")
 	if err := removeImage(t.io, id.Name); err != nil {
 		return nil, cephStatus(err, "deleting volume %s", req.GetVolumeId())
 	}
