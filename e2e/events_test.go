@@ -37,11 +37,16 @@ type recorder struct {
 	done   chan error
 }
 
+// record subscribes to the node-wide endpoint from since.
 func record(t *testing.T, dir string, since uint64) *recorder {
+	return recordFrom(t, eventsClient(t, dir), since)
+}
+
+// recordFrom subscribes with c in the background and keeps what it gets.
+func recordFrom(t *testing.T, c *zmqbridge.Client, since uint64) *recorder {
 	r := &recorder{done: make(chan error, 1)}
-	ctx, cancel := contextWithCancel()
+	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
-	c := eventsClient(t, dir)
 	go func() {
 		r.done <- c.Subscribe(ctx, nil, since, func(ev zmqbridge.Event, _ []byte) error {
 			r.mu.Lock()
@@ -215,8 +220,6 @@ func TestEventsSurviveKill(t *testing.T) {
 		t.Errorf("SIGTERM took %s", time.Since(start))
 	}
 }
-
-func contextWithCancel() (context.Context, func()) { return context.WithCancel(context.Background()) }
 
 // Prometheus metrics count events, subscribers and CSI calls; /healthz answers.
 func TestMetrics(t *testing.T) {

@@ -97,8 +97,8 @@ func TestPodEndpointScopes(t *testing.T) {
 			t.Fatalf("%s in the pod's target: %v", f, err)
 		}
 	}
-	nsRec := recordFrom(t, podClient(t, nsTarget))
-	podRec := recordFrom(t, podClient(t, podTgt))
+	nsRec := recordFrom(t, podClient(t, nsTarget), 0)
+	podRec := recordFrom(t, podClient(t, podTgt), 0)
 
 	a := stagePVC(t, d, prefix, "team-a", "data", podA2) // the pod-scoped pod's volume
 	other := stagePVC(t, d, prefix, "team-a", "other", podA)
@@ -165,23 +165,6 @@ func TestPodEndpointScopes(t *testing.T) {
 	if mi, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(mi), nsTarget) || strings.Contains(string(mi), podTgt) {
 		t.Errorf("a pod target is still mounted")
 	}
-}
-
-func recordFrom(t *testing.T, c *zmqbridge.Client) *recorder {
-	r := &recorder{done: make(chan error, 1)}
-	cctx, cancel := contextWithCancel()
-	r.cancel = cancel
-	go func() {
-		r.done <- c.Subscribe(cctx, nil, 0, func(ev zmqbridge.Event, _ []byte) error {
-			r.mu.Lock()
-			r.events = append(r.events, ev)
-			r.mu.Unlock()
-			return nil
-		})
-	}()
-	t.Cleanup(func() { cancel(); <-r.done })
-	time.Sleep(100 * time.Millisecond)
-	return r
 }
 
 func (r *recorder) snapshot() []zmqbridge.Event {
