@@ -221,13 +221,21 @@ func (b *Bridge) Healthy() error {
 // Last is the sequence number of the last journaled event.
 func (b *Bridge) Last() uint64 { return b.journal.Last() }
 
-// commitLoop fsyncs what has been appended and wakes the publisher.
+// commitLoop fsyncs what has been appended and wakes the publisher; once a
+// minute it lets the journal apply retention.
 func (b *Bridge) commitLoop() {
 	defer b.wg.Done()
+	maintain := time.NewTicker(time.Minute)
+	defer maintain.Stop()
 	for {
 		select {
 		case <-b.stop:
 			return
+		case <-maintain.C:
+			if err := b.journal.Maintain(); err != nil {
+				klog.ErrorS(err, "event journal retention")
+			}
+			continue
 		case <-b.wakeSync:
 		}
 		last := b.journal.Last()

@@ -47,14 +47,16 @@ type Journal struct {
 	buf        []byte  // encoding buffer, reused under mu
 	last       uint64
 	total      int64
-	retired    []*os.File // sealed segments for the committer to close
-	dirDirty   bool       // a segment file was created since the last directory fsync
-	synced     uint64     // every record with Seq <= synced is fsynced
-	syncReq    uint64     // highest seq a Sync caller waits for
-	err        error      // sticky write or fsync error
-	closed     bool
-	stopped    bool // the committer has exited
-	done       chan struct{}
+	// Times of the active segment's first and latest appends (zero: empty).
+	activeFirst, activeLast time.Time
+	retired                 []*os.File // sealed segments for the committer to close
+	dirDirty                bool       // a segment file was created since the last directory fsync
+	synced                  uint64     // every record with Seq <= synced is fsynced
+	syncReq                 uint64     // highest seq a Sync caller waits for
+	err                     error      // sticky write or fsync error
+	closed                  bool
+	stopped                 bool // the committer has exited
+	done                    chan struct{}
 
 	fsyncs atomic.Int64 // file fsyncs done, for tests
 }
@@ -170,6 +172,10 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 	s.size += n
 	j.total += n
 	j.last = seq
+	if j.activeFirst.IsZero() {
+		j.activeFirst = j.o.Now()
+	}
+	j.activeLast = j.o.Now()
 	if half := j.o.SegmentBytes / 2; s.size >= half && s.size-n < half && j.syncReq < seq {
 		// Start writeback early so the fsync at rotation has less to do.
 		j.syncReq = seq
@@ -187,10 +193,14 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 // rotateLocked seals the active segment, starts a new one and applies retention.
 func (j *Journal) rotateLocked() error {
 	s := j.segs[len(j.segs)-1]
-	// The sealed segment's newest record was just written: stamp its mtime with
-	// the journal's clock so MaxAge holds across restarts.
+	// Stamp the sealed segment's mtime with the time of its newest record, by
+	// the journal's clock, so MaxAge holds across restarts.
 	now := j.o.Now()
-	_ = os.Chtimes(s.path, now, now)
+	newest := j.activeLast
+	if newest.IsZero() {
+		newest = now
+	}
+	_ = os.Chtimes(s.path, newest, newest)
 	// Seal durably before anything lands in the next segment: a torn record can
 	// then only be in the last segment, which is all recovery scans.
 	if err := j.fsync(j.active); err != nil {
@@ -202,7 +212,8 @@ func (j *Journal) rotateLocked() error {
 	if err != nil {
 		return err
 	}
-	s.newest = now
+	s.newest = newest
+	j.activeFirst, j.activeLast = time.Time{}, time.Time{}
 	j.retired = append(j.retired, j.active)
 	j.active = f
 	j.segs = append(j.segs, ns)
@@ -210,6 +221,24 @@ func (j *Journal) rotateLocked() error {
 	j.dirDirty = true
 	j.retainLocked(now)
 	j.commitCond.Signal()
+	return nil
+}
+
+// Maintain applies retention on a quiet journal, where no rotation comes: it
+// seals the active segment once its oldest record is past MaxAge or the
+// journal is over MaxBytes, then drops what retention allows. Call it now
+// and then (the bridge does every minute).
+func (j *Journal) Maintain() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed || j.err != nil {
+		return j.err
+	}
+	now := j.o.Now()
+	if !j.activeFirst.IsZero() && (now.Sub(j.activeFirst) > j.o.MaxAge || j.total > j.o.MaxBytes) {
+		return j.rotateLocked()
+	}
+	j.retainLocked(now)
 	return nil
 }
 

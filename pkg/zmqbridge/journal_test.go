@@ -791,3 +791,35 @@ func BenchmarkReplay10k(b *testing.B) {
 		}
 	}
 }
+
+// A quiet journal (no rotation) still drops what MaxAge allows when maintained.
+func TestJournalMaintainQuiet(t *testing.T) {
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	o := JournalOptions{Dir: t.TempDir(), MaxAge: time.Hour, Now: clock}
+	j := openT(t, o)
+	defer j.Close()
+	appendN(t, j, 10) // one small active segment: no rotation will ever come
+	if err := j.Maintain(); err != nil || j.First() != 1 {
+		t.Fatalf("Maintain before anything is old: First=%d, %v", j.First(), err)
+	}
+	mu.Lock()
+	now = now.Add(2 * time.Hour)
+	mu.Unlock()
+	if err := j.Maintain(); err != nil { // seals the old active segment
+		t.Fatal(err)
+	}
+	if err := j.Maintain(); err != nil { // and drops it
+		t.Fatal(err)
+	}
+	if j.First() != 11 || j.Last() != 10 {
+		t.Fatalf("after maintenance: First=%d Last=%d, want 11 and 10", j.First(), j.Last())
+	}
+	if _, err := j.Read(0, 0); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("Read(0) = %v, want ErrTruncated", err)
+	}
+	if rec, err := j.Append("t", func(uint64) []byte { return []byte("x") }); err != nil || rec.Seq != 11 {
+		t.Fatalf("append after maintenance: %+v %v", rec, err)
+	}
+}
