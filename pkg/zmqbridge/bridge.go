@@ -64,12 +64,11 @@ type Bridge struct {
 	journal *Journal
 	zctx    *zmq.Context
 
-	synced    atomic.Uint64 // highest fsynced sequence
-	failed    atomic.Value  // error: the journal's sticky failure, if any
-	recent    tail          // recent records, published from memory
-	replays   chan struct{} // replay workers' semaphore
-	wakePub   chan struct{} // new synced records to publish
-	wakeSync  chan struct{} // new records to fsync
+	synced    atomic.Uint64           // highest fsynced sequence
+	recent    tail                    // recent records, published from memory
+	open      atomic.Pointer[Journal] // the journal, once OpenJournal returned
+	replays   chan struct{}           // replay workers' semaphore
+	wakePub   chan struct{}           // new synced records to publish
 	endpoints *endpoints
 	// CURVE endpoint state (nil without Options.Curve).
 	curveKeys   *keyring
@@ -97,7 +96,11 @@ func New(opts Options) (*Bridge, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	j, err := OpenJournal(opts.Journal)
+	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{}), replays: make(chan struct{}, maxReplays)}
+	// The journal's group committer tells the publisher directly what became
+	// durable: one hand-off from fsync to publication.
+	b.opts.Journal.OnSynced = b.onSynced
+	j, err := OpenJournal(b.opts.Journal)
 	if err != nil {
 		return nil, fmt.Errorf("zmqbridge: opening journal: %w", err)
 	}
@@ -106,11 +109,8 @@ func New(opts Options) (*Bridge, error) {
 		j.Close()
 		return nil, err
 	}
-	b := &Bridge{
-		opts: opts, journal: j, zctx: zctx,
-		wakePub: make(chan struct{}, 1), wakeSync: make(chan struct{}, 1), stop: make(chan struct{}),
-		replays: make(chan struct{}, maxReplays),
-	}
+	b.journal, b.zctx = j, zctx
+	b.open.Store(j)
 	b.synced.Store(j.Last())
 	b.endpoints = newEndpoints(b)
 	if err := b.endpoints.add("", Endpoint{
@@ -133,7 +133,7 @@ func New(opts Options) (*Bridge, error) {
 		}
 	}
 	b.wg.Add(3)
-	go b.commitLoop()
+	go b.maintainLoop()
 	go b.publishLoop()
 	go b.controlLoop()
 	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First())
@@ -202,17 +202,14 @@ func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
 		return 0, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
 	}
 	b.recent.put(rec)
-	select {
-	case b.wakeSync <- struct{}{}:
-	default:
-	}
+	b.journal.RequestSync(rec.Seq)
 	return rec.Seq, nil
 }
 
 // Healthy reports the journal's failure, if it has failed (then nothing new
 // is published: restart the process so recovery runs).
 func (b *Bridge) Healthy() error {
-	if err, ok := b.failed.Load().(error); ok {
+	if err := b.journal.Err(); err != nil {
 		return fmt.Errorf("event journal failed: %w", err)
 	}
 	return nil
@@ -221,40 +218,35 @@ func (b *Bridge) Healthy() error {
 // Last is the sequence number of the last journaled event.
 func (b *Bridge) Last() uint64 { return b.journal.Last() }
 
-// commitLoop fsyncs what has been appended and wakes the publisher; once a
-// minute it lets the journal apply retention.
-func (b *Bridge) commitLoop() {
+// onSynced runs on the journal's committer after each fsync: it publishes
+// (through the publish goroutine) what became durable.
+func (b *Bridge) onSynced(seq uint64, took time.Duration) {
+	for {
+		cur := b.synced.Load()
+		if seq <= cur || b.synced.CompareAndSwap(cur, seq) {
+			break
+		}
+	}
+	if j := b.open.Load(); j != nil && b.opts.Metrics != nil { // nil while the journal recovers
+		b.opts.Metrics.JournalSynced(took, j.Bytes())
+	}
+	b.poke(b.wakePub)
+}
+
+// maintainLoop lets the journal apply retention once a minute.
+func (b *Bridge) maintainLoop() {
 	defer b.wg.Done()
-	maintain := time.NewTicker(time.Minute)
-	defer maintain.Stop()
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
 	for {
 		select {
 		case <-b.stop:
 			return
-		case <-maintain.C:
+		case <-t.C:
 			if err := b.journal.Maintain(); err != nil {
 				klog.ErrorS(err, "event journal retention")
 			}
-			continue
-		case <-b.wakeSync:
 		}
-		last := b.journal.Last()
-		if last <= b.synced.Load() {
-			continue
-		}
-		start := time.Now()
-		if err := b.journal.Sync(last); err != nil {
-			b.failed.Store(err)
-			klog.ErrorS(err, "event journal fsync failed; will retry")
-			time.Sleep(100 * time.Millisecond)
-			b.poke(b.wakeSync)
-			continue
-		}
-		if m := b.opts.Metrics; m != nil {
-			m.JournalSynced(time.Since(start), b.journal.Bytes())
-		}
-		b.synced.Store(last)
-		b.poke(b.wakePub)
 	}
 }
 

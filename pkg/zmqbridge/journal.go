@@ -26,6 +26,9 @@ type JournalOptions struct {
 	MaxBytes     int64            // drop oldest whole segments while the total exceeds this (default 256 MiB)
 	MaxAge       time.Duration    // drop whole segments whose newest record is older than this (default 7 days); 0 = default
 	Now          func() time.Time // for tests; default time.Now
+	// OnSynced, if set, is called (not under any lock) each time records up
+	// to seq became durable, with how long that fsync took.
+	OnSynced func(seq uint64, took time.Duration)
 }
 
 // ErrTruncated is returned by Read when the requested events were dropped by retention.
@@ -277,13 +280,20 @@ func (j *Journal) commitLoop() {
 		}
 		j.retired = nil
 		j.mu.Unlock()
+		start := time.Now()
 		err := j.commit(retired, f, dirty)
+		took := time.Since(start)
 		j.mu.Lock()
 		if err != nil && j.err == nil {
 			j.err = fmt.Errorf("journal: %w", err)
 		}
 		if err == nil && f != nil && target > j.synced {
 			j.synced = target
+			if hook := j.o.OnSynced; hook != nil {
+				j.mu.Unlock()
+				hook(target, took)
+				j.mu.Lock()
+			}
 		}
 		if closing {
 			if err := j.active.Close(); err != nil && j.err == nil {
@@ -322,6 +332,24 @@ func (j *Journal) commit(retired []*os.File, active *os.File, dirty bool) error 
 func (j *Journal) fsync(f *os.File) error {
 	j.fsyncs.Add(1)
 	return fileSync(f)
+}
+
+// RequestSync asks for records up to seq to be made durable without waiting
+// (OnSynced tells when).
+func (j *Journal) RequestSync(seq uint64) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if seq > j.syncReq && !j.closed {
+		j.syncReq = seq
+		j.commitCond.Signal()
+	}
+}
+
+// Err returns the journal's sticky write or fsync error, if any.
+func (j *Journal) Err() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.err
 }
 
 // Sync blocks until every record with Seq <= seq is fsynced. Group commit: concurrent
