@@ -194,8 +194,8 @@ var starters = map[string]starter{"go": startGo, "python": startPython}
 
 // relay republishes the bridge's messages (heartbeats, and the events pass
 // admits) on a PUB socket of its own. With a scope it also serves control
-// requests, answering replays with that namespace's events only, and the
-// node's "last", as a namespace-scoped endpoint does. It returns --events
+// requests, answering replays with that namespace's events only, the node's
+// "last", and "next" (how far it looked), as a namespace-scoped endpoint does. It returns --events
 // and --control for a subscriber.
 func relay(t *testing.T, dir, scope string, pass func(ev zmqbridge.Event) bool) (args []string) {
 	tmp := t.TempDir()
@@ -223,6 +223,7 @@ func relay(t *testing.T, dir, scope string, pass func(ev zmqbridge.Event) bool) 
 	call := func(r map[string]any) (rep struct {
 		Events []json.RawMessage `json:"events"`
 		Last   uint64            `json:"last"`
+		Next   uint64            `json:"next"`
 	}) {
 		b, _ := json.Marshal(r)
 		req.SendBytes(b, 0)
@@ -272,7 +273,7 @@ func relay(t *testing.T, dir, scope string, pass func(ev zmqbridge.Event) bool) 
 					r["since"] = ev.Seq
 					rep = call(r)
 				}
-				rep.Events = kept
+				rep.Events, rep.Next = kept, rep.Last // it scanned to the end
 				b, _ := json.Marshal(rep)
 				router.SendMessage(frames[0], "", b)
 			}

@@ -100,9 +100,9 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 				continue
 			}
 			var rep struct {
-				Events      []json.RawMessage
-				Last, First uint64
-				Error       string
+				Events            []json.RawMessage
+				Last, First, Next uint64
+				Error             string
 			}
 			if err := json.Unmarshal(raw, &rep); err != nil {
 				return fmt.Errorf("bad replay reply: %w", err)
@@ -125,12 +125,15 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 					return err
 				}
 			}
-			if len(rep.Events) == 0 || last >= rep.Last {
-				// Nothing newer: on a namespace-scoped endpoint the events
-				// up to rep.Last belong to other namespaces.
-				if rep.Last > last {
-					return advance(rep.Last)
+			// "next" is how far the node looked: on a scoped endpoint what it
+			// skipped belongs to other namespaces; ask again from there.
+			before := last
+			if rep.Next > last {
+				if err := advance(rep.Next); err != nil {
+					return err
 				}
+			}
+			if last >= rep.Last || (last == before && len(rep.Events) == 0) {
 				return nil
 			}
 		}

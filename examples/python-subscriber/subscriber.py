@@ -113,11 +113,12 @@ class Subscriber:
             for ev in rep["events"]:
                 # Re-encoded compactly: one line, like the live messages.
                 self.deliver(ev, json.dumps(ev, separators=(",", ":"), ensure_ascii=False))
-            if not rep["events"] or self.last >= rep["last"]:
-                # Nothing newer: on a namespace-scoped endpoint the events up
-                # to "last" belong to other namespaces.
-                if rep["last"] > self.last:
-                    self.advance(rep["last"])
+            # "next" is how far the node looked: on a scoped endpoint what it
+            # skipped belongs to other namespaces; ask again from there.
+            before = self.last
+            if rep.get("next", 0) > self.last:
+                self.advance(rep["next"])
+            if self.last >= rep["last"] or (self.last == before and not rep["events"]):
                 return
 
     def run(self, sub):

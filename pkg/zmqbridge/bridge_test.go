@@ -290,3 +290,50 @@ func TestCloseIsQuickWithStuckSubscriber(t *testing.T) {
 	}
 	j.Close()
 }
+
+// A scoped replay reads at most maxReplayScan records per request and says
+// how far it looked ("next"), so a namespace with few events behind many of
+// others' costs bounded work per request and still loses nothing.
+func TestScopedReplayIsBounded(t *testing.T) {
+	dir := t.TempDir()
+	b := newBridge(t, dir)
+	defer b.Close()
+	scoped := filepath.Join(t.TempDir(), "a")
+	os.MkdirAll(scoped, 0o755)
+	if err := b.AddEndpoint("a", Endpoint{Events: "ipc://" + scoped + "/events.sock", Control: "ipc://" + scoped + "/control.sock",
+		Scope: Scope{Namespace: "a"}}); err != nil {
+		t.Fatal(err)
+	}
+	const others = 25000
+	for i := 0; i < others; i++ {
+		if _, err := b.EmitAsync(Event{Kind: KindAttach, VolumeID: "v", PVC: "p", Namespace: "b"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: "mine", PVC: "p", Namespace: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := Dial("ipc://"+scoped+"/events.sock", "ipc://"+scoped+"/control.sock")
+	defer c.Close()
+	c.Timeout = 10 * time.Second
+	p, err := c.ReplayPage(0, 0)
+	if err != nil || len(p.Events) != 0 || p.Next != maxReplayScan || p.Last != others+1 {
+		t.Fatalf("first page: %d events, next %d, last %d, %v; want 0, %d, %d", len(p.Events), p.Next, p.Last, err, maxReplayScan, others+1)
+	}
+	events, _, err := c.Replay(0, 0)
+	if err != nil || len(events) != 1 || !strings.Contains(string(events[0]), `"volume_id":"mine"`) {
+		t.Fatalf("paged replay: %s %v", events, err)
+	}
+	var got collector
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- c.Subscribe(ctx, nil, 0, got.handle) }()
+	waitFor(t, "the scoped event", func() bool { return got.count() == 1 })
+	time.Sleep(300 * time.Millisecond)
+	if got.count() != 1 || got.evs[0].VolumeID != "mine" {
+		t.Fatalf("subscriber got %+v", got.evs)
+	}
+	cancel()
+	<-errc
+}

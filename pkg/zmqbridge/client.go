@@ -119,10 +119,37 @@ func (c *Client) call(req any, reply any) error {
 }
 
 // Replay returns the raw events after since (at most max) and the last sequence.
+// It pages internally until it has max events or reached the last sequence.
 func (c *Client) Replay(since uint64, max int) ([]json.RawMessage, uint64, error) {
+	if max <= 0 || max > MaxReplay {
+		max = MaxReplay
+	}
+	var events []json.RawMessage
+	for {
+		p, err := c.ReplayPage(since, max-len(events))
+		if err != nil {
+			return events, p.Last, err
+		}
+		events = append(events, p.Events...)
+		if len(events) >= max || p.Next >= p.Last || p.Next <= since {
+			return events, p.Last, nil
+		}
+		since = p.Next
+	}
+}
+
+// ReplayPage is one replay answer: events, the node's last sequence, and how
+// far the node looked (ask again from Next while Next < Last).
+type ReplayPage struct {
+	Events     []json.RawMessage
+	Last, Next uint64
+}
+
+// ReplayPage asks for one page of replay.
+func (c *Client) ReplayPage(since uint64, max int) (ReplayPage, error) {
 	var r replayReply
 	err := c.call(Request{Op: "replay", Since: since, Max: max}, &r)
-	return r.Events, r.Last, err
+	return ReplayPage{Events: r.Events, Last: r.Last, Next: r.Next}, err
 }
 
 // Flush asks the node to flush a volume (by ID, or by PVC and namespace) and
@@ -180,20 +207,21 @@ func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64,
 	}
 	catchUp := func() error {
 		for {
-			events, end, err := c.Replay(last, MaxReplay)
+			p, err := c.ReplayPage(last, MaxReplay)
 			if err != nil {
 				return err
 			}
-			for _, raw := range events {
+			for _, raw := range p.Events {
 				if err := deliver(raw); err != nil {
 					return err
 				}
 			}
-			if len(events) == 0 || last >= end {
-				if end > last {
-					last = end // scoped endpoints: the rest belongs to other namespaces
-				}
-				return nil
+			before := last
+			if p.Next > last {
+				last = p.Next // what the node skipped belongs to others' namespaces
+			}
+			if last >= p.Last || (last == before && len(p.Events) == 0) {
+				return nil // caught up (or the node made no progress: heartbeats retry)
 			}
 		}
 	}

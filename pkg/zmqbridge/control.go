@@ -70,7 +70,11 @@ func ParseRequest(b []byte) (Request, error) {
 type replayReply struct {
 	Events []json.RawMessage `json:"events"`
 	Last   uint64            `json:"last"`
+	Next   uint64            `json:"next"` // ask again with since=next while next < last
 }
+
+// maxReplayScan bounds the records one replay request reads.
+const maxReplayScan = 10 * MaxReplay
 
 type errorReply struct {
 	Error string `json:"error"`
@@ -222,9 +226,11 @@ func (b *Bridge) replay(req Request, v viewer) any {
 	// Only durable events are replayed: what a subscriber sees never vanishes.
 	synced := b.synced.Load()
 	out := replayReply{Events: []json.RawMessage{}, Last: synced}
-	since := req.Since
-	for len(out.Events) < req.Max && since < synced {
-		recs, err := b.journal.Read(since, req.Max)
+	// next is how far this answer looked: a scoped endpoint may skip many
+	// records it may not see, and one request scans at most maxReplayScan.
+	next, scanned := req.Since, 0
+	for len(out.Events) < req.Max && next < synced && scanned < maxReplayScan {
+		recs, err := b.journal.Read(next, MaxReplay)
 		if errors.Is(err, ErrTruncated) {
 			return errorReply{Error: "truncated", First: b.journal.First(), Last: synced}
 		}
@@ -235,16 +241,16 @@ func (b *Bridge) replay(req Request, v viewer) any {
 			break
 		}
 		for _, r := range recs {
-			if r.Seq > synced || len(out.Events) == req.Max {
-				since = synced
+			if r.Seq > synced || len(out.Events) == req.Max || scanned == maxReplayScan {
 				break
 			}
-			since = r.Seq
+			next, scanned = r.Seq, scanned+1
 			if v.sees(r) {
 				out.Events = append(out.Events, r.Data)
 			}
 		}
 	}
+	out.Next = next
 	return out
 }
 
