@@ -50,6 +50,7 @@ func runDemo(args []string) int {
 type demo struct {
 	secrets   map[string]string
 	eventsDir string
+	note      string // printed under the current step's line
 	start     time.Time
 	step      int
 }
@@ -64,6 +65,10 @@ func (d *demo) do(what string, f func() error) error {
 		mark = "FAILED"
 	}
 	fmt.Printf("%2d. %-46s %-6s %8s\n", d.step, what, mark, time.Since(t).Round(100*time.Microsecond))
+	if d.note != "" {
+		fmt.Printf("    %s\n", d.note)
+		d.note = ""
+	}
 	return err
 }
 
@@ -152,7 +157,7 @@ func (d *demo) run(endpoint, clusterID, pool, mounter, fsType, workDir string) e
 			r, err := node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: pubTarget})
 			if err == nil {
 				total := r.GetUsage()[0].GetTotal()
-				fmt.Printf("    filesystem: %d MiB total, %d MiB used\n", total>>20, r.GetUsage()[0].GetUsed()>>20)
+				d.note = fmt.Sprintf("filesystem: %d MiB total, %d MiB used", total>>20, r.GetUsage()[0].GetUsed()>>20)
 				if total < 900<<20 {
 					err = fmt.Errorf("filesystem did not grow: %d bytes", total)
 				}
@@ -215,7 +220,7 @@ func checkFile(path string) error {
 // flush asks the node's event bridge for a write acknowledgement.
 func (d *demo) flush(volumeID string) error {
 	if d.eventsDir == "" {
-		fmt.Println("    (skipped: no --events-dir)")
+		d.note = "(skipped: no --events-dir)"
 		return nil
 	}
 	c, err := zmqbridge.Dial("ipc://"+filepath.Join(d.eventsDir, "events.sock"), "ipc://"+filepath.Join(d.eventsDir, "control.sock"))
@@ -226,7 +231,7 @@ func (d *demo) flush(volumeID string) error {
 	c.Timeout = time.Minute
 	seq, ms, err := c.Flush(volumeID, "", "")
 	if err == nil {
-		fmt.Printf("    ack event seq %d, flush took %.3f ms\n", seq, ms)
+		d.note = fmt.Sprintf("ack event seq %d, flush took %.3f ms", seq, ms)
 	}
 	return err
 }
