@@ -29,8 +29,9 @@ cluster-down:
 demo: build cluster-up
 	@e2e/demo.sh
 
-vet:
+vet: deps
 	$(GO) vet ./...
+	$$($(GO) env GOPATH)/bin/staticcheck ./...
 	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
 
 unit: deps

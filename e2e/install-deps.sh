@@ -9,7 +9,7 @@
 #
 # Usage: e2e/install-deps.sh [--apt-only | --go-only]
 #   --apt-only   only the Debian packages (used by e2e/ceph/cluster.sh)
-#   --go-only    only csi-sanity
+#   --go-only    only the Go tools (csi-sanity, staticcheck)
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -19,6 +19,8 @@ APT_PACKAGES=(
 )
 CSI_SANITY_PKG=github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
 CSI_SANITY_VERSION=v5.6.0
+STATICCHECK_PKG=honnef.co/go/tools/cmd/staticcheck
+STATICCHECK_VERSION=2025.1.1
 
 export DEBIAN_FRONTEND="${DEBIAN_FRONTEND:-noninteractive}"
 
@@ -100,25 +102,31 @@ install_apt() {
 	log "apt: installed ${#missing[@]} package(s)"
 }
 
-install_csi_sanity() {
+# go_install NAME PKG VERSION: a pinned `go install`, skipped when NAME exists.
+go_install() {
+	local name=$1 pkg=$2 version=$3 gopath bindir
 	command -v go >/dev/null 2>&1 ||
-		die "go not found in PATH: install Go first (needed to build csi-sanity)"
-	local gopath bindir
+		die "go not found in PATH: install Go first (needed to build $name)"
 	gopath=$(go env GOPATH) || die "go env GOPATH failed"
 	bindir="${gopath%%:*}/bin"
-	if [[ -x "$bindir/csi-sanity" ]]; then
-		log "go: $bindir/csi-sanity already present"
+	if [[ -x "$bindir/$name" ]]; then
+		log "go: $bindir/$name already present"
 		return 0
 	fi
-	log "go: go install $CSI_SANITY_PKG@$CSI_SANITY_VERSION ..."
+	log "go: go install $pkg@$version ..."
 	# GOFLAGS is cleared so that project-wide flags (e.g. -mod=vendor) do not
 	# apply; GOBIN is pinned so the binary lands where we check for it.
-	GOFLAGS='' GOBIN="$bindir" go install "$CSI_SANITY_PKG@$CSI_SANITY_VERSION" ||
-		die "go install of csi-sanity failed (is the Go module proxy reachable?)"
-	[[ -x "$bindir/csi-sanity" ]] || die "go install succeeded but $bindir/csi-sanity is missing"
-	log "go: installed $bindir/csi-sanity"
+	GOFLAGS='' GOBIN="$bindir" go install "$pkg@$version" ||
+		die "go install of $name failed (is the Go module proxy reachable?)"
+	[[ -x "$bindir/$name" ]] || die "go install succeeded but $bindir/$name is missing"
+	log "go: installed $bindir/$name"
+}
+
+install_go_tools() {
+	go_install csi-sanity "$CSI_SANITY_PKG" "$CSI_SANITY_VERSION"
+	go_install staticcheck "$STATICCHECK_PKG" "$STATICCHECK_VERSION"
 }
 
 [[ $do_apt -eq 1 ]] && install_apt
-[[ $do_go -eq 1 ]] && install_csi_sanity
+[[ $do_go -eq 1 ]] && install_go_tools
 log "done"

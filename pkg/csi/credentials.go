@@ -51,7 +51,8 @@ func (c Credentials) WriteKeyFile(dir string) (string, error) {
 		return "", err
 	}
 	path := f.Name()
-	if err := f.Chmod(0o600); err == nil {
+	err = f.Chmod(0o600)
+	if err == nil {
 		_, err = f.WriteString(c.Key + "\n")
 	}
 	if cerr := f.Close(); err == nil {

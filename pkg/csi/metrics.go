@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
@@ -47,7 +48,7 @@ func NewMetrics() *Metrics {
 			Help: "Volume flush (write acknowledgement) latency.", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10)}),
 	}
 	m.reg.MustRegister(m.calls, m.published, m.subscribers, m.replays, m.journal, m.fsync, m.flush,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

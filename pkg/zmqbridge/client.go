@@ -38,10 +38,12 @@ func (c *Client) socket(t zmq.Type) (*zmq.Socket, error) {
 	}
 	s.SetLinger(0)
 	if k := c.Curve; k != nil {
-		if err := s.SetCurveServerkey(k.ServerPublic); err == nil {
-			if err = s.SetCurvePublickey(k.Public); err == nil {
-				err = s.SetCurveSecretkey(k.Secret)
-			}
+		err := s.SetCurveServerkey(k.ServerPublic)
+		if err == nil {
+			err = s.SetCurvePublickey(k.Public)
+		}
+		if err == nil {
+			err = s.SetCurveSecretkey(k.Secret)
 		}
 		if err != nil {
 			s.Close()
@@ -149,7 +151,7 @@ type ReplayPage struct {
 func (c *Client) ReplayPage(since uint64, max int) (ReplayPage, error) {
 	var r replayReply
 	err := c.call(Request{Op: "replay", Since: since, Max: max}, &r)
-	return ReplayPage{Events: r.Events, Last: r.Last, Next: r.Next}, err
+	return ReplayPage(r), err
 }
 
 // Flush asks the node to flush a volume (by ID, or by PVC and namespace) and

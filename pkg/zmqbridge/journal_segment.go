@@ -112,11 +112,10 @@ func decodePayload(p []byte, crc uint32) (Record, bool) {
 
 // recordReader reads consecutive records of one segment from a byte offset.
 type recordReader struct {
-	r    *bufio.Reader
-	off  int64 // offset of the next record
-	end  int64
-	hdr  [headerLen + 8]byte
-	skip [1]byte
+	r   *bufio.Reader
+	off int64 // offset of the next record
+	end int64
+	hdr [headerLen + 8]byte
 }
 
 func newRecordReader(f io.ReaderAt, off, end int64, bufSize int) *recordReader {
