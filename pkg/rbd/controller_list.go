@@ -32,7 +32,7 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csi.GetCapacityReques
 			return &csi.GetCapacityResponse{}, nil // no capacity for what cannot be made
 		}
 	}
-	conn, err := c.knownConn(clusterID)
+	conn, _, _, err := c.knownConn(clusterID)
 	if err != nil {
 		return nil, err
 	}
@@ -67,20 +67,22 @@ func poolAvailable(conn *rados.Conn, pool string) (int64, error) {
 	return 0, status.Errorf(codes.NotFound, "pool %q does not exist", pool)
 }
 
-func (c *Controller) knownConn(clusterID string) (*rados.Conn, error) {
+// knownConn connects to a cluster with its known credentials (see
+// KnownCredentials); FailedPrecondition if there are none.
+func (c *Controller) knownConn(clusterID string) (*rados.Conn, rcsi.ClusterConfig, rcsi.Credentials, error) {
 	cluster, err := c.Clusters.Get(clusterID)
 	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+		return nil, cluster, rcsi.Credentials{}, status.Error(codes.InvalidArgument, err.Error())
 	}
 	creds, ok := c.Known.For(clusterID)
 	if !ok {
-		return nil, status.Errorf(codes.FailedPrecondition, "no credentials known for cluster %q yet: mount its secret under the credentials directory", clusterID)
+		return nil, cluster, creds, status.Errorf(codes.FailedPrecondition, "no credentials known for cluster %q yet: mount its secret under the credentials directory", clusterID)
 	}
 	conn, err := c.Conns.Conn(cluster, creds)
 	if err != nil {
-		return nil, cephStatus(err, "connecting to cluster %q", clusterID)
+		return nil, cluster, creds, cephStatus(err, "connecting to cluster %q", clusterID)
 	}
-	return conn, nil
+	return conn, cluster, creds, nil
 }
 
 // ListVolumes pages through the volumes in the journals of every pool of every
@@ -118,16 +120,13 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesReques
 func (c *Controller) allVolumes() ([]string, error) {
 	var ids []string
 	for _, clusterID := range c.Clusters.IDs() {
-		if _, ok := c.Known.For(clusterID); !ok {
+		conn, cluster, creds, err := c.knownConn(clusterID)
+		if status.Code(err) == codes.FailedPrecondition {
 			klog.InfoS("ListVolumes: skipping cluster with no known credentials", "cluster", clusterID)
 			continue
-		}
-		conn, err := c.knownConn(clusterID)
-		if err != nil {
+		} else if err != nil {
 			return nil, err
 		}
-		cluster, _ := c.Clusters.Get(clusterID)
-		creds, _ := c.Known.For(clusterID)
 		pools, err := conn.ListPools()
 		if err != nil {
 			return nil, cephStatus(err, "listing pools of cluster %q", clusterID)

@@ -90,8 +90,8 @@ func (n *Node) PodVolumes(podUID string) []string {
 	recs, _ := n.state.all()
 	var ids []string
 	for _, r := range recs {
-		for _, pc := range r.Pods {
-			if pc[rcsi.KeyPodUID] == podUID {
+		for _, pub := range r.Targets {
+			if pub.Context[rcsi.KeyPodUID] == podUID {
 				ids = append(ids, r.VolumeID)
 				break
 			}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -50,15 +49,15 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec))
 	}
 	readOnly := req.GetReadonly() || rec.ReadOnly
-	if slices.Contains(rec.Targets, target) {
-		if rec.ReadOnlyTargets[target] != readOnly {
+	if pub, ok := rec.Targets[target]; ok {
+		if pub.ReadOnly != readOnly {
 			return nil, status.Errorf(codes.AlreadyExists, "volume is published at %s with read_only=%v", target, !readOnly)
 		}
 		if mnt, err := n.mounts.IsMountPoint(target); err == nil && mnt {
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
 	} else if vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER && len(rec.Targets) > 0 {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume is SINGLE_NODE_SINGLE_WRITER and already published at %s", rec.Targets[0])
+		return nil, status.Errorf(codes.FailedPrecondition, "volume is SINGLE_NODE_SINGLE_WRITER and already published at %s", firstTarget(rec))
 	}
 	opts := []string{"bind"}
 	if readOnly {
@@ -88,17 +87,10 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	pub := *rec
 	pub.ReadOnly = readOnly
 	n.emit(rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext()))
-	if !slices.Contains(rec.Targets, target) {
-		rec.Targets = append(rec.Targets, target)
+	if rec.Targets == nil {
+		rec.Targets = map[string]publication{}
 	}
-	if rec.Pods == nil {
-		rec.Pods = map[string]map[string]string{}
-	}
-	rec.Pods[target] = req.GetVolumeContext()
-	if rec.ReadOnlyTargets == nil {
-		rec.ReadOnlyTargets = map[string]bool{}
-	}
-	rec.ReadOnlyTargets[target] = readOnly
+	rec.Targets[target] = publication{ReadOnly: readOnly, Context: req.GetVolumeContext()}
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -123,18 +115,28 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if err := mount.CleanupMountPoint(target, n.mounts, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmounting %s: %v", target, err)
 	}
-	if rec == nil || !slices.Contains(rec.Targets, target) {
+	if rec == nil {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
-	n.emit(rcsi.EventUnpublish, rec, mergeContext(rec.Context, rec.Pods[target]))
-	rec.Targets = slices.DeleteFunc(rec.Targets, func(t string) bool { return t == target })
-	delete(rec.Pods, target)
-	delete(rec.ReadOnlyTargets, target)
+	pub, published := rec.Targets[target]
+	if !published {
+		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
+	}
+	n.emit(rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context))
+	delete(rec.Targets, target)
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	klog.InfoS("volume unpublished", "volumeID", req.GetVolumeId(), "target", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// firstTarget names one target the volume is published at (for messages).
+func firstTarget(rec *stageRecord) string {
+	for t := range rec.Targets {
+		return t
+	}
+	return ""
 }
 
 func accessType(rec *stageRecord) string {

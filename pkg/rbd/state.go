@@ -31,12 +31,15 @@ type stageRecord struct {
 	// Staged is false while the volume is being mapped or mounted.
 	Staged bool `json:"staged"`
 	// Targets are the paths the volume is published at.
-	Targets []string `json:"targets,omitempty"`
-	// Pods holds each target's publish-time volume context (pod name,
-	// namespace and UID from podInfoOnMount), for its unpublish event.
-	Pods map[string]map[string]string `json:"pods,omitempty"`
-	// ReadOnlyTargets are the targets published read-only.
-	ReadOnlyTargets map[string]bool `json:"readOnlyTargets,omitempty"`
+	Targets map[string]publication `json:"targets,omitempty"`
+}
+
+// publication is one target path a volume is published at.
+type publication struct {
+	ReadOnly bool `json:"readOnly"`
+	// Context is the publish-time volume context (pod name, namespace and UID
+	// from podInfoOnMount), for the unpublish event.
+	Context map[string]string `json:"context,omitempty"`
 }
 
 // stateStore keeps one record file (and one work directory) per volume.

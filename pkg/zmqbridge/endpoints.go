@@ -47,9 +47,9 @@ type endpoint struct {
 	volumes map[string]bool // pod scope: the pod's volumes
 }
 
-// admits reports whether the endpoint may see a record, learning the pod's
+// sees reports whether the endpoint may see a record, learning the pod's
 // volumes from its publish events.
-func (ep *endpoint) admits(r Record) bool {
+func (ep *endpoint) sees(r Record) bool {
 	sc := ep.Scope
 	if sc.Namespace == "" {
 		return true
@@ -78,9 +78,6 @@ func (ep *endpoint) admits(r Record) bool {
 	}
 	return ep.volumes[ev.VolumeID]
 }
-
-// sees is admits for replay (a viewer).
-func (ep *endpoint) sees(r Record) bool { return ep.admits(r) }
 
 // mayFlush reports whether the endpoint may flush a volume.
 func (ep *endpoint) mayFlush(namespace, volumeID string) bool {
@@ -255,10 +252,10 @@ func (es *endpoints) snapshot() []*endpoint {
 	return out
 }
 
-// publish sends a record on every endpoint whose scope admits it (publish goroutine).
+// publish sends a record on every endpoint that may see it (publish goroutine).
 func (es *endpoints) publish(r Record) {
 	for _, ep := range es.snapshot() {
-		if !ep.admits(r) {
+		if !ep.sees(r) {
 			continue
 		}
 		// Two plain sends: SendMessage's variadic interface{} costs per event.
