@@ -72,7 +72,9 @@ type Bridge struct {
 	endpoints *endpoints
 	// CURVE endpoint state (nil without Options.Curve).
 	curveKeys   *keyring
-	curveSecret atomic.Value // string: the server's Z85 secret key
+	curveSecret atomic.Value         // string: the server's Z85 secret key
+	curveMons   chan *monitor        // the CURVE events socket's monitor, for zapLoop
+	curveCuts   chan map[string]bool // keys whose connections zapLoop must cut
 	stop        chan struct{}
 	wg          sync.WaitGroup
 	closeOnce   sync.Once
@@ -156,6 +158,7 @@ func (b *Bridge) startCurve() error {
 		return fmt.Errorf("zmqbridge: %w", err)
 	}
 	b.curveKeys = &keyring{}
+	b.curveMons, b.curveCuts = make(chan *monitor), make(chan map[string]bool)
 	b.curveKeys.keys.Store(&keys)
 	b.curveSecret.Store(secret)
 	ready := make(chan error, 1)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -101,7 +102,9 @@ func readServerKey(path string) (secret, public string, err error) {
 
 // zapLoop answers ZeroMQ's authentication requests (RFC 27) for the bridge's
 // context: CURVE clients whose key is in the keyring get in, with the key as
-// their User-Id; all others are refused. It owns the inproc REP socket.
+// their User-Id; all others are refused. It owns the inproc REP socket and the
+// CURVE events socket's monitors, so that it knows which connection each
+// admitted key holds and can cut the connections of revoked keys.
 func (b *Bridge) zapLoop(ready chan<- error) {
 	defer b.wg.Done()
 	rep, err := b.zctx.NewSocket(zmq.REP)
@@ -116,35 +119,87 @@ func (b *Bridge) zapLoop(ready chan<- error) {
 	defer rep.Close()
 	poller := zmq.NewPoller()
 	poller.Add(rep, zmq.POLLIN)
+	var mons []*monitor
+	defer func() {
+		for _, m := range mons {
+			m.close()
+		}
+	}()
+	drain := func() { // every event so far, so each connection is known before its ZAP answer
+		for i := 0; i < len(mons); i++ {
+			if !mons[i].drain(false) {
+				poller.RemoveBySocket(mons[i].sock)
+				mons[i].close()
+				mons = append(mons[:i], mons[i+1:]...)
+				i--
+			}
+		}
+	}
 	for {
 		select {
 		case <-b.stop:
 			return
+		case m := <-b.curveMons:
+			mons = append(mons, m)
+			poller.Add(m.sock, zmq.POLLIN)
+			continue
+		case keys := <-b.curveCuts:
+			drain()
+			n := 0
+			for _, m := range mons {
+				n += m.conns.cutKeys(keys)
+			}
+			klog.InfoS("event clients cut off: their keys were removed or narrowed", "keys", len(keys), "connections", n)
+			continue
 		default:
 		}
-		if ready, err := poller.Poll(100 * time.Millisecond); err != nil || len(ready) == 0 {
+		polled, err := poller.Poll(100 * time.Millisecond)
+		if err != nil || len(polled) == 0 {
 			continue
 		}
-		req, err := rep.RecvMessageBytes(0)
+		drain()
+		if !slices.ContainsFunc(polled, func(p zmq.Polled) bool { return p.Socket == rep }) {
+			continue
+		}
+		req, err := rep.RecvMessageBytes(zmq.DONTWAIT)
 		if err != nil || len(req) < 6 {
 			continue
 		}
-		version, id, domain, mechanism := req[0], req[1], string(req[2]), string(req[5])
-		code, text, user := "400", "unknown key", ""
-		if mechanism == "CURVE" && domain == zapDomain && len(req) >= 7 && len(req[6]) == 32 {
-			key := zmq.Z85encode(string(req[6]))
-			if c := b.curveKeys.lookup(key); c != nil {
-				code, text, user = "200", "OK", key
-				klog.V(3).InfoS("event client admitted", "client", c.name)
-			} else {
-				klog.InfoS("event client refused: unknown CURVE key", "address", string(req[3]))
-			}
-		}
-		rep.SendMessage(version, id, code, text, user, "")
+		rep.SendMessage(b.authenticate(req, mons)...)
 	}
 }
 
-const zapDomain = "rookzmq"
+// authenticate answers one ZAP request: [version, id, domain, address,
+// identity, mechanism, credentials...] -> [version, id, code, text, user, metadata].
+func (b *Bridge) authenticate(req [][]byte, mons []*monitor) []any {
+	version, id, domain, address, mechanism := req[0], req[1], string(req[2]), string(req[3]), string(req[5])
+	code, text, user := "400", "unknown key", ""
+	if mechanism == "CURVE" && (domain == zapEvents || domain == zapControl) && len(req) >= 7 && len(req[6]) == 32 {
+		key := zmq.Z85encode(string(req[6]))
+		if c := b.curveKeys.lookup(key); c != nil {
+			code, text, user = "200", "OK", key
+			klog.V(3).InfoS("event client admitted", "client", c.name, "address", address, "domain", domain)
+			if domain == zapEvents {
+				for _, m := range mons {
+					m.conns.admitted(address, key)
+				}
+			}
+		} else {
+			klog.InfoS("event client refused: unknown CURVE key", "address", address)
+		}
+	}
+	return []any{version, id, code, text, user, ""}
+}
+
+// ZAP domains of the CURVE events and control sockets.
+const (
+	zapEvents  = "rookzmq-events"
+	zapControl = "rookzmq-control"
+)
+
+// curveHandshake bounds a CURVE handshake (ZMQ_HANDSHAKE_IVL), and so the
+// time within which a connection's ZAP request follows its accept.
+const curveHandshake = 10 * time.Second
 
 // curveEndpoint is the TCP endpoint's configuration.
 func (b *Bridge) curveEndpoint() Endpoint {
@@ -155,9 +210,16 @@ func (b *Bridge) curveEndpoint() Endpoint {
 	}
 }
 
-// secureSocket makes a socket a CURVE server in the ZAP domain.
-func (b *Bridge) secureSocket(s *zmq.Socket) error {
-	if err := s.SetZapDomain(zapDomain); err != nil {
+// secureSocket makes a socket a CURVE server in its ZAP domain.
+func (b *Bridge) secureSocket(s *zmq.Socket, t zmq.Type) error {
+	domain := zapControl
+	if t == zmq.XPUB {
+		domain = zapEvents
+	}
+	if err := s.SetZapDomain(domain); err != nil {
+		return err
+	}
+	if err := s.SetHandshakeIvl(curveHandshake); err != nil {
 		return err
 	}
 	if err := s.SetCurveServer(1); err != nil {
@@ -167,10 +229,10 @@ func (b *Bridge) secureSocket(s *zmq.Socket) error {
 }
 
 // watchCurve reloads the key files. New client keys are admitted at once (ZAP
-// asks on every connection); when a key is removed or the server key changes
-// the TCP endpoint is rebound, so every connection authenticates again: the
-// revoked key is refused, the others reconnect and resubscribe by themselves
-// (ZeroMQ does that), and replay covers what they missed meanwhile.
+// asks on every connection). The connections of a removed or narrowed key are
+// cut (see curveConns), so the key is refused, or reconnects with its new
+// grants, while every other client stays connected. A new server key rebinds
+// the TCP endpoint: every client must handshake with it again.
 func (b *Bridge) watchCurve() {
 	defer b.wg.Done()
 	c := b.opts.Curve
@@ -205,19 +267,27 @@ func (b *Bridge) watchCurve() {
 		}
 		old := b.curveKeys.keys.Load()
 		b.curveKeys.keys.Store(&keys)
-		revoked := !bytes.Equal(server, lastServer)
+		rebind := !bytes.Equal(server, lastServer)
+		revoked := map[string]bool{}
 		for k, was := range *old {
 			if now := keys[k]; now == nil || narrower(was, now) {
-				revoked = true // live subscriptions granted before must go
+				revoked[k] = true // live subscriptions granted before must go
 			}
 		}
 		lastClients, lastServer = clients, server
 		b.curveSecret.Store(secret)
-		klog.InfoS("event client keys reloaded", "clients", len(keys), "rebind", revoked)
-		if revoked {
+		klog.InfoS("event client keys reloaded", "clients", len(keys), "revoked", len(revoked), "newServerKey", rebind)
+		switch {
+		case rebind:
 			b.endpoints.remove(curveKey)
 			if err := b.addCurveEndpoint(); err != nil {
 				klog.ErrorS(err, "rebinding the CURVE event endpoint")
+			}
+		case len(revoked) > 0:
+			select {
+			case b.curveCuts <- revoked:
+			case <-b.stop:
+				return
 			}
 		}
 	}

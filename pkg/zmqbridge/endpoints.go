@@ -2,6 +2,7 @@ package zmqbridge
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -98,6 +99,8 @@ type viewer interface {
 	mayFlush(namespace, volumeID string) bool
 }
 
+var errStopped = errors.New("zmqbridge: the bridge is stopping")
+
 // endpoints is the set of bound endpoints. Changes run as commands on the
 // goroutines that own the sockets.
 type endpoints struct {
@@ -145,15 +148,45 @@ func (es *endpoints) add(key string, e Endpoint) error {
 		// key gets (its namespaces), not the client.
 		pubType, ep.keys = zmq.XPUB, es.b.curveKeys
 	}
-	if ep.pub, err = es.socket(pubType, e.Events, mode); err != nil {
+	var mon *monitor
+	watch := func(s *zmq.Socket) (err error) {
+		if key == curveKey {
+			// The ZAP handler reads the monitor; it must have it before
+			// the first connection can ask for authentication.
+			if mon, err = es.watch(s, newCurveConns(curveHandshake+time.Second)); err == nil {
+				select {
+				case es.b.curveMons <- mon:
+					mon = nil // zapLoop's now
+				case <-es.b.stop:
+					mon.close()
+					mon = nil
+					return errStopped
+				}
+			}
+		} else if es.b.opts.Metrics != nil {
+			mon, err = es.watch(s, nil)
+		}
 		return err
 	}
-	if m := es.b.opts.Metrics; m != nil {
-		es.watchSubscribers(ep.pub, m)
+	if ep.pub, err = es.socket(pubType, e.Events, mode, watch); err != nil {
+		if mon != nil {
+			mon.close()
+		}
+		return err
 	}
-	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode); err != nil {
+	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode, nil); err != nil {
 		ep.pub.Close()
+		if mon != nil {
+			mon.close()
+		}
 		return err
+	}
+	if mon != nil {
+		go func() {
+			for mon.drain(true) {
+			}
+			mon.close()
+		}()
 	}
 	es.mu.Lock()
 	defer es.mu.Unlock()
@@ -161,14 +194,15 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	return nil
 }
 
-func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Socket, error) {
+// socket makes a socket and binds it; watch, if set, runs just before the bind.
+func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode, watch func(*zmq.Socket) error) (*zmq.Socket, error) {
 	s, err := es.b.zctx.NewSocket(t)
 	if err != nil {
 		return nil, err
 	}
 	s.SetLinger(0)
 	if strings.HasPrefix(addr, "tcp://") {
-		if err := es.b.secureSocket(s); err != nil {
+		if err := es.b.secureSocket(s, t); err != nil {
 			s.Close()
 			return nil, fmt.Errorf("zmqbridge: CURVE on %s: %w", addr, err)
 		}
@@ -182,6 +216,12 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Soc
 	case zmq.ROUTER:
 		s.SetMaxmsgsize(maxMessageBytes) // a peer sending more is disconnected
 		s.SetRcvhwm(1000)
+	}
+	if watch != nil {
+		if err := watch(s); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("zmqbridge: monitoring %s: %w", addr, err)
+		}
 	}
 	path, isIPC := strings.CutPrefix(addr, "ipc://")
 	if isIPC {
@@ -198,47 +238,6 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode) (*zmq.Soc
 		}
 	}
 	return s, nil
-}
-
-// watchSubscribers counts connections to a PUB socket through a ZeroMQ socket
-// monitor, read by a goroutine that owns the monitor's PAIR socket and ends
-// when the PUB socket closes.
-func (es *endpoints) watchSubscribers(pub *zmq.Socket, m Metrics) {
-	addr := fmt.Sprintf("inproc://monitor-%p", pub)
-	// MONITOR_STOPPED must be asked for, or the reader never learns the socket closed.
-	if err := pub.Monitor(addr, zmq.EVENT_ACCEPTED|zmq.EVENT_DISCONNECTED|zmq.EVENT_MONITOR_STOPPED); err != nil {
-		return
-	}
-	mon, err := es.b.zctx.NewSocket(zmq.PAIR)
-	if err != nil {
-		return
-	}
-	if err := mon.Connect(addr); err != nil {
-		mon.Close()
-		return
-	}
-	go func() {
-		defer mon.Close()
-		mon.SetLinger(0)
-		live := 0
-		defer func() { m.Subscribers(-live) }() // connections still open when the socket closed
-		for {
-			ev, _, _, err := mon.RecvEvent(0)
-			if err != nil {
-				return
-			}
-			switch ev {
-			case zmq.EVENT_ACCEPTED:
-				live++
-				m.Subscribers(1)
-			case zmq.EVENT_DISCONNECTED:
-				live--
-				m.Subscribers(-1)
-			case zmq.EVENT_MONITOR_STOPPED:
-				return
-			}
-		}
-	}()
 }
 
 // snapshot lists the endpoints.
