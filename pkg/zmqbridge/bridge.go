@@ -189,8 +189,10 @@ func (b *Bridge) Emit(ev Event) (uint64, error) {
 	return seq, nil
 }
 
-// EmitAsync journals ev (one write(2): it survives a process crash) and returns
-// before the fsync; the committer publishes it once it is durable.
+// EmitAsync journals ev and returns before it is written: the journal's
+// committer writes it within one group commit (from then on it survives a
+// process crash) and fsyncs it, then it is published once durable. If that
+// write fails, the event is lost and the journal fails (see Healthy).
 func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
 	ev.V, ev.Node = Version, b.opts.Node
 	if ev.Driver == "" {

@@ -38,6 +38,11 @@ var errClosed = errors.New("journal closed")
 
 // Journal is an append-only log of events in checksummed segment files, with
 // group commit, crash recovery and retention by size and age.
+//
+// Append only encodes the record into memory; the committer goroutine writes
+// everything pending with one write(2) and then fsyncs it, once per group
+// commit. A record survives a process crash once written (the committer
+// writes within one group commit) and a power cut once Sync returned.
 type Journal struct {
 	o JournalOptions
 
@@ -47,9 +52,12 @@ type Journal struct {
 	segs       []*segment // oldest first; the last one is active
 	active     *os.File
 	ix         indexer // sparse index state of the active segment
-	buf        []byte  // encoding buffer, reused under mu
-	last       uint64
-	total      int64
+	// pend holds encoded records not yet written to the active segment;
+	// they belong at offset size-len(pend) of it (size counts them).
+	pend    []byte
+	written uint64 // every record with Seq <= written is in the file
+	last    uint64
+	total   int64
 	// Times of the active segment's first and latest appends (zero: empty).
 	activeFirst, activeLast time.Time
 	retired                 []*os.File // sealed segments for the committer to close
@@ -126,7 +134,7 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 		j.active.Close()
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	j.synced = j.last
+	j.synced, j.written = j.last, j.last
 	j.retainLocked(o.Now())
 	go j.commitLoop()
 	return j, nil
@@ -137,8 +145,13 @@ func createSegment(path string) (*os.File, error) {
 }
 
 // Append assigns the next sequence number, calls build(seq) to get the record's data
-// (the JSON contains seq), and writes the record with one write(2) before returning
-// (so it survives a process crash). Safe for concurrent use; sequence order == file order.
+// (the JSON contains seq), and queues the record in memory: it does not write.
+// The committer writes what is pending at its next group commit (which Sync or
+// RequestSync asks for), as do Read, rotation and an Append that finds over
+// 1 MiB pending. A record survives a process crash once written and a power
+// cut once Sync returned; if the write fails, the journal fails (Err) and the
+// records not yet written are lost. Safe for concurrent use; sequence order ==
+// file order.
 func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, error) {
 	if len(topic) > maxTopicLen {
 		return Record{}, fmt.Errorf("journal: topic of %d bytes is longer than %d", len(topic), maxTopicLen)
@@ -156,29 +169,25 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 	if n := payloadMin + len(topic) + len(data); n > maxPayload {
 		return Record{}, fmt.Errorf("journal: record of %d bytes is larger than %d", n, maxPayload)
 	}
-	j.buf = encodeRecord(j.buf[:0], seq, topic, data)
+	before := len(j.pend)
+	j.pend = encodeRecord(j.pend, seq, topic, data)
+	n := int64(len(j.pend) - before)
 	s := j.segs[len(j.segs)-1]
-	if n, err := j.active.WriteAt(j.buf, s.size); err != nil {
-		if n > 0 {
-			// Never leave a partial record in front of the next one.
-			if terr := j.active.Truncate(s.size); terr != nil {
-				j.err = fmt.Errorf("journal: partial write not undone: %w", terr)
-			}
-		}
-		return Record{}, fmt.Errorf("journal: %w", err)
-	}
-	n := int64(len(j.buf))
-	if cap(j.buf) > 1<<20 {
-		j.buf = nil // do not pin one huge record's buffer
-	}
 	s.index = j.ix.add(s.index, seq, s.size)
 	s.size += n
 	j.total += n
 	j.last = seq
+	now := j.o.Now()
 	if j.activeFirst.IsZero() {
-		j.activeFirst = j.o.Now()
+		j.activeFirst = now
 	}
-	j.activeLast = j.o.Now()
+	j.activeLast = now
+	if len(j.pend) > maxPending {
+		// Keep memory bounded when nobody asks for a sync.
+		if err := j.flushLocked(); err != nil {
+			return Record{}, err
+		}
+	}
 	if half := j.o.SegmentBytes / 2; s.size >= half && s.size-n < half && j.syncReq < seq {
 		// Start writeback early so the fsync at rotation has less to do.
 		j.syncReq = seq
@@ -193,9 +202,56 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 	return Record{Seq: seq, Topic: topic, Data: data}, nil
 }
 
+// maxPending is how many encoded bytes Append lets wait for the committer
+// before it writes them itself.
+const maxPending = 1 << 20
+
+// flushLocked writes the pending records to the active segment with one
+// write(2). On failure it takes back a partial write, drops the pending
+// records (their seqs were handed out: they are lost) and fails the journal.
+func (j *Journal) flushLocked() error {
+	if len(j.pend) == 0 {
+		return nil
+	}
+	s := j.segs[len(j.segs)-1]
+	off := s.size - int64(len(j.pend))
+	n, err := fileWriteAt(j.active, j.pend, off)
+	if err != nil {
+		if n > 0 {
+			// Never leave a partial record behind: recovery would only drop
+			// it, but Read would report it as corrupt.
+			if terr := j.active.Truncate(off); terr != nil {
+				err = fmt.Errorf("%w; partial write not undone: %w", err, terr)
+			}
+		}
+		if j.err == nil {
+			j.err = fmt.Errorf("journal: %w", err)
+		}
+		j.total -= s.size - off
+		s.size = off
+		for len(s.index) > 0 && s.index[len(s.index)-1].off >= off {
+			s.index = s.index[:len(s.index)-1]
+		}
+		j.pend = j.pend[:0]
+		j.syncCond.Broadcast()
+		return j.err
+	}
+	j.written = j.last
+	if cap(j.pend) > 4*maxPending {
+		j.pend = nil // do not pin one huge record's buffer
+	} else {
+		j.pend = j.pend[:0]
+	}
+	return nil
+}
+
 // rotateLocked seals the active segment, starts a new one and applies retention.
 func (j *Journal) rotateLocked() error {
 	s := j.segs[len(j.segs)-1]
+	// Write what is pending first: the mtime set below must be the last.
+	if err := j.flushLocked(); err != nil {
+		return err
+	}
 	// Stamp the sealed segment's mtime with the time of its newest record, by
 	// the journal's clock, so MaxAge holds across restarts.
 	now := j.o.Now()
@@ -261,8 +317,10 @@ func (j *Journal) retainLocked(now time.Time) {
 	}
 }
 
-// commitLoop is the group committer: each round fsyncs everything appended
-// so far, on behalf of every Sync caller waiting at that moment.
+// commitLoop is the group committer: each round writes everything appended
+// so far and fsyncs it, on behalf of every Sync caller waiting at that moment.
+// The write happens under mu (Appends wait for it; the batch is small), the
+// fsync outside it.
 func (j *Journal) commitLoop() {
 	defer close(j.done)
 	j.mu.Lock()
@@ -272,8 +330,9 @@ func (j *Journal) commitLoop() {
 			j.commitCond.Wait()
 		}
 		retired, closing := j.retired, j.closed
-		target, f, dirty := j.last, j.active, j.dirDirty
-		if j.syncReq <= j.synced && !closing {
+		_ = j.flushLocked() // a failure is sticky in j.err
+		target, f, dirty := j.written, j.active, j.dirDirty
+		if j.err != nil || (j.syncReq <= j.synced && !closing) {
 			f = nil // only retired files to close
 		} else {
 			j.dirDirty = false
@@ -378,8 +437,10 @@ func (j *Journal) Sync(seq uint64) error {
 	return nil
 }
 
-// Read returns records with Seq > after, in order, at most max (max <= 0 means 1000).
+// Read returns records with Seq > after, in order, at most max (max <= 0 means 1000),
+// including records appended but not yet synced (it writes them first).
 // It returns ErrTruncated if retention dropped any of them, and an error if one is corrupt.
+// After a failed write it returns the records that were written, then the journal's error.
 func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 	if max <= 0 {
 		max = 1000
@@ -389,10 +450,18 @@ func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 		j.mu.Unlock()
 		return nil, errClosed
 	}
-	last := j.last
-	if after >= last {
+	if after >= j.last {
 		j.mu.Unlock()
 		return []Record{}, nil
+	}
+	if min(j.last, after+uint64(max)) > j.written {
+		_ = j.flushLocked() // a failure is sticky in j.err, and written stays put
+	}
+	last := j.written
+	if after >= last {
+		err := j.err // records after written were lost by a failed write
+		j.mu.Unlock()
+		return nil, err
 	}
 	if after+1 < j.segs[0].first {
 		j.mu.Unlock()
@@ -435,21 +504,22 @@ func (j *Journal) First() uint64 {
 	return j.segs[0].first
 }
 
-// Last returns the highest seq written (0 for a brand-new journal).
+// Last returns the highest seq appended (0 for a brand-new journal).
 func (j *Journal) Last() uint64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	return j.last
 }
 
-// Bytes returns the total size of the segment files on disk.
+// Bytes returns the total size of the segment files, counting records
+// appended but not yet written.
 func (j *Journal) Bytes() int64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	return j.total
 }
 
-// Close syncs and closes; further calls return an error.
+// Close writes what is pending, syncs and closes; further calls return an error.
 func (j *Journal) Close() error {
 	j.mu.Lock()
 	if j.closed {

@@ -32,6 +32,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // fileSync is every fsync the journal does; the fuzz test stubs it for speed.
 var fileSync = (*os.File).Sync
 
+// fileWriteAt is every write of records the journal does; tests stub it to
+// inject write errors.
+var fileWriteAt = (*os.File).WriteAt
+
 // errCorrupt is wrapped by Read when a record of a sealed segment fails its checks.
 var errCorrupt = errors.New("journal record corrupt")
 

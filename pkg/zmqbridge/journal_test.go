@@ -254,8 +254,9 @@ func expectDropped(t *testing.T, o JournalOptions, dir string, n uint64, what st
 		t.Fatalf("%s: Last() = %d, want %d", what, j.Last(), n-1)
 	}
 	checkRecs(t, readAll(t, j, 0), 1, n-1)
-	// Seq n is handed out again: the torn record's Append never returned (its
-	// write(2) did not complete, or its fsync did not), so nobody saw seq n.
+	// Seq n is handed out again: the torn record was never durable (its write
+	// or its fsync did not complete, so no Sync(n) returned and, in the bridge,
+	// it was never published).
 	r, err := j.Append(eventTopic(n), eventData)
 	if err != nil || r.Seq != n {
 		t.Fatalf("%s: next Append = %d, %v; want %d", what, r.Seq, err, n)
@@ -821,5 +822,291 @@ func TestJournalMaintainQuiet(t *testing.T) {
 	}
 	if rec, err := j.Append("t", func(uint64) []byte { return []byte("x") }); err != nil || rec.Seq != 11 {
 		t.Fatalf("append after maintenance: %+v %v", rec, err)
+	}
+}
+
+// fileSize returns the size of the file at path.
+func fileSize(t testing.TB, path string) int64 {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size()
+}
+
+// encodedSize is the on-disk size of the records from..to as appendN writes them.
+func encodedSize(from, to uint64) int64 {
+	var n int64
+	for seq := from; seq <= to; seq++ {
+		n += int64(len(encodeRecord(nil, seq, eventTopic(seq), eventData(seq))))
+	}
+	return n
+}
+
+// Append leaves the write to the committer, but a record appended and not
+// yet synced is readable: Read writes it first.
+func TestJournalReadUnsynced(t *testing.T) {
+	dir := t.TempDir()
+	j := openT(t, JournalOptions{Dir: dir})
+	defer j.Close()
+	seg := filepath.Join(dir, segName(1))
+	appendN(t, j, 3)
+	// Nobody asked for a sync, so nothing is written yet.
+	if n := fileSize(t, seg); n != 0 {
+		t.Fatalf("segment has %d bytes after Append alone; Append should not write", n)
+	}
+	if j.Bytes() != encodedSize(1, 3) {
+		t.Fatalf("Bytes() = %d, want %d", j.Bytes(), encodedSize(1, 3))
+	}
+	checkRecs(t, readAll(t, j, 0), 1, 3)
+	if n := fileSize(t, seg); n != encodedSize(1, 3) {
+		t.Fatalf("segment has %d bytes after Read, want %d", n, encodedSize(1, 3))
+	}
+	if got := j.fsyncs.Load(); got != 0 {
+		t.Fatalf("Read did %d fsyncs; it should only write", got)
+	}
+	// Once written, the records survive a process crash: a copy of the files
+	// as they are now (no fsync, no Close) recovers them.
+	crashed := t.TempDir()
+	b, err := os.ReadFile(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(crashed, segName(1)), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := openT(t, JournalOptions{Dir: crashed})
+	checkRecs(t, readAll(t, c, 0), 1, 3)
+	c.Close()
+	// Records appended after a Read are read too; Sync still works.
+	appendN(t, j, 2)
+	recs, err := j.Read(3, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, recs, 4, 5)
+	if err := j.Sync(5); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Without syncs, Append writes itself once 1 MiB is pending, so memory stays
+// bounded; the file plus what is pending is always the segment's size.
+func TestJournalPendingBounded(t *testing.T) {
+	dir := t.TempDir()
+	j := openT(t, JournalOptions{Dir: dir, SegmentBytes: 64 << 20})
+	defer j.Close()
+	seg := filepath.Join(dir, segName(1))
+	data := bytes.Repeat([]byte("x"), 1000)
+	var flushed bool
+	for range 3000 {
+		if _, err := j.Append("t", func(uint64) []byte { return data }); err != nil {
+			t.Fatal(err)
+		}
+		j.mu.Lock()
+		pend, size := len(j.pend), j.segs[0].size
+		j.mu.Unlock()
+		if pend > maxPending {
+			t.Fatalf("%d bytes pending after Append, limit %d", pend, maxPending)
+		}
+		if on := fileSize(t, seg); on+int64(pend) != size {
+			t.Fatalf("file %d + pending %d bytes != segment size %d", on, pend, size)
+		} else if on > 0 {
+			flushed = true
+		}
+	}
+	if !flushed {
+		t.Fatal("3 MB appended, nothing written")
+	}
+}
+
+// stubWriteAt makes every record write fail once fail is set: half of the
+// bytes land in the file when partial is set, none otherwise. Tests using it
+// must Close their journals before returning.
+func stubWriteAt(t *testing.T, fail, partial *atomic.Bool) {
+	orig := fileWriteAt
+	fileWriteAt = func(f *os.File, b []byte, off int64) (int, error) {
+		if !fail.Load() {
+			return orig(f, b, off)
+		}
+		n := 0
+		if partial.Load() {
+			n, _ = orig(f, b[:len(b)/2], off)
+		}
+		return n, errors.New("injected EIO")
+	}
+	t.Cleanup(func() { fileWriteAt = orig })
+}
+
+// A failed write fails the journal for good; the records written before it
+// survive a reopen exactly, those appended after are lost.
+func TestJournalWriteErrorSticky(t *testing.T) {
+	var fail, partial atomic.Bool
+	stubWriteAt(t, &fail, &partial)
+	big := func(uint64) []byte { return make([]byte, maxPending) }
+	for _, tc := range []struct {
+		name string
+		seg  int64 // SegmentBytes; 0 = default
+		// trigger makes the journal write seqs 6.. and returns the error the
+		// caller saw, if any.
+		trigger func(j *Journal) error
+	}{
+		{"committer", 0, func(j *Journal) error {
+			appendN(t, j, 3)
+			return j.Sync(8)
+		}},
+		{"read", 0, func(j *Journal) error {
+			appendN(t, j, 3)
+			recs, err := j.Read(5, 0)
+			if err == nil {
+				t.Errorf("Read past the failed write = %d records, no error", len(recs))
+			}
+			return err
+		}},
+		{"rotation", encodedSize(1, 7), func(j *Journal) error {
+			appendN(t, j, 1)
+			_, err := j.Append(eventTopic(7), eventData) // reaches SegmentBytes
+			return err
+		}},
+		{"pending over 1 MiB", 0, func(j *Journal) error {
+			appendN(t, j, 1)
+			_, err := j.Append("t", big)
+			return err
+		}},
+	} {
+		for _, part := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/partial=%v", tc.name, part), func(t *testing.T) {
+				fail.Store(false)
+				partial.Store(part)
+				dir := t.TempDir()
+				o := JournalOptions{Dir: dir, SegmentBytes: tc.seg}
+				j := openT(t, o)
+				appendN(t, j, 5)
+				if err := j.Sync(5); err != nil {
+					t.Fatal(err)
+				}
+				fail.Store(true)
+				if err := tc.trigger(j); err == nil {
+					t.Fatal("the failed write was reported to nobody")
+				}
+				if j.Err() == nil {
+					t.Fatal("Err() = nil after a failed write")
+				}
+				if err := j.Sync(j.Last()); err == nil {
+					t.Fatal("Sync of lost records succeeded")
+				}
+				if err := j.Sync(5); err != nil {
+					t.Fatalf("Sync of records synced before the failure: %v", err)
+				}
+				if _, err := j.Append("t", eventData); err == nil {
+					t.Fatal("Append succeeded on a failed journal")
+				}
+				// What was written is still readable, and nothing else is.
+				recs, err := j.Read(0, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				checkRecs(t, recs, 1, 5)
+				if _, err := j.Read(5, 0); err == nil {
+					t.Fatal("Read of lost records succeeded")
+				}
+				var onDisk int64
+				for _, p := range segFiles(t, dir) {
+					onDisk += fileSize(t, p)
+				}
+				if onDisk != encodedSize(1, 5) || j.Bytes() != onDisk {
+					t.Fatalf("files hold %d bytes, Bytes() %d, records 1..5 are %d: partial write left behind",
+						onDisk, j.Bytes(), encodedSize(1, 5))
+				}
+				if err := j.Close(); err == nil {
+					t.Fatal("Close reported no error after a failed write")
+				}
+				fail.Store(false)
+				j = openT(t, o)
+				defer j.Close()
+				if j.Last() != 5 {
+					t.Fatalf("reopen: Last() = %d, want 5", j.Last())
+				}
+				checkRecs(t, readAll(t, j, 0), 1, 5)
+				if r, err := j.Append(eventTopic(6), eventData); err != nil || r.Seq != 6 {
+					t.Fatalf("Append after reopen = %d, %v; want 6", r.Seq, err)
+				}
+			})
+		}
+	}
+}
+
+// Appenders that sync, a reader and rotation, all at once; then every record
+// is found once, in order, after a reopen.
+func TestJournalConcurrentAppendSyncRead(t *testing.T) {
+	dir := t.TempDir()
+	o := JournalOptions{Dir: dir, SegmentBytes: 4 << 10, MaxBytes: 1 << 30}
+	j := openT(t, o)
+	const workers, each = 4, 400
+	const total = workers * each
+	errc := make(chan error, workers+1)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				r, err := j.Append("t", eventData)
+				if err == nil && i%3 != 2 { // not every Append is synced at once
+					err = j.Sync(r.Seq)
+				}
+				if err != nil {
+					errc <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for after := uint64(0); after < total; {
+			recs, err := j.Read(after, 100)
+			if err != nil {
+				errc <- fmt.Errorf("Read(%d): %w", after, err)
+				return
+			}
+			for _, rec := range recs {
+				after++
+				if rec.Seq != after || !bytes.Equal(rec.Data, eventData(after)) {
+					errc <- fmt.Errorf("reader: got seq %d, want %d", rec.Seq, after)
+					return
+				}
+			}
+		}
+	}()
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		t.Fatal(err)
+	}
+	if err := j.Sync(total); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(segFiles(t, dir)); n < 10 {
+		t.Fatalf("%d segments: no rotation under load", n)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	j = openT(t, o)
+	defer j.Close()
+	if j.First() != 1 || j.Last() != total {
+		t.Fatalf("reopen: First=%d Last=%d, want 1 and %d", j.First(), j.Last(), total)
+	}
+	recs := readAll(t, j, 0)
+	if len(recs) != total {
+		t.Fatalf("%d records after reopen, want %d", len(recs), total)
+	}
+	for i, r := range recs {
+		if seq := uint64(i + 1); r.Seq != seq || !bytes.Equal(r.Data, eventData(seq)) {
+			t.Fatalf("record #%d has seq %d, want %d", i, r.Seq, seq)
+		}
 	}
 }
