@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -236,6 +237,9 @@ func (b *Bridge) onSynced(seq uint64, took time.Duration) {
 		b.opts.Metrics.JournalSynced(took, j.Bytes())
 	}
 	b.poke(b.wakePub)
+	// The publisher now waits in this processor's run queue; let it run
+	// before the committer takes the processor into its next fsync.
+	runtime.Gosched()
 }
 
 // maintainLoop lets the journal apply retention once a minute.
