@@ -200,9 +200,8 @@ func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
 		ev.Driver = b.opts.Driver
 	}
 	rec, err := b.journal.Append(ev.Topic(), func(seq uint64) []byte {
-		ev.Seq = seq
-		ev.Time = time.Now().UTC().Format(time.RFC3339Nano)
-		return ev.Marshal()
+		ev.Seq, ev.Time = seq, ""
+		return ev.appendJSON(make([]byte, 0, 384), time.Now())
 	})
 	if err != nil {
 		return 0, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)

@@ -2,6 +2,7 @@ package zmqbridge
 
 import (
 	"strconv"
+	"time"
 	"unicode/utf8"
 )
 
@@ -9,12 +10,19 @@ import (
 // order, omitempty rules and string escaping) without reflection: the bridge
 // encodes every event on the caller's goroutine, so this is its hot path.
 // TestAppendJSONMatchesEncodingJSON and FuzzAppendJSON hold it to that.
-func (e *Event) appendJSON(b []byte) []byte {
+// A zero now writes e.Time; otherwise an empty e.Time is written as now (UTC,
+// RFC 3339 with nanoseconds), formatted straight into b.
+func (e *Event) appendJSON(b []byte, now time.Time) []byte {
 	b = append(b, `{"v":`...)
 	b = strconv.AppendInt(b, int64(e.V), 10)
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendUint(b, e.Seq, 10)
-	b = appendField(b, "time", e.Time, false)
+	if e.Time == "" && !now.IsZero() {
+		b = append(b, `,"time":"`...)
+		b = append(now.UTC().AppendFormat(b, time.RFC3339Nano), '"')
+	} else {
+		b = appendField(b, "time", e.Time, false)
+	}
 	b = appendField(b, "node", e.Node, false)
 	b = appendField(b, "kind", e.Kind, false)
 	for _, f := range [...]struct{ k, v string }{

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"testing"
+	"time"
 )
 
 func TestAppendJSONMatchesEncodingJSON(t *testing.T) {
@@ -16,8 +17,28 @@ func TestAppendJSONMatchesEncodingJSON(t *testing.T) {
 		{PVC: "q\"uo\\te\n\t\r\b\f\x01\x1f<>&\u2028\u2029 é 日本", Namespace: "bad\xffutf8\xc3", Pod: "\x7f"},
 	} {
 		want, _ := json.Marshal(&e)
-		if got := e.appendJSON(nil); !bytes.Equal(got, want) {
+		if got := e.appendJSON(nil, time.Time{}); !bytes.Equal(got, want) {
 			t.Errorf("appendJSON\n got %s\nwant %s", got, want)
+		}
+	}
+}
+
+// The emit path formats the time straight into the buffer: the same bytes
+// as setting Time first.
+func TestAppendJSONTime(t *testing.T) {
+	for _, now := range []time.Time{
+		time.Date(2026, 11, 22, 3, 4, 5, 0, time.UTC),
+		time.Date(2026, 11, 22, 3, 4, 5, 120000000, time.FixedZone("x", 3600)),
+		time.Now(),
+	} {
+		e := Event{V: 1, Seq: 3, Node: "n", Kind: "detach", VolumeID: "v"}
+		got := e.appendJSON(nil, now)
+		e.Time = now.UTC().Format(time.RFC3339Nano)
+		if want, _ := json.Marshal(&e); !bytes.Equal(got, want) {
+			t.Errorf("appendJSON with now\n got %s\nwant %s", got, want)
+		}
+		if again := e.appendJSON(nil, now.Add(time.Hour)); !bytes.Contains(again, []byte(e.Time)) {
+			t.Errorf("a Time already set was replaced: %s", again)
 		}
 	}
 }
@@ -31,7 +52,7 @@ func FuzzAppendJSON(f *testing.F) {
 		if err != nil {
 			return // NaN and Inf are not JSON
 		}
-		if got := e.appendJSON(nil); !bytes.Equal(got, want) {
+		if got := e.appendJSON(nil, time.Time{}); !bytes.Equal(got, want) {
 			t.Fatalf("appendJSON\n got %s\nwant %s", got, want)
 		}
 	})
@@ -50,7 +71,7 @@ func BenchmarkEncode(b *testing.B) {
 	b.Run("appendJSON", func(b *testing.B) {
 		buf := make([]byte, 0, 512)
 		for i := 0; i < b.N; i++ {
-			buf = e.appendJSON(buf[:0])
+			buf = e.appendJSON(buf[:0], time.Time{})
 		}
 	})
 }

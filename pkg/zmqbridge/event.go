@@ -1,6 +1,9 @@
 package zmqbridge
 
-import "strings"
+import (
+	"strings"
+	"time"
+)
 
 // Version is the protocol version carried in every message's "v" field.
 const Version = 1
@@ -66,4 +69,4 @@ func TopicNamespace(topic string) string {
 
 // Marshal encodes the event as the protocol's JSON (what encoding/json
 // gives, three times faster).
-func (e *Event) Marshal() []byte { return e.appendJSON(make([]byte, 0, 384)) }
+func (e *Event) Marshal() []byte { return e.appendJSON(make([]byte, 0, 384), time.Time{}) }
