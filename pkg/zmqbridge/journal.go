@@ -21,13 +21,18 @@ type Record struct {
 
 // JournalOptions configures OpenJournal.
 type JournalOptions struct {
-	Dir          string           // created 0700 if missing
-	SegmentBytes int64            // rotate the active segment past this size (default 16 MiB)
+	Dir string // created 0700 if missing
+	// SegmentBytes is the size past which the active segment is sealed and a
+	// new one started (default 16 MiB). The active segment's file is
+	// preallocated to this size, so the disk holds up to this much more than
+	// the journal's data (Bytes).
+	SegmentBytes int64
 	MaxBytes     int64            // drop oldest whole segments while the total exceeds this (default 256 MiB)
 	MaxAge       time.Duration    // drop whole segments whose newest record is older than this (default 7 days); 0 = default
 	Now          func() time.Time // for tests; default time.Now
 	// OnSynced, if set, is called (not under any lock) each time records up
-	// to seq became durable, with how long that fsync took.
+	// to seq became durable, with how long that sync (the committer's
+	// fdatasync) took.
 	OnSynced func(seq uint64, took time.Duration)
 }
 
@@ -40,9 +45,15 @@ var errClosed = errors.New("journal closed")
 // group commit, crash recovery and retention by size and age.
 //
 // Append only encodes the record into memory; the committer goroutine writes
-// everything pending with one write(2) and then fsyncs it, once per group
-// commit. A record survives a process crash once written (the committer
-// writes within one group commit) and a power cut once Sync returned.
+// everything pending with one write(2) and then fdatasyncs the active
+// segment, once per group commit. The active segment's file is preallocated
+// to SegmentBytes (fallocate(2), where the file system supports it), so those
+// writes land inside the file and the fdatasync has no size change to commit;
+// its unused rest reads as zeros, which recovery takes for the end of the
+// data. Sealing a segment truncates its file to its data and fsyncs it fully
+// (its mtime dates it for MaxAge). A record survives a process crash once
+// written (the committer writes within one group commit) and a power cut once
+// Sync returned.
 type Journal struct {
 	o JournalOptions
 
@@ -51,7 +62,11 @@ type Journal struct {
 	syncCond   sync.Cond  // Sync callers wait here for synced to advance
 	segs       []*segment // oldest first; the last one is active
 	active     *os.File
-	ix         indexer // sparse index state of the active segment
+	// prealloc says the active file was preallocated to SegmentBytes: it is
+	// longer than the active segment's data, the rest zeros.
+	prealloc    bool
+	allocLogged bool    // a failed preallocation was logged
+	ix          indexer // sparse index state of the active segment
 	// pend holds encoded records not yet written to the active segment;
 	// they belong at offset size-len(pend) of it (size counts them).
 	pend    []byte
@@ -69,7 +84,7 @@ type Journal struct {
 	stopped                 bool // the committer has exited
 	done                    chan struct{}
 
-	fsyncs atomic.Int64 // file fsyncs done, for tests
+	fsyncs atomic.Int64 // file fsyncs and fdatasyncs done, for tests
 }
 
 // OpenJournal opens (or creates) the journal in o.Dir, drops a torn or corrupt
@@ -102,7 +117,7 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 	j.syncCond.L = &j.mu
 	if len(segs) == 0 {
 		s := &segment{first: 1, path: filepath.Join(o.Dir, segName(1)), indexed: true}
-		if j.active, err = createSegment(s.path); err != nil {
+		if j.active, j.prealloc, err = j.createSegment(s.path); err != nil {
 			return nil, fmt.Errorf("journal: %w", err)
 		}
 		j.segs = []*segment{s}
@@ -124,6 +139,9 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 			j.active.Close()
 			return nil, fmt.Errorf("journal: recover %s: %w", s.path, err)
 		}
+		if s.size < o.SegmentBytes { // else the next Append seals it
+			j.prealloc = j.preallocate(j.active)
+		}
 		j.total += s.size
 		if n := len(s.index); n > 0 {
 			j.ix.next = s.index[n-1].off + indexStride
@@ -138,10 +156,6 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 	j.retainLocked(o.Now())
 	go j.commitLoop()
 	return j, nil
-}
-
-func createSegment(path string) (*os.File, error) {
-	return os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 }
 
 // Append assigns the next sequence number, calls build(seq) to get the record's data
@@ -222,6 +236,8 @@ func (j *Journal) flushLocked() error {
 			// it, but Read would report it as corrupt.
 			if terr := j.active.Truncate(off); terr != nil {
 				err = fmt.Errorf("%w; partial write not undone: %w", err, terr)
+			} else {
+				j.prealloc = false // the preallocated rest went too
 			}
 		}
 		if j.err == nil {
@@ -245,13 +261,24 @@ func (j *Journal) flushLocked() error {
 	return nil
 }
 
-// rotateLocked seals the active segment, starts a new one and applies retention.
+// rotateLocked seals the active segment, starts a new one and applies
+// retention. Sealing truncates the file to its data (dropping the
+// preallocated rest), stamps its mtime and fsyncs it, in that order.
 func (j *Journal) rotateLocked() error {
 	s := j.segs[len(j.segs)-1]
 	// Write what is pending first: the mtime set below must be the last.
 	if err := j.flushLocked(); err != nil {
 		return err
 	}
+	// A sealed segment's file size is its data: OpenJournal takes it as the
+	// segment's size without scanning, for Bytes and retention. A crash before
+	// the fsync below leaves this segment the last one, which recovery scans:
+	// either size is fine there. On failure nothing is sealed, and the next
+	// Append retries.
+	if err := j.active.Truncate(s.size); err != nil {
+		return fmt.Errorf("journal: sealing: %w", err)
+	}
+	j.prealloc = false
 	// Stamp the sealed segment's mtime with the time of its newest record, by
 	// the journal's clock, so MaxAge holds across restarts.
 	now := j.o.Now()
@@ -267,10 +294,11 @@ func (j *Journal) rotateLocked() error {
 		return j.err
 	}
 	ns := &segment{first: j.last + 1, path: filepath.Join(j.o.Dir, segName(j.last+1)), indexed: true}
-	f, err := createSegment(ns.path)
+	f, prealloc, err := j.createSegment(ns.path)
 	if err != nil {
 		return err
 	}
+	j.prealloc = prealloc
 	s.newest = newest
 	j.activeFirst, j.activeLast = time.Time{}, time.Time{}
 	j.retired = append(j.retired, j.active)
@@ -318,9 +346,12 @@ func (j *Journal) retainLocked(now time.Time) {
 }
 
 // commitLoop is the group committer: each round writes everything appended
-// so far and fsyncs it, on behalf of every Sync caller waiting at that moment.
+// so far and fdatasyncs the active segment, on behalf of every Sync caller
+// waiting at that moment. fdatasync persists the data and what reading it
+// back needs (the file size, if the write grew the file), but not the mtime,
+// which matters only once the segment is sealed, and sealing fsyncs fully.
 // The write happens under mu (Appends wait for it; the batch is small), the
-// fsync outside it.
+// sync outside it.
 func (j *Journal) commitLoop() {
 	defer close(j.done)
 	j.mu.Lock()
@@ -368,8 +399,8 @@ func (j *Journal) commitLoop() {
 }
 
 // commit closes the retired files (rotation fsynced them) and, unless active
-// is nil, fsyncs the directory if dirty and the active file. Only the
-// committer closes files, so none is closed under its fsync.
+// is nil, fsyncs the directory if dirty and fdatasyncs the active file. Only
+// the committer closes files, so none is closed under its sync.
 func (j *Journal) commit(retired []*os.File, active *os.File, dirty bool) error {
 	var err error
 	for _, f := range retired {
@@ -385,12 +416,19 @@ func (j *Journal) commit(retired []*os.File, active *os.File, dirty bool) error 
 			return err
 		}
 	}
-	return j.fsync(active)
+	return j.datasync(active)
 }
 
+// fsync is a full fsync of a segment file (sealing).
 func (j *Journal) fsync(f *os.File) error {
 	j.fsyncs.Add(1)
 	return fileSync(f)
+}
+
+// datasync is the committer's fdatasync of the active segment file.
+func (j *Journal) datasync(f *os.File) error {
+	j.fsyncs.Add(1)
+	return fileDatasync(f)
 }
 
 // RequestSync asks for records up to seq to be made durable without waiting
@@ -411,9 +449,10 @@ func (j *Journal) Err() error {
 	return j.err
 }
 
-// Sync blocks until every record with Seq <= seq is fsynced. Group commit: concurrent
-// callers share fsyncs (one background committer goroutine), so N concurrent
-// Append+Sync pairs cost far fewer than N fsyncs.
+// Sync blocks until every record with Seq <= seq is synced to disk (the
+// committer's fdatasync). Group commit: concurrent callers share syncs (one
+// background committer goroutine), so N concurrent Append+Sync pairs cost far
+// fewer than N syncs.
 func (j *Journal) Sync(seq uint64) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -511,15 +550,19 @@ func (j *Journal) Last() uint64 {
 	return j.last
 }
 
-// Bytes returns the total size of the segment files, counting records
-// appended but not yet written.
+// Bytes returns the total size of the journal's data, counting records
+// appended but not yet written. The preallocated rest of the active
+// segment's file is not counted.
 func (j *Journal) Bytes() int64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	return j.total
 }
 
-// Close writes what is pending, syncs and closes; further calls return an error.
+// Close writes what is pending, syncs and closes; further calls return an
+// error. The active segment's file keeps its preallocated rest (zeros after
+// the data), which the next OpenJournal takes for the end of the data and
+// keeps as the segment's preallocation.
 func (j *Journal) Close() error {
 	j.mu.Lock()
 	if j.closed {

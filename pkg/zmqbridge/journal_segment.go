@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 // On-disk record: 4-byte LE payload length, 4-byte LE CRC-32C of the payload,
@@ -29,7 +31,8 @@ const (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// fileSync is every fsync the journal does; the fuzz test stubs it for speed.
+// fileSync is every full fsync the journal does (sealing, recovery,
+// directories); the fuzz test stubs it for speed.
 var fileSync = (*os.File).Sync
 
 // fileWriteAt is every write of records the journal does; tests stub it to
@@ -186,9 +189,17 @@ func (ix *indexer) add(idx []idxEntry, seq uint64, off int64) []idxEntry {
 	return idx
 }
 
-// recoverSegment scans s fully, verifying every record, and truncates f at the
-// first torn or corrupt one. It fills s.size and s.index, and returns the seq of
-// the last good record (s.first-1 if none).
+// recoverSegment scans s fully, verifying every record, and fills s.size and
+// s.index; it returns the seq of the last good record (s.first-1 if none).
+//
+// What follows the last good record is either all zeros or a torn or corrupt
+// tail. Zeros are the clean end of the data: the unused, preallocated rest of
+// the segment (after a clean Close too), or blocks a crash left unwritten.
+// They can never read as a record (a record's length is at least payloadMin)
+// and the next appends overwrite them, so they stay. Any other tail is logged
+// and truncated: bytes left after the records appended next could otherwise
+// be scanned as records after the next crash (a stale whole record with the
+// right seq, say, behind a torn one of the same length).
 func recoverSegment(f *os.File, s *segment) (uint64, error) {
 	st, err := f.Stat()
 	if err != nil {
@@ -210,9 +221,17 @@ func recoverSegment(f *os.File, s *segment) (uint64, error) {
 		last, good = seq, rr.off
 	}
 	s.size = good
-	if s.size != st.Size() {
-		if err := f.Truncate(s.size); err != nil {
+	if good < st.Size() {
+		zero, err := zeroTail(f, good, st.Size())
+		if err != nil {
 			return 0, err
+		}
+		if !zero {
+			klog.InfoS("event journal recovery: dropping a torn or corrupt tail after the last good record",
+				"segment", s.path, "lastSeq", last, "offset", good, "bytes", st.Size()-good)
+			if err := f.Truncate(good); err != nil {
+				return 0, err
+			}
 		}
 	}
 	// What a crashed process left in the page cache becomes durable here.

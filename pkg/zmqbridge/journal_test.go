@@ -132,13 +132,18 @@ func TestJournalRoundTrip(t *testing.T) {
 			t.Fatalf("Read(%d) = %v, %v; want empty slice", after, recs, err)
 		}
 	}
-	var size int64
-	for _, p := range segFiles(t, dir) {
-		st, _ := os.Stat(p)
-		size += st.Size()
+	// Bytes counts the data, not the preallocated rest of the segment file.
+	data := append(encodedRecs(1, 25), encodeRecord(nil, 26, "", nil)...)
+	if j.Bytes() != int64(len(data)) {
+		t.Fatalf("Bytes() = %d, records are %d bytes", j.Bytes(), len(data))
 	}
-	if j.Bytes() != size || size == 0 {
-		t.Fatalf("Bytes() = %d, files hold %d", j.Bytes(), size)
+	seg := segFiles(t, dir)
+	if len(seg) != 1 {
+		t.Fatalf("%d segment files, want 1", len(seg))
+	}
+	checkFileData(t, seg[0], data)
+	if n := fileSize(t, seg[0]); n != 16<<20 {
+		t.Fatalf("segment file is %d bytes, want preallocated to the default 16 MiB", n)
 	}
 }
 
@@ -203,7 +208,8 @@ func TestJournalReopenContinues(t *testing.T) {
 }
 
 // tornSetup writes n records over several segments and returns the journal
-// files' contents and the offset of the last record in the last segment.
+// files' contents (the last segment's data only, without the preallocated
+// rest) and the offset of the last record in the last segment.
 func tornSetup(t *testing.T, n int) (o JournalOptions, files map[string][]byte, lastSeg string, lastOff int) {
 	dir := t.TempDir()
 	o = JournalOptions{Dir: dir, SegmentBytes: 400}
@@ -214,6 +220,7 @@ func tornSetup(t *testing.T, n int) (o JournalOptions, files map[string][]byte, 
 	if lastFirst >= uint64(n) || len(j.segs) < 2 {
 		t.Fatalf("bad setup: last segment starts at %d, %d segments", lastFirst, len(j.segs))
 	}
+	lastSize := j.segs[len(j.segs)-1].size
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -226,6 +233,11 @@ func tornSetup(t *testing.T, n int) (o JournalOptions, files map[string][]byte, 
 		files[filepath.Base(p)] = b
 		lastSeg = filepath.Base(p)
 	}
+	// Keep only the last segment's data: its file is preallocated.
+	if b := files[lastSeg]; int64(len(b)) != o.SegmentBytes || !allZero(b[lastSize:]) {
+		t.Fatalf("bad setup: last segment file is %d bytes, not %d of data then zeros", len(b), lastSize)
+	}
+	files[lastSeg] = files[lastSeg][:lastSize]
 	lastOff = len(files[lastSeg]) - len(encodeRecord(nil, uint64(n), eventTopic(uint64(n)), eventData(uint64(n))))
 	return o, files, lastSeg, lastOff
 }
@@ -271,21 +283,37 @@ func TestJournalTornTail(t *testing.T) {
 	for cut := lastOff; cut < len(full); cut++ {
 		dir := restore(t, files, lastSeg, full[:cut])
 		expectDropped(t, o, dir, n, fmt.Sprintf("cut at %d of %d", cut, len(full)))
-		if st, _ := os.Stat(filepath.Join(dir, lastSeg)); st.Size() != int64(len(full)) {
-			t.Fatalf("cut at %d: segment is %d bytes after re-append, want %d", cut, st.Size(), len(full))
+		// The torn bytes were truncated, the file preallocated again, and
+		// the record re-appended in place.
+		path := filepath.Join(dir, lastSeg)
+		checkFileData(t, path, full)
+		if got := fileSize(t, path); got != o.SegmentBytes {
+			t.Fatalf("cut at %d: segment file is %d bytes after re-append, want %d", cut, got, o.SegmentBytes)
 		}
 	}
-	// Garbage after a whole record is dropped too (e.g. zeros after a power cut).
-	dir := restore(t, files, lastSeg, append(bytes.Clone(full), make([]byte, 100)...))
+	// Zeros after a whole record (a preallocated rest, or blocks a power
+	// cut left unwritten) are the clean end of the data, and are kept.
+	dir := restore(t, files, lastSeg, append(bytes.Clone(full), make([]byte, 1000)...))
 	o.Dir = dir
 	j := openT(t, o)
-	if j.Last() != n {
-		t.Fatalf("zero tail: Last() = %d, want %d", j.Last(), n)
+	if j.Last() != n || j.Bytes() != encodedSize(1, n) {
+		t.Fatalf("zero tail: Last() = %d, Bytes() = %d, want %d and %d", j.Last(), j.Bytes(), n, encodedSize(1, n))
 	}
 	j.Close()
-	if st, _ := os.Stat(filepath.Join(dir, lastSeg)); st.Size() != int64(len(full)) {
-		t.Fatalf("zero tail not truncated: %d bytes", st.Size())
+	path := filepath.Join(dir, lastSeg)
+	checkFileData(t, path, full)
+	if got := fileSize(t, path); got != int64(len(full))+1000 {
+		t.Fatalf("zero tail: file is %d bytes, want %d (kept)", got, len(full)+1000)
 	}
+	// Garbage after a whole record is dropped.
+	dir = restore(t, files, lastSeg, append(bytes.Clone(full), []byte("garbage, not a record")...))
+	o.Dir = dir
+	j = openT(t, o)
+	if j.Last() != n {
+		t.Fatalf("garbage tail: Last() = %d, want %d", j.Last(), n)
+	}
+	j.Close()
+	checkFileData(t, filepath.Join(dir, lastSeg), full)
 }
 
 func TestJournalCorruptTail(t *testing.T) {
@@ -510,7 +538,7 @@ func TestJournalRotationSealsDurably(t *testing.T) {
 
 func TestJournalFsyncErrorSticky(t *testing.T) {
 	var fail atomic.Bool
-	stubSync(t, func(f *os.File) error {
+	stubDatasync(t, func(f *os.File) error {
 		if fail.Load() {
 			return errors.New("EIO")
 		}
@@ -690,22 +718,36 @@ func validSegment(n int) []byte {
 	return b
 }
 
+// FuzzJournalRecover feeds any bytes to recovery as the newest segment, with
+// or without zeros after them (the preallocated rest of a segment): recovery
+// must keep exactly the valid prefix, keep a tail of zeros and drop any other
+// tail, and appends must then continue right after the prefix.
 func FuzzJournalRecover(f *testing.F) {
 	seg := validSegment(5)
-	f.Add(seg)
-	f.Add(seg[:len(seg)-3])
-	f.Add(append(bytes.Clone(seg), 0, 0, 0, 0))
-	f.Add([]byte{})
+	torn := encodeRecord(nil, 6, eventTopic(6), eventData(6))
+	f.Add(seg, uint16(0))
+	f.Add(seg[:len(seg)-3], uint16(0))
+	f.Add(append(bytes.Clone(seg), 0, 0, 0, 0), uint16(0))
+	f.Add([]byte{}, uint16(0))
+	f.Add(seg, uint16(5000))                                           // clean end in a preallocated file
+	f.Add(seg[:len(seg)-3], uint16(100))                               // torn, then zeros
+	f.Add(append(bytes.Clone(seg), torn[:headerLen+3]...), uint16(64)) // torn record inside the preallocated area
+	f.Add([]byte{}, uint16(4096))                                      // a new, preallocated segment
 	// fsync only costs time here (tens of executions a second instead of thousands).
 	defer func(orig func(*os.File) error) { fileSync = orig }(fileSync)
 	fileSync = func(*os.File) error { return nil }
-	f.Fuzz(func(t *testing.T, b []byte) {
+	defer func(orig func(*os.File) error) { fileDatasync = orig }(fileDatasync)
+	fileDatasync = func(*os.File) error { return nil }
+	const segBytes = 4 << 10
+	f.Fuzz(func(t *testing.T, in []byte, zeros uint16) {
 		dir := t.TempDir()
 		path := filepath.Join(dir, segName(1))
+		b := append(bytes.Clone(in), make([]byte, zeros)...)
 		if err := os.WriteFile(path, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		j, err := OpenJournal(JournalOptions{Dir: dir})
+		o := JournalOptions{Dir: dir, SegmentBytes: segBytes}
+		j, err := OpenJournal(o)
 		if err != nil {
 			t.Fatalf("OpenJournal: %v", err)
 		}
@@ -731,11 +773,37 @@ func FuzzJournalRecover(f *testing.F) {
 				t.Fatalf("record %d has a bad CRC", r.Seq)
 			}
 		}
-		if kept, _ := os.ReadFile(path); !bytes.Equal(kept, re) {
-			t.Fatalf("file kept %d bytes, records are %d", len(kept), len(re))
+		if j.Bytes() != int64(len(re)) {
+			t.Fatalf("Bytes() = %d, records are %d", j.Bytes(), len(re))
 		}
-		if r, err := j.Append("t", eventData); err != nil || r.Seq != j.Last() || r.Seq != uint64(len(recs)+1) {
+		// The file holds the records, then zeros only: a zero tail is kept
+		// as it was, any other is dropped; the rest is preallocated.
+		checkFileData(t, path, re)
+		kept := fileSize(t, path)
+		if allZero(b[len(re):]) && kept < int64(len(b)) {
+			t.Fatalf("zero tail truncated: file kept %d of %d bytes", kept, len(b))
+		}
+		if j.prealloc && kept < segBytes {
+			t.Fatalf("preallocated file is %d bytes, want %d", kept, segBytes)
+		}
+		// Appends continue right after the records, and a reopen finds them.
+		r, err := j.Append("t", eventData)
+		if err != nil || r.Seq != j.Last() || r.Seq != uint64(len(recs)+1) {
 			t.Fatalf("Append after recovery = %d, %v", r.Seq, err)
+		}
+		if err := j.Close(); err != nil {
+			t.Fatal(err)
+		}
+		j = openT(t, o)
+		defer j.Close()
+		again := readAll(t, j, 0)
+		if len(again) != len(recs)+1 || !slices.EqualFunc(again[:len(recs)], recs, func(a, b Record) bool {
+			return a.Seq == b.Seq && a.Topic == b.Topic && bytes.Equal(a.Data, b.Data)
+		}) {
+			t.Fatalf("after append and reopen: %d records, want the %d recovered and the new one", len(again), len(recs))
+		}
+		if n := again[len(recs)]; n.Seq != r.Seq || n.Topic != "t" || !bytes.Equal(n.Data, eventData(r.Seq)) {
+			t.Fatalf("appended record read back as %+v", n)
 		}
 	})
 }
@@ -852,17 +920,14 @@ func TestJournalReadUnsynced(t *testing.T) {
 	defer j.Close()
 	seg := filepath.Join(dir, segName(1))
 	appendN(t, j, 3)
-	// Nobody asked for a sync, so nothing is written yet.
-	if n := fileSize(t, seg); n != 0 {
-		t.Fatalf("segment has %d bytes after Append alone; Append should not write", n)
-	}
+	// Nobody asked for a sync, so nothing is written yet: the preallocated
+	// file holds zeros only.
+	checkFileData(t, seg, nil)
 	if j.Bytes() != encodedSize(1, 3) {
 		t.Fatalf("Bytes() = %d, want %d", j.Bytes(), encodedSize(1, 3))
 	}
 	checkRecs(t, readAll(t, j, 0), 1, 3)
-	if n := fileSize(t, seg); n != encodedSize(1, 3) {
-		t.Fatalf("segment has %d bytes after Read, want %d", n, encodedSize(1, 3))
-	}
+	checkFileData(t, seg, encodedRecs(1, 3))
 	if got := j.fsyncs.Load(); got != 0 {
 		t.Fatalf("Read did %d fsyncs; it should only write", got)
 	}
@@ -894,6 +959,8 @@ func TestJournalReadUnsynced(t *testing.T) {
 // Without syncs, Append writes itself once 1 MiB is pending, so memory stays
 // bounded; the file plus what is pending is always the segment's size.
 func TestJournalPendingBounded(t *testing.T) {
+	// Without preallocation the file size shows what was written.
+	stubAllocate(t, 0, nil)
 	dir := t.TempDir()
 	j := openT(t, JournalOptions{Dir: dir, SegmentBytes: 64 << 20})
 	defer j.Close()
@@ -1011,13 +1078,14 @@ func TestJournalWriteErrorSticky(t *testing.T) {
 				if _, err := j.Read(5, 0); err == nil {
 					t.Fatal("Read of lost records succeeded")
 				}
-				var onDisk int64
-				for _, p := range segFiles(t, dir) {
-					onDisk += fileSize(t, p)
+				// No partial write is left behind: the file holds records
+				// 1..5, then zeros at most (the preallocated rest).
+				if segs := segFiles(t, dir); len(segs) != 1 {
+					t.Fatalf("%d segment files, want 1", len(segs))
 				}
-				if onDisk != encodedSize(1, 5) || j.Bytes() != onDisk {
-					t.Fatalf("files hold %d bytes, Bytes() %d, records 1..5 are %d: partial write left behind",
-						onDisk, j.Bytes(), encodedSize(1, 5))
+				checkFileData(t, filepath.Join(dir, segName(1)), encodedRecs(1, 5))
+				if j.Bytes() != encodedSize(1, 5) {
+					t.Fatalf("Bytes() = %d, records 1..5 are %d", j.Bytes(), encodedSize(1, 5))
 				}
 				if err := j.Close(); err == nil {
 					t.Fatal("Close reported no error after a failed write")
