@@ -4,14 +4,16 @@ package zmqbridge
 //
 //	go test -run '^$' -bench BridgeVsRaw -benchtime 1x ./pkg/zmqbridge/
 //
-// Publisher and subscriber are goroutines of one process (one ZeroMQ context
-// each), over ipc in a temporary directory; the bridge's journal lives there
-// too, so its fsyncs hit that file system. Each socket is owned by one goroutine.
+// The publisher (raw XPUB, or the bridge) runs in the benchmark's process; the
+// subscriber of every run is a child process (bench_child_test.go), as in
+// production, where subscribers are other pods. They talk over ipc in a
+// temporary directory; the bridge's journal lives there too, so its fsyncs hit
+// that file system. Each socket is owned by one goroutine. Latencies compare
+// wall-clock (UnixNano) times taken in the two processes.
 
 import (
 	"bytes"
 	"cmp"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -42,22 +44,6 @@ const (
 func benchEvent() Event {
 	return Event{Kind: KindPublish, VolumeID: "0001-0009-rook-ceph-0000000000000002",
 		PVC: "data-db-0", Namespace: "team-a"}
-}
-
-// jsonUint reads the unsigned number after "key": (no full JSON decode).
-func jsonUint(b []byte, key string) uint64 {
-	i := bytes.Index(b, []byte(`"`+key+`":`))
-	if i < 0 {
-		return 0
-	}
-	var n uint64
-	for _, c := range b[i+len(key)+3:] {
-		if c < '0' || c > '9' {
-			break
-		}
-		n = n*10 + uint64(c-'0')
-	}
-	return n
 }
 
 // pacer sleeps until message i of a run at rate/s is due (rate 0: never).
@@ -100,37 +86,6 @@ var (
 	timerFile *os.File // one timer: pacing runs in one goroutine at a time
 )
 
-// dialSUB connects a SUB socket (subscribed to everything, in a context of its
-// own, like a separate process) for the calling goroutine; done closes both.
-func dialSUB(addr string, timeout time.Duration) (sub *zmq.Socket, done func(), err error) {
-	zctx, err := zmq.NewContext()
-	if err != nil {
-		return nil, nil, err
-	}
-	if sub, err = zctx.NewSocket(zmq.SUB); err == nil {
-		sub.SetLinger(0)
-		sub.SetRcvhwm(100000)
-		sub.SetRcvtimeo(timeout)
-		sub.SetSubscribe("")
-		if err = sub.Connect(addr); err != nil {
-			sub.Close()
-		}
-	}
-	if err != nil {
-		zctx.Term()
-		return nil, nil, err
-	}
-	return sub, func() { sub.Close(); zctx.Term() }, nil
-}
-
-// recv2 receives one two-frame message [topic, json].
-func recv2(s *zmq.Socket) (topic, msg []byte, err error) {
-	if topic, err = s.RecvBytes(0); err == nil {
-		msg, err = s.RecvBytes(0)
-	}
-	return topic, msg, err
-}
-
 // runResult is what one run measured.
 type runResult struct {
 	n                    int
@@ -156,8 +111,8 @@ func pct(xs []time.Duration, p float64) time.Duration {
 }
 
 // rawRun sends n messages [topic, json] from an XPUB (XPUB_NODROP, so a full
-// queue blocks the sender instead of dropping) to one SUB goroutine. The JSON
-// is the bench event's with the send time (ns since origin) in place of "time".
+// queue blocks the sender instead of dropping) to one subscriber process. The
+// JSON is the bench event's with the send time (UnixNano) in place of "time".
 func rawRun(dir string, n, rate int) (*runResult, error) {
 	ev := benchEvent()
 	topic := []byte(ev.Topic())
@@ -185,66 +140,56 @@ func rawRun(dir string, n, rate int) (*runResult, error) {
 		return nil, err
 	}
 
-	origin, res := time.Now(), &runResult{n: n}
-	var lastRecv time.Duration
-	done := make(chan error, 1)
-	go func() { // the subscriber owns its context and SUB socket
-		sub, closeSUB, err := dialSUB(addr, benchWait)
-		if err != nil {
-			done <- err
-			return
-		}
-		defer closeSUB()
-		for got := 0; got < n; got++ {
-			_, msg, err := recv2(sub)
-			if err == nil && jsonUint(msg, "seq") != uint64(got+1) {
-				err = fmt.Errorf("seq %d arrived, want %d", jsonUint(msg, "seq"), got+1)
-			}
-			if err != nil {
-				done <- fmt.Errorf("raw SUB: %d of %d received (loss): %w", got, n, err)
-				return
-			}
-			if lastRecv = time.Since(origin); rate > 0 {
-				res.lat = append(res.lat, lastRecv-time.Duration(jsonUint(msg, "sent_ns")))
-			}
-		}
-		done <- nil
-	}()
-
+	sp, err := startSubscriber(subParams{Mode: "raw", Events: addr, N: n})
+	if err != nil {
+		return nil, err
+	}
+	defer sp.stop()
+	if err := sp.ready(benchWait); err != nil { // its SUB is connecting
+		return nil, err
+	}
 	// XPUB delivers the subscription: from then on nothing is missed.
 	if _, err := pub.RecvBytes(0); err != nil {
-		<-done
-		return nil, fmt.Errorf("no subscription on the XPUB: %w", err)
+		return nil, sp.fail(fmt.Errorf("no subscription on the XPUB: %w", err))
 	}
-	buf, start := make([]byte, 0, 512), time.Now()
-	for i := 0; i < n && err == nil; i++ {
+	sentAt, buf, start := make([]int64, n), make([]byte, 0, 512), time.Now()
+	for i := 0; i < n; i++ {
 		pacer(start, i, rate)
+		sentAt[i] = time.Now().UnixNano()
 		buf = append(strconv.AppendUint(append(buf[:0], `{"v":1,"seq":`...), uint64(i+1), 10), `,"sent_ns":`...)
-		buf = append(strconv.AppendInt(buf, int64(time.Since(origin)), 10), tail...)
+		buf = append(strconv.AppendInt(buf, sentAt[i], 10), tail...)
 		if _, err = pub.SendBytes(topic, zmq.SNDMORE); err == nil {
 			_, err = pub.SendBytes(buf, 0)
 		}
+		if err != nil {
+			return nil, sp.fail(fmt.Errorf("raw XPUB: message %d of %d: %w", i+1, n, err))
+		}
 	}
-	if rerr := <-done; rerr != nil || err != nil {
-		return nil, errors.Join(rerr, err)
+	sub, err := sp.result(benchWait + 5*time.Second)
+	if err != nil {
+		return nil, err
 	}
-	res.elapsed = lastRecv - start.Sub(origin)
+	res := &runResult{n: n, elapsed: time.Duration(sub.RecvAt[n-1] - sentAt[0])}
+	for i := 0; rate > 0 && i < n; i++ {
+		res.lat = append(res.lat, time.Duration(sub.RecvAt[i]-sentAt[i]))
+	}
 	return res, nil
 }
 
 // benchMetrics records the bridge's group commits (one journal fsync each)
-// and when each event left the PUB socket (events are published in order).
+// and when (UnixNano) each event left the PUB socket (published in order).
 type benchMetrics struct {
-	origin       time.Time
-	mu           sync.Mutex
-	syncs, pubAt []time.Duration
+	mu    sync.Mutex
+	syncs []time.Duration
+	pubAt []int64
 }
 
 func (m *benchMetrics) ReplayServed()   {}
 func (m *benchMetrics) Subscribers(int) {}
 func (m *benchMetrics) EventPublished(string) {
+	now := time.Now().UnixNano()
 	m.mu.Lock()
-	m.pubAt = append(m.pubAt, time.Since(m.origin))
+	m.pubAt = append(m.pubAt, now)
 	m.mu.Unlock()
 }
 func (m *benchMetrics) JournalSynced(d time.Duration, _ int64) {
@@ -254,11 +199,10 @@ func (m *benchMetrics) JournalSynced(d time.Duration, _ int64) {
 }
 
 // bridgeRun EmitAsyncs n events (paced at rate/s, or as fast as possible when
-// rate is 0) while one plain SUB on events.sock receives them; events the PUB
-// dropped are fetched with Client.Replay, so every one of the n arrives.
+// rate is 0) while a subscriber process receives them on events.sock; events
+// the PUB dropped it fetches with Client.Replay, so every one of the n arrives.
 func bridgeRun(dir string, n, rate int) (*runResult, error) {
-	origin := time.Now()
-	m := &benchMetrics{origin: origin}
+	m := &benchMetrics{}
 	br, err := New(Options{Dir: dir, Node: benchNode, Driver: benchDriver,
 		Heartbeat: 50 * time.Millisecond, Metrics: m})
 	if err != nil {
@@ -266,31 +210,31 @@ func bridgeRun(dir string, n, rate int) (*runResult, error) {
 	}
 	defer br.Close()
 	base := br.Last()
-	// emitAt is written by the emitter only, recvAt by the subscriber only.
-	emitAt, recvAt, res := make([]time.Duration, n), make([]time.Duration, n), &runResult{n: n}
-	ready, done := make(chan struct{}), make(chan error, 1)
-	go func() { done <- followBridge(dir, base, n, origin, recvAt, res, ready) }()
-	select {
-	case err := <-done:
-		return nil, fmt.Errorf("subscriber never got ready: %v", err)
-	case <-ready:
+	sp, err := startSubscriber(subParams{Mode: "bridge", N: n, Base: base,
+		Events: "ipc://" + filepath.Join(dir, "events.sock"), Control: "ipc://" + filepath.Join(dir, "control.sock")})
+	if err != nil {
+		return nil, err
+	}
+	defer sp.stop()
+	if err := sp.ready(benchWait); err != nil { // it has received a heartbeat
+		return nil, err
 	}
 
-	ev, start := benchEvent(), time.Now()
+	ev, emitAt, start := benchEvent(), make([]int64, n), time.Now()
 	for i := 0; i < n; i++ {
 		pacer(start, i, rate)
-		emitAt[i] = time.Since(origin)
+		emitAt[i] = time.Now().UnixNano()
 		seq, err := br.EmitAsync(ev)
 		if err == nil && seq != base+uint64(i)+1 {
 			err = fmt.Errorf("EmitAsync returned seq %d, want %d", seq, base+uint64(i)+1)
 		}
 		if err != nil {
-			<-done
-			return nil, err
+			return nil, sp.fail(err)
 		}
 	}
-	res.emitted = time.Since(origin) - emitAt[0]
-	if err := <-done; err != nil {
+	res := &runResult{n: n, emitted: time.Duration(time.Now().UnixNano() - emitAt[0])}
+	sub, err := sp.result(benchWait + 5*time.Second)
+	if err != nil {
 		return nil, err
 	}
 	br.Close() // the publisher has told m of every event
@@ -298,91 +242,16 @@ func bridgeRun(dir string, n, rate int) (*runResult, error) {
 	res.syncs = slices.Clone(m.syncs)
 	pubAt := slices.Clone(m.pubAt)
 	m.mu.Unlock()
-	res.elapsed = slices.Max(recvAt) - emitAt[0]
+	res.live, res.replayed, res.dups, res.replays = sub.Live, sub.Replayed, sub.Dups, sub.Replays
+	res.elapsed = time.Duration(slices.Max(sub.RecvAt) - emitAt[0])
 	for i := 0; rate > 0 && i < n; i++ {
-		res.lat = append(res.lat, recvAt[i]-emitAt[i])
+		res.lat = append(res.lat, time.Duration(sub.RecvAt[i]-emitAt[i]))
 		if len(pubAt) == n { // split at the PUB send
-			res.toPub = append(res.toPub, pubAt[i]-emitAt[i])
-			res.fromPub = append(res.fromPub, recvAt[i]-pubAt[i])
+			res.toPub = append(res.toPub, time.Duration(pubAt[i]-emitAt[i]))
+			res.fromPub = append(res.fromPub, time.Duration(sub.RecvAt[i]-pubAt[i]))
 		}
 	}
 	return res, nil
-}
-
-// followBridge is the lossless subscriber (docs/events.md): live events in
-// order; on a gap, or a heartbeat ahead of what it has, replay what is
-// missing. It owns its SUB socket and Client, and records receipt times.
-func followBridge(dir string, base uint64, n int, origin time.Time, recvAt []time.Duration, res *runResult, ready chan struct{}) error {
-	sub, closeSUB, err := dialSUB("ipc://"+filepath.Join(dir, "events.sock"), 200*time.Millisecond)
-	if err != nil {
-		return err
-	}
-	defer closeSUB()
-	cl, err := Dial("ipc://"+filepath.Join(dir, "events.sock"), "ipc://"+filepath.Join(dir, "control.sock"))
-	if err != nil {
-		return err
-	}
-	defer cl.Close()
-	cl.Timeout = 5 * time.Second
-
-	last, target := base, base+uint64(n)
-	record := func(seq uint64, count *int) {
-		recvAt[seq-base-1], last = time.Since(origin), seq
-		*count++
-	}
-	catchUp := func(upTo uint64) error { // replay (last, upTo], in order
-		for last < upTo {
-			evs, _, err := cl.Replay(last, MaxReplay)
-			res.replays++
-			if err != nil {
-				return fmt.Errorf("replay after %d: %w", last, err)
-			}
-			before := last
-			for _, raw := range evs {
-				if s := jsonUint(raw, "seq"); s == last+1 && s <= target {
-					record(s, &res.replayed)
-				}
-			}
-			if last == before {
-				return fmt.Errorf("replay after %d made no progress (want %d)", last, upTo)
-			}
-		}
-		return nil
-	}
-
-	deadline := time.Now().Add(benchWait)
-	for last < target {
-		topic, msg, err := recv2(sub)
-		if err != nil {
-			if zmq.AsErrno(err) == zmq.Errno(syscall.EAGAIN) && time.Now().Before(deadline) {
-				continue
-			}
-			return fmt.Errorf("bridge SUB: %d of %d events: %w", last-base, n, err)
-		}
-		if ready != nil { // the first message (a heartbeat) proves the subscription is live
-			close(ready)
-			ready = nil
-		}
-		seq := jsonUint(msg, "seq")
-		switch {
-		case bytes.HasPrefix(topic, []byte(KindHeartbeat+"/")):
-			if seq > last { // published but never arrived: dropped
-				err = catchUp(min(seq, target))
-			}
-		case seq <= last:
-			res.dups++
-		case seq == last+1:
-			record(seq, &res.live)
-		default: // a gap: fetch the missing ones, then this one
-			if err = catchUp(seq - 1); err == nil {
-				record(seq, &res.live)
-			}
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // medianIndex returns the index of the median of xs (the lower one of an
@@ -509,7 +378,7 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 	ev := benchEvent()
 	ev.V, ev.Seq, ev.Time, ev.Node, ev.Driver = Version, benchN, time.Now().UTC().Format(time.RFC3339Nano), benchNode, benchDriver
 	load, _ := os.ReadFile("/proc/loadavg")
-	fmt.Printf("\nmedian of %d rounds; raw ZeroMQ vs bridge over ipc; publisher and subscriber are goroutines of ONE process; GOMAXPROCS %d, "+
+	fmt.Printf("\nmedian of %d rounds; raw ZeroMQ vs bridge over ipc; publisher in the benchmark process, subscriber a separate process; GOMAXPROCS %d, "+
 		"load avg %s\nmessages [topic %d B, JSON %d B]; bridge journal on %s\n",
 		benchRounds, runtime.GOMAXPROCS(0), bytes.Fields(load)[0], len(ev.Topic()), len(ev.Marshal()), fs)
 	row := func(name, raw, br, note string) { fmt.Printf("  %-36s %12s %12s   %s\n", name, raw, br, note) }
