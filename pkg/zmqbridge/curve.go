@@ -3,6 +3,7 @@ package zmqbridge
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -122,12 +123,12 @@ func (b *Bridge) zapLoop(ready chan<- error) {
 	var mons []*monitor
 	defer func() {
 		for _, m := range mons {
-			m.close()
+			go m.finish() // until the XPUB socket closes (closeAll) or the context ends
 		}
 	}()
 	drain := func() { // every event so far, so each connection is known before its ZAP answer
 		for i := 0; i < len(mons); i++ {
-			if !mons[i].drain(false) {
+			if !mons[i].drain(false) { // stopped: its socket is closed
 				poller.RemoveBySocket(mons[i].sock)
 				mons[i].close()
 				mons = append(mons[:i], mons[i+1:]...)
@@ -165,6 +166,9 @@ func (b *Bridge) zapLoop(ready chan<- error) {
 		if err != nil || len(req) < 6 {
 			continue
 		}
+		// Receiving may have taken in a request newer than the events drained
+		// above; its connection's accept was reported before it, so drain again.
+		drain()
 		rep.SendMessage(b.authenticate(req, mons)...)
 	}
 }
@@ -316,10 +320,14 @@ func narrower(was, now *client) bool {
 func (b *Bridge) addCurveEndpoint() error {
 	var err error
 	for i := 0; i < 50; i++ {
-		if err = b.endpoints.add(curveKey, b.curveEndpoint()); err == nil {
-			return nil
+		if err = b.endpoints.add(curveKey, b.curveEndpoint()); err == nil || errors.Is(err, errStopped) {
+			return err
 		}
-		time.Sleep(100 * time.Millisecond)
+		select {
+		case <-b.stop:
+			return errStopped
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 	return err
 }

@@ -161,17 +161,24 @@ func normalIP(s string) string {
 	return s
 }
 
-// shutdownConn shuts the connection's socket down, after checking that the
-// descriptor still is that socket (libzmq may have closed and reused it).
+// shutdownConn shuts the connection's socket down. It works on a duplicate of
+// the descriptor, checked to still be that connection's socket (libzmq may
+// have closed the number and the process reused it): the duplicate keeps the
+// checked socket referenced, so nothing else can be hit.
 func shutdownConn(c *curveConn) bool {
+	fd, err := unix.Dup(c.fd)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
 	var st unix.Stat_t
-	if unix.Fstat(c.fd, &st) != nil || st.Ino != c.ino {
+	if unix.Fstat(fd, &st) != nil || st.Ino != c.ino {
 		return false
 	}
-	if ip, port, ok := peerAddr(c.fd); !ok || ip != c.ip || port != c.port {
+	if ip, port, ok := peerAddr(fd); !ok || ip != c.ip || port != c.port {
 		return false
 	}
-	return unix.Shutdown(c.fd, unix.SHUT_RDWR) == nil
+	return unix.Shutdown(fd, unix.SHUT_RDWR) == nil
 }
 
 // monitor reads one socket's connection events from its inproc PAIR socket:
@@ -202,7 +209,10 @@ func (es *endpoints) watch(s *zmq.Socket, conns *curveConns) (*monitor, error) {
 	return &monitor{sock: sock, metrics: es.b.opts.Metrics, conns: conns}, nil
 }
 
-// drain handles the events waiting; it reports false once the monitor stopped.
+// drain handles the events waiting; it reports false once the monitor
+// stopped (MONITOR_STOPPED, or the context is terminating). Only then may its
+// PAIR socket be closed: libzmq sends monitor events with a blocking send, so
+// closing it earlier would stall the thread that reports the next event.
 func (m *monitor) drain(wait bool) bool {
 	flags := zmq.DONTWAIT
 	if wait {
@@ -210,14 +220,23 @@ func (m *monitor) drain(wait bool) bool {
 	}
 	for {
 		ev, _, val, err := m.sock.RecvEvent(flags)
-		if err != nil {
-			return zmq.AsErrno(err) == zmq.Errno(unix.EAGAIN)
+		if err != nil { // EAGAIN: all read; EINTR: again; ETERM or worse: done
+			e := zmq.AsErrno(err)
+			return e == zmq.Errno(unix.EAGAIN) || e == zmq.Errno(unix.EINTR)
 		}
 		if !m.handle(ev, val) {
 			return false
 		}
 		flags = zmq.DONTWAIT
 	}
+}
+
+// finish reads the monitor until it stops, then closes it; call it (on a
+// goroutine of its own) once the monitored socket is closed or closing.
+func (m *monitor) finish() {
+	for m.drain(true) {
+	}
+	m.close()
 }
 
 func (m *monitor) handle(ev zmq.Event, val int) bool {

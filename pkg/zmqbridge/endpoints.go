@@ -158,7 +158,7 @@ func (es *endpoints) add(key string, e Endpoint) error {
 				case es.b.curveMons <- mon:
 					mon = nil // zapLoop's now
 				case <-es.b.stop:
-					mon.close()
+					go mon.finish() // socket() closes s on this error
 					mon = nil
 					return errStopped
 				}
@@ -168,25 +168,17 @@ func (es *endpoints) add(key string, e Endpoint) error {
 		}
 		return err
 	}
-	if ep.pub, err = es.socket(pubType, e.Events, mode, watch); err != nil {
-		if mon != nil {
-			mon.close()
+	defer func() {
+		if mon != nil { // not handed to zapLoop: read it until the PUB socket closes
+			go mon.finish()
 		}
-		return err
+	}()
+	if ep.pub, err = es.socket(pubType, e.Events, mode, watch); err != nil {
+		return err // socket() closed it
 	}
 	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode, nil); err != nil {
 		ep.pub.Close()
-		if mon != nil {
-			mon.close()
-		}
 		return err
-	}
-	if mon != nil {
-		go func() {
-			for mon.drain(true) {
-			}
-			mon.close()
-		}()
 	}
 	es.mu.Lock()
 	defer es.mu.Unlock()
