@@ -158,18 +158,16 @@ func (b *Bridge) zapLoop(ready chan<- error) {
 		if err != nil || len(polled) == 0 {
 			continue
 		}
-		drain()
-		if !slices.ContainsFunc(polled, func(p zmq.Polled) bool { return p.Socket == rep }) {
-			continue
+		var req [][]byte
+		if slices.ContainsFunc(polled, func(p zmq.Polled) bool { return p.Socket == rep }) {
+			req, _ = rep.RecvMessageBytes(zmq.DONTWAIT)
 		}
-		req, err := rep.RecvMessageBytes(zmq.DONTWAIT)
-		if err != nil || len(req) < 6 {
-			continue
-		}
-		// Receiving may have taken in a request newer than the events drained
-		// above; its connection's accept was reported before it, so drain again.
+		// After the receive: a request's connection was reported to the
+		// monitor before the request was sent.
 		drain()
-		rep.SendMessage(b.authenticate(req, mons)...)
+		if len(req) >= 6 {
+			rep.SendMessage(b.authenticate(req, mons)...)
+		}
 	}
 }
 
