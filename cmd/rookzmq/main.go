@@ -33,6 +33,10 @@ import (
 var version = "dev"
 
 func main() {
+	if err := harden(); err != nil {
+		fmt.Fprintf(os.Stderr, "rookzmq: %v\n", err)
+		os.Exit(1)
+	}
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case "demo":

@@ -1,14 +1,27 @@
 package rbd
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
-// findMapped picks the device of spec's image from `rbd device list` or
-// `rbd-nbd list-mapped` JSON output.
-func findMapped(out []byte, spec ImageSpec) string {
+// findMapped picks the device of spec's image from `rbd device list` JSON
+// output ("" if the image is not in it); output that does not parse is an
+// error, never "not mapped".
+func findMapped(out []byte, spec ImageSpec) (string, error) {
 	var list []struct {
 		Pool      string `json:"pool"`
 		Namespace string `json:"namespace"`
@@ -17,8 +30,11 @@ func findMapped(out []byte, spec ImageSpec) string {
 		Snap      string `json:"snap"`
 		Device    string `json:"device"`
 	}
-	if json.Unmarshal(out, &list) != nil {
-		return ""
+	if len(bytes.TrimSpace(out)) == 0 {
+		return "", nil // nothing mapped: some versions print nothing at all
+	}
+	if err := json.Unmarshal(out, &list); err != nil {
+		return "", fmt.Errorf("cannot parse the device list %q: %v", lastLine(out), err)
 	}
 	for _, d := range list {
 		name := d.Name
@@ -26,10 +42,10 @@ func findMapped(out []byte, spec ImageSpec) string {
 			name = d.Image
 		}
 		if d.Pool == spec.Pool && d.Namespace == spec.Namespace && name == spec.Image && (d.Snap == "" || d.Snap == "-") {
-			return d.Device
+			return d.Device, nil
 		}
 	}
-	return ""
+	return "", nil
 }
 
 // toolEnv is the environment for Ceph CLI tools: the driver's own, less any
@@ -45,6 +61,97 @@ func toolEnv() []string {
 	return append(env, "CEPH_CONF=/dev/null")
 }
 
+// quietArgs keep every Ceph tool from making an admin socket or a log file
+// (either could outlive the call or, for a log, hold what the tool saw).
+var quietArgs = []string{"--admin-socket=", "--log-file="}
+
+// keyFileArg is how a tool finds the key: the memfd passed as its fd 3.
+const keyFileArg = "--keyfile=/proc/self/fd/3"
+
+// keyMemfd puts the key (the format of Ceph's --keyfile option) in an
+// anonymous memory file: it never touches a disk and vanishes with its last
+// descriptor. Pass it as the child's first ExtraFiles entry (keyFileArg).
+func keyMemfd(c rcsi.Credentials) (*os.File, error) {
+	fd, err := unix.MemfdCreate("rookzmq-key", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("creating a memfd for the key: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "rookzmq-key")
+	if _, err := f.WriteString(c.Key + "\n"); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("writing the key to a memfd: %w", err)
+	}
+	return f, nil
+}
+
+// toolRun is one invocation of a Ceph CLI tool.
+type toolRun struct {
+	name    string
+	args    []string
+	creds   *rcsi.Credentials // key passed as a memfd when set
+	timeout time.Duration
+}
+
+// run runs the tool within its timeout (and ctx) and returns its stdout. A
+// failure is an error naming the tool and its (redacted) stderr: Unavailable
+// when the tool did not answer in time, Internal otherwise.
+func (t toolRun) run(ctx context.Context) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, t.timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, t.name, t.args...)
+	cmd.Env = toolEnv()
+	cmd.WaitDelay = time.Second // a child holding our pipes cannot hold us
+	redact := func(s string) string { return s }
+	if t.creds != nil {
+		key, err := keyMemfd(*t.creds)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		defer key.Close()
+		cmd.ExtraFiles = []*os.File{key}
+		redact = t.creds.Redact
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	start := time.Now()
+	out, err := cmd.Output()
+	what := t.name + " " + t.verb()
+	switch {
+	case err == nil:
+		return out, nil
+	case ctx.Err() != nil:
+		return nil, status.Errorf(codes.Unavailable, "%s did not answer within %s: %s", what,
+			time.Since(start).Round(time.Millisecond), redact(lastLine(stderr.Bytes())))
+	}
+	return nil, status.Errorf(codes.Internal, "%s failed: %v: %s", what, err, redact(lastLine(stderr.Bytes())))
+}
+
+// verb is the tool's subcommand words (e.g. "device list"), for messages.
+func (t toolRun) verb() string {
+	var words []string
+	for _, a := range t.args {
+		if strings.HasPrefix(a, "-") {
+			break
+		}
+		words = append(words, a)
+	}
+	return strings.Join(words, " ")
+}
+
+// goneError is positive evidence that a mapping or mount no longer exists (as
+// opposed to a check that could not tell).
+type goneError struct{ reason string }
+
+func (e *goneError) Error() string { return e.reason }
+
+func gone(format string, args ...any) error { return &goneError{fmt.Sprintf(format, args...)} }
+
+// isGone tells positive evidence of a lost mapping from a failed check.
+func isGone(err error) bool {
+	var g *goneError
+	return errors.As(err, &g)
+}
+
 // spec names the mapped image (for finding its device).
 func (m Mapping) spec() ImageSpec {
 	return ImageSpec{Pool: m.Pool, Namespace: m.Namespace, Image: m.Image}
@@ -52,7 +159,10 @@ func (m Mapping) spec() ImageSpec {
 
 // bootID identifies this boot of the node: mappings and mounts do not
 // survive a reboot, stage records do.
-func bootID() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	return strings.TrimSpace(string(b))
+func bootID() (string, error) {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "", status.Errorf(codes.Internal, "reading the boot ID: %v", err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }

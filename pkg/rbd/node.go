@@ -55,9 +55,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, err
 	}
-	keyDir := filepath.Join(cfg.StateDir, "keys")
-	// Key files are removed after each use; clear any a crash left behind.
-	os.RemoveAll(keyDir)
+	// Versions before 0.2 wrote short-lived key files here (keys now go to
+	// tools as memfds): clear any a crash left behind.
+	os.RemoveAll(filepath.Join(cfg.StateDir, "keys"))
 	mounts := &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}
 	events := cfg.Events
 	if events == nil {
@@ -67,9 +67,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		nodeID:   cfg.NodeID,
 		clusters: cfg.Clusters,
 		mounters: map[string]Mounter{
-			MounterKRBD: newKRBD(keyDir),
-			MounterNBD:  newNBD(keyDir),
-			MounterFuse: &fuseMounter{keyDir: keyDir, mounts: mounts},
+			MounterKRBD: newKRBD(),
+			MounterNBD:  newNBD(),
+			MounterFuse: &fuseMounter{mounts: mounts},
 		},
 		defaultMounter: def,
 		mounts:         mounts,
@@ -88,38 +88,60 @@ func (n *Node) lock(ctx context.Context, volumeID string) (func(), error) {
 	return unlock, nil
 }
 
-// stale says why a staged record no longer describes the node ("" if it does).
-func (n *Node) stale(rec *stageRecord) string {
-	if rec.BootID != bootID() {
-		return "the node rebooted since"
+// cleanupTimeout bounds a clean-up (teardown, undoing a failed stage), which
+// runs to its end even when the call's own deadline has passed.
+const cleanupTimeout = 2 * time.Minute
+
+// stale says why a staged record no longer describes the node ("" if it
+// does). Only positive evidence makes a stage stale: another boot ID, the
+// image missing from a successful device listing, the FUSE mount answering
+// ENOTCONN, the staging path missing from the mount table. A check that
+// fails or hangs is an error: the caller must not treat the stage as gone.
+func (n *Node) stale(ctx context.Context, rec *stageRecord) (string, error) {
+	boot, err := bootID()
+	if err != nil {
+		return "", err
+	}
+	if rec.BootID != boot {
+		return "the node rebooted since", nil
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
-		if err := m.Check(rec.Mapping); err != nil {
-			return err.Error()
+		if err := m.Check(ctx, rec.Mapping); isGone(err) {
+			return err.Error(), nil
+		} else if err != nil {
+			return "", status.Errorf(rcsi.Code(err), "cannot tell whether volume %s is still mapped: %v", rec.VolumeID, err)
 		}
 	}
 	if !rec.Block {
-		if mnt, err := n.mounts.IsMountPoint(rec.StagingPath); err != nil || !mnt {
-			return "the staging path is not mounted"
+		mnt, err := isMountPoint(ctx, n.mounts, rec.StagingPath)
+		if errors.Is(err, os.ErrNotExist) || (err == nil && !mnt) {
+			return "the staging path is not mounted", nil
+		}
+		if err != nil {
+			return "", status.Errorf(rcsi.Code(err), "cannot tell whether volume %s is still mounted: %v", rec.VolumeID, err)
 		}
 	}
-	return ""
+	return "", nil
 }
 
 // clearStale removes what a dead stage left: the staging mount and the
-// mapping (best effort: their device may be dead, so nothing is flushed).
-func (n *Node) clearStale(ctx context.Context, rec *stageRecord) {
+// mapping (their device may be dead, so nothing is flushed). It fails rather
+// than forget a mapping it could not remove: staging again would map twice.
+func (n *Node) clearStale(ctx context.Context, rec *stageRecord) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
 	if !rec.Block {
 		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
-			klog.ErrorS(err, "unmounting a stale staging path", "path", rec.StagingPath)
+			return status.Errorf(codes.Internal, "unmounting the stale staging path %s: %v", rec.StagingPath, err)
 		}
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
 		if err := m.Unmap(ctx, rec.Mapping); err != nil {
-			klog.ErrorS(err, "unmapping a stale mapping", "volumeID", rec.VolumeID)
+			return status.Errorf(rcsi.Code(err), "unmapping the stale mapping of volume %s: %v", rec.VolumeID, err)
 		}
 	}
 	rec.Mapping = Mapping{}
+	return nil
 }
 
 // begin locks a volume for one call and loads its stage record (nil if it
@@ -152,6 +174,11 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := rcsi.Capability(vc, checkCapability); err != nil {
 		return nil, err
 	}
+	if fs := req.GetVolumeContext()[ctxFsType]; fs != "" && vc.GetMount() != nil {
+		if err := CheckFsType(fs); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "volume_context %s: %v", ctxFsType, err)
+		}
+	}
 	creds, err := rcsi.CredentialsFromSecrets(req.GetSecrets(), SecretUserID, SecretUserKey)
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -175,11 +202,17 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	defer unlock()
 	want := newRecord(req.GetVolumeId(), staging, vc, req.GetVolumeContext())
 	if rec != nil && rec.Staged {
-		if reason := n.stale(rec); reason != "" {
+		reason, err := n.stale(ctx, rec)
+		if err != nil {
+			return nil, err
+		}
+		if reason != "" {
 			// Staged before a reboot or crash that took the mapping or mount
 			// along: clear what is left of it and stage again.
 			klog.InfoS("stage record is stale: staging again", "volumeID", rec.VolumeID, "reason", reason)
-			n.clearStale(ctx, rec)
+			if err := n.clearStale(ctx, rec); err != nil {
+				return nil, err
+			}
 			rec.Staged = false
 		}
 	}
@@ -197,11 +230,15 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	}
 	start := time.Now()
 	if rec != nil {
-		// A stage that crashed half way: keep what it mapped, redo the rest.
+		// A stage that crashed half way: keep what it mapped, redo the rest,
+		// and remember an attach already announced (unstage owes its detach).
 		want.Mapping = rec.Mapping
+		want.Announced = rec.Announced
 	}
 	want.Mounter = mounterName
-	want.BootID = bootID()
+	if want.BootID, err = bootID(); err != nil {
+		return nil, err
+	}
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -218,7 +255,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	}
 	mapped := time.Since(start)
 	if !want.Block {
-		if err := n.mountStaging(want, vc.GetMount().GetMountFlags()); err != nil {
+		if err := n.mountStaging(ctx, want, vc.GetMount().GetMountFlags()); err != nil {
 			n.undoStage(ctx, want)
 			return nil, err
 		}
@@ -231,6 +268,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	n.emit(rcsi.EventAttach, want, want.Context)
+	rcsi.CrashPoint("stage-after-attach")
 	want.Staged = true
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -271,20 +309,19 @@ func isReadOnlyMode(vc *csi.VolumeCapability) bool {
 }
 
 // mountStaging makes a filesystem if the device is blank and mounts it.
-func (n *Node) mountStaging(rec *stageRecord, flags []string) error {
+func (n *Node) mountStaging(ctx context.Context, rec *stageRecord, flags []string) error {
 	if err := os.MkdirAll(rec.StagingPath, 0o750); err != nil {
 		return status.Errorf(codes.Internal, "creating staging path: %v", err)
 	}
-	notMnt, err := n.mounts.IsLikelyNotMountPoint(rec.StagingPath)
+	notMnt, err := isLikelyNotMountPoint(ctx, n.mounts, rec.StagingPath)
 	if err != nil {
-		return status.Errorf(codes.Internal, "checking staging path: %v", err)
+		return status.Errorf(rcsi.Code(err), "checking staging path: %v", err)
 	}
 	if !notMnt {
 		return nil // a retry after the mount succeeded
 	}
-	opts := append([]string{}, flags...)
+	opts := mountOptions(flags, rec.ReadOnly)
 	if rec.ReadOnly {
-		opts = append(opts, "ro")
 		if rec.FsType == "ext4" {
 			opts = append(opts, "noload") // no journal replay on a read-only device
 		}
@@ -297,9 +334,25 @@ func (n *Node) mountStaging(rec *stageRecord, flags []string) error {
 	return nil
 }
 
-// undoStage releases what a failed stage made, logging what it cannot.
+// mountOptions puts "ro" last, after the caller's flags, so that no "rw"
+// among them can make a read-only mount writable.
+func mountOptions(flags []string, readOnly bool) []string {
+	var opts []string
+	for _, f := range flags {
+		if !readOnly || f != "rw" {
+			opts = append(opts, f)
+		}
+	}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	return opts
+}
+
+// undoStage releases what a failed stage made, logging what it cannot. An
+// attach announced by this or an earlier try gets its ack and detach.
 func (n *Node) undoStage(ctx context.Context, rec *stageRecord) {
-	if err := n.teardown(ctx, rec, false); err != nil {
+	if err := n.teardown(ctx, rec, rec.Announced); err != nil {
 		klog.ErrorS(err, "cleaning up a failed stage; NodeUnstageVolume will retry", "volumeID", rec.VolumeID)
 	}
 }
@@ -339,15 +392,19 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 
 // teardown flushes (emitting ack), unmounts, unmaps (emitting detach) and
 // forgets the volume. The record goes last, so a crash anywhere is retried
-// from the start: events then repeat rather than go missing.
+// from the start: events then repeat rather than go missing. It runs to its
+// end (within cleanupTimeout) even if ctx has ended: a clean-up cut short
+// half way would leave a mapping behind.
 func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) error {
-	ack, err := n.flush(rec)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	ack, err := n.flush(ctx, rec)
 	if errors.Is(err, errNothingToFlush) {
 		// The mount or device is already gone: nothing of it is cached here.
 		ack, err = n.ackEvent(rec, 0), nil
 	}
 	if err != nil {
-		return status.Errorf(codes.Internal, "flushing volume %s: %v", rec.VolumeID, err)
+		return status.Errorf(rcsi.Code(err), "flushing volume %s: %v", rec.VolumeID, err)
 	}
 	if events { // detach always follows the ack of the last flush
 		ack.Trigger = rcsi.TriggerUnstage
@@ -360,7 +417,7 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
 		if err := m.Unmap(ctx, rec.Mapping); err != nil {
-			return status.Errorf(codes.Internal, "unmapping %s: %v", rec.Device, err)
+			return status.Errorf(rcsi.Code(err), "unmapping %s: %v", rec.Device, err)
 		}
 	}
 	if events {

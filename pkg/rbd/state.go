@@ -106,7 +106,21 @@ func (s stateStore) save(r *stageRecord) error {
 		os.Remove(tmp)
 		return fmt.Errorf("saving stage record: %w", err)
 	}
+	// The rename is durable only once the directory is.
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("saving stage record: %w", err)
+	}
 	return nil
+}
+
+// syncDir fsyncs a directory, making renames and removals in it durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // remove deletes the record and the (empty) work directory.
@@ -117,7 +131,8 @@ func (s stateStore) remove(volumeID string) error {
 	if err := os.Remove(s.path(volumeID)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return nil
+	// A removal the disk forgot would bring the record back after a crash.
+	return syncDir(filepath.Dir(s.path(volumeID)))
 }
 
 // all loads every record.
