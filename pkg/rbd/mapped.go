@@ -105,7 +105,7 @@ func (t toolRun) run(ctx context.Context) ([]byte, error) {
 	if t.creds != nil {
 		key, err := keyMemfd(*t.creds)
 		if err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
+			return nil, coded(codes.Internal, "%v", err)
 		}
 		defer key.Close()
 		cmd.ExtraFiles = []*os.File{key}
@@ -116,14 +116,17 @@ func (t toolRun) run(ctx context.Context) ([]byte, error) {
 	start := time.Now()
 	out, err := cmd.Output()
 	what := t.name + " " + t.verb()
-	switch {
-	case err == nil:
-		return out, nil
-	case ctx.Err() != nil:
-		return nil, status.Errorf(codes.Unavailable, "%s did not answer within %s: %s", what,
-			time.Since(start).Round(time.Millisecond), redact(lastLine(stderr.Bytes())))
+	detail := redact(lastLine(stderr.Bytes()))
+	if detail != "" {
+		detail = ": " + detail
 	}
-	return nil, status.Errorf(codes.Internal, "%s failed: %v: %s", what, err, redact(lastLine(stderr.Bytes())))
+	if err == nil {
+		return out, nil
+	}
+	if ctx.Err() != nil {
+		return nil, coded(codes.Unavailable, "%s did not answer within %s%s", what, time.Since(start).Round(time.Millisecond), detail)
+	}
+	return nil, coded(codes.Internal, "%s failed: %v%s", what, err, detail)
 }
 
 // verb is the tool's subcommand words (e.g. "device list"), for messages.
@@ -136,6 +139,22 @@ func (t toolRun) verb() string {
 		words = append(words, a)
 	}
 	return strings.Join(words, " ")
+}
+
+// codedError is an error with a gRPC code whose text is just its message,
+// so wrapping it (%v, %w) reads well and rcsi.Code still finds the code.
+type codedError struct {
+	code codes.Code
+	msg  string
+}
+
+func (e *codedError) Error() string { return e.msg }
+
+// GRPCStatus gives the error's code to status.FromError and rcsi.Code.
+func (e *codedError) GRPCStatus() *status.Status { return status.New(e.code, e.msg) }
+
+func coded(code codes.Code, format string, args ...any) error {
+	return &codedError{code: code, msg: fmt.Sprintf(format, args...)}
 }
 
 // goneError is positive evidence that a mapping or mount no longer exists (as
@@ -162,7 +181,7 @@ func (m Mapping) spec() ImageSpec {
 func bootID() (string, error) {
 	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err != nil {
-		return "", status.Errorf(codes.Internal, "reading the boot ID: %v", err)
+		return "", coded(codes.Internal, "reading the boot ID: %v", err)
 	}
 	return strings.TrimSpace(string(b)), nil
 }

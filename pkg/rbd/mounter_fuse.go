@@ -14,7 +14,6 @@ import (
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 )
@@ -236,7 +235,7 @@ func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
 func isFuseMounted(dir string) (bool, error) {
 	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
 	if err != nil {
-		return false, status.Errorf(codes.Internal, "reading the mount table: %v", err)
+		return false, coded(codes.Internal, "reading the mount table: %v", err)
 	}
 	for _, mi := range infos {
 		if mi.MountPoint == dir && strings.HasPrefix(mi.FsType, "fuse") {
@@ -251,7 +250,7 @@ func isFuseMounted(dir string) (bool, error) {
 func fusePid(dir string) (int, error) {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0, status.Errorf(codes.Internal, "listing processes: %v", err)
+		return 0, coded(codes.Internal, "listing processes: %v", err)
 	}
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())

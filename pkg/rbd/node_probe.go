@@ -9,7 +9,6 @@ import (
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"k8s.io/mount-utils"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
@@ -81,7 +80,7 @@ var probes prober
 
 // hungError is the Unavailable answer for a probe that did not return.
 func hungError(what, path string) error {
-	return status.Errorf(codes.Unavailable, "%s %s: no answer within %s (hung mount?)", what, path, probeTimeout)
+	return coded(codes.Unavailable, "%s %s: no answer within %s (hung mount?)", what, path, probeTimeout)
 }
 
 // probeErr turns a probe's failure into a status naming what was asked.
@@ -89,7 +88,7 @@ func probeErr(err error, what, path string) error {
 	if errors.Is(err, errHung) {
 		return hungError(what, path)
 	}
-	return status.Errorf(rcsi.Code(err), "%s %s: %v", what, path, err)
+	return coded(rcsi.Code(err), "%s %s: %v", what, path, err)
 }
 
 // isMountPoint is mount-utils' IsMountPoint, bounded by probeTimeout.
