@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -30,6 +32,7 @@ func createStagePublish(t *testing.T, d *driver, prefix string, size int64, vc *
 	if err != nil {
 		t.Fatal(err)
 	}
+	dropOnFailure(t, d, r.GetVolume().GetVolumeId())
 	dir := t.TempDir()
 	s := staged{id: r.GetVolume().GetVolumeId(), staging: filepath.Join(dir, "staging"), target: filepath.Join(dir, "pod", "mount"),
 		capability: vc, context: r.GetVolume().GetVolumeContext()}
@@ -57,6 +60,22 @@ func unpublishUnstageDelete(t *testing.T, d *driver, s staged) {
 	if _, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: s.id, Secrets: secrets()}); err != nil {
 		t.Fatalf("delete: %v", err)
 	}
+}
+
+// dropOnFailure deletes the volume at the end of a failed test (best effort;
+// a passing test deletes its volumes itself).
+func dropOnFailure(t *testing.T, d *driver, id string) {
+	t.Cleanup(func() {
+		if !t.Failed() || !d.alive() {
+			return
+		}
+		c, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if recs, _ := filepath.Glob(filepath.Join(d.dir, "state", "volumes", "*.json")); len(recs) > 0 {
+			return // still staged: deleting would fail; leave it for inspection
+		}
+		d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+	})
 }
 
 // nodeLeftovers lists mounts, loop devices and rbd-fuse processes under dir.

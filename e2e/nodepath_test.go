@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -246,4 +247,230 @@ func TestListingFailureIsNotUnmapped(t *testing.T) {
 	if k := kinds(eventsNow(rec), id); len(k) == 0 || k[len(k)-1] != "detach" {
 		t.Errorf("events after unstage %v, want detach last", k)
 	}
+}
+
+// A static PV's handle whose pool is an option (`--log-file=/some/path`) is
+// refused with InvalidArgument before any tool runs: no rbd, rbd-fuse or
+// rbd-nbd process, no file at the path.
+func TestHostileVolumeIDRefused(t *testing.T) {
+	tools := newToolDir(t)
+	for _, name := range []string{"rbd", "rbd-fuse", "rbd-nbd"} {
+		tools.add(name, fmt.Sprintf("echo \"%s $*\" >> %s/calls.log\nexit 1\n", name, tools.dir))
+	}
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, tools.env())
+	logFile := filepath.Join(t.TempDir(), "some", "path")
+	pool := "--log-file=" + logFile
+	staging, target := filepath.Join(t.TempDir(), "staging"), filepath.Join(t.TempDir(), "target")
+	for _, id := range []string{
+		fmt.Sprintf("1-02-c1-%02x-%s-00--img", len(pool), pool),
+		"1-02-c1-03-rbd-00---o",
+		"1-02-c1-03-rbd-04---id-img",
+		"1-02-c1-03-rbd-00--im g",
+	} {
+		for _, mounter := range []string{"rbd-fuse", "krbd", "rbd-nbd"} {
+			_, err := d.node.NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+				VolumeCapability: mountCap("xfs", rwo), VolumeContext: map[string]string{"mounter": mounter}, Secrets: secrets()})
+			if status.Code(err) != codes.InvalidArgument {
+				t.Errorf("stage of %q with %s: %v, want InvalidArgument", id, mounter, err)
+			}
+		}
+		_, err := d.node.NodePublishVolume(ctx(t), &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: mountCap("xfs", rwo)})
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("publish of %q: %v, want InvalidArgument", id, err)
+		}
+	}
+	if calls := tools.read("calls.log"); calls != "" {
+		t.Errorf("tools ran for a refused volume ID:\n%s", calls)
+	}
+	if _, err := os.Stat(filepath.Dir(logFile)); !os.IsNotExist(err) {
+		t.Errorf("%s exists: %v", filepath.Dir(logFile), err)
+	}
+}
+
+// A read-only publish stays read-only when the mount flags say "rw"; the
+// volume context's fsType is checked like the capability's.
+func TestReadOnlyPublishBeatsRW(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil)
+	prefix := uniquePrefix(t)
+	vc := mountCap("ext4", rwo)
+	vc.GetMount().MountFlags = []string{"rw"}
+	s := createStagePublish(t, d, prefix, 64<<20, vc)
+	if err := writeSync(filepath.Join(s.target, "f"), []byte("rw")); err != nil {
+		t.Fatalf("write through the read-write publish: %v", err)
+	}
+	ro := filepath.Join(t.TempDir(), "ro")
+	if _, err := d.node.NodePublishVolume(ctx(t), &csi.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging,
+		TargetPath: ro, VolumeCapability: vc, Readonly: true}); err != nil {
+		t.Fatalf("read-only publish: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(ro, "f")); err != nil || string(b) != "rw" {
+		t.Fatalf("read through the read-only publish: %q %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(ro, "g"), []byte("x"), 0o644); err == nil {
+		t.Errorf("wrote through a read-only publish whose mount flags say rw")
+	} else if !strings.Contains(err.Error(), "read-only") {
+		t.Errorf("write through the read-only publish: %v, want EROFS", err)
+	}
+	if _, err := d.node.NodeUnpublishVolume(ctx(t), &csi.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: ro}); err != nil {
+		t.Fatal(err)
+	}
+	unpublishUnstageDelete(t, d, s)
+
+	// fsType from the volume context (the StorageClass's) is refused like the capability's.
+	for _, fs := range []string{"ntfs", "ext4,nodev", "xfs -K"} {
+		_, err := d.node.NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: "1-02-c1-03-rbd-00--" + prefix + "nofs",
+			StagingTargetPath: filepath.Join(t.TempDir(), "s"), VolumeCapability: mountCap("", rwo),
+			VolumeContext: map[string]string{"fsType": fs}, Secrets: secrets()})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "fsType") {
+			t.Errorf("stage with volume context fsType %q: %v, want InvalidArgument naming fsType", fs, err)
+		}
+	}
+	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}
+
+// Keys reach rbd-fuse as a memfd (never a file on disk), and the driver runs
+// with RLIMIT_CORE 0 even when started with core files allowed.
+func TestKeysNeverOnDisk(t *testing.T) {
+	tools := newToolDir(t)
+	tools.add("rbd-fuse", fmt.Sprintf(`{ echo "ARGS $*"; echo "FD3 $(readlink /proc/self/fd/3)"; } >> %s/fuse.log
+exec /usr/bin/rbd-fuse "$@"
+`, tools.dir))
+	dir := newDriverDir(t)
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_CORE, &old); err != nil {
+		t.Fatal(err)
+	}
+	// The driver inherits a core limit it must lower itself.
+	if err := unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{Cur: unix.RLIM_INFINITY, Max: unix.RLIM_INFINITY}); err != nil {
+		t.Skipf("cannot raise RLIMIT_CORE: %v", err)
+	}
+	d := startDriver(t, dir, tools.env())
+	unix.Setrlimit(unix.RLIMIT_CORE, &old)
+	limits, _ := os.ReadFile(fmt.Sprintf("/proc/%d/limits", d.cmd.Process.Pid))
+	for _, l := range strings.Split(string(limits), "\n") {
+		if strings.HasPrefix(l, "Max core file size") {
+			if f := strings.Fields(l); len(f) < 6 || f[4] != "0" || f[5] != "0" {
+				t.Errorf("driver core limit: %q, want 0 0", l)
+			}
+		}
+	}
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 64<<20, mountCap("ext4", rwo))
+	log := tools.read("fuse.log")
+	if !strings.Contains(log, "--keyfile=/proc/self/fd/3 ") || !strings.Contains(log, "FD3 /memfd:") {
+		t.Errorf("rbd-fuse did not get its key as a memfd at fd 3:\n%s", log)
+	}
+	if strings.Contains(log, env["ROOKZMQ_CEPH_RBD_KEY"]) {
+		t.Errorf("the key is on rbd-fuse's command line")
+	}
+	for _, want := range []string{"--poolname=rbd ", "--image=" + prefix, "--admin-socket= ", "--log-file= "} {
+		if !strings.Contains(log, want) {
+			t.Errorf("rbd-fuse args lack %q:\n%s", want, log)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state", "keys")); !os.IsNotExist(err) {
+		t.Errorf("a key directory exists on disk: %v", err)
+	}
+	unpublishUnstageDelete(t, d, s)
+}
+
+// A stage whose deadline passes in the middle still cleans up all it made
+// when it fails: the clean-up does not inherit the expired deadline.
+func TestStageCleanupOutlivesDeadline(t *testing.T) {
+	tools := newToolDir(t)
+	tools.add("mkfs.xfs", "sleep 3\necho 'mkfs.xfs: injected failure' >&2\nexit 1\n")
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, tools.env())
+	prefix := uniquePrefix(t)
+	req := createReq(prefix+"vol", prefix, 64<<20)
+	req.Parameters = params("volumeNamePrefix", prefix)
+	r, err := d.ctrl.CreateVolume(ctx(t), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetVolume().GetVolumeId()
+	dropOnFailure(t, d, id)
+	staging := filepath.Join(t.TempDir(), "staging")
+	c, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	_, err = d.node.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap("xfs", rwo), VolumeContext: r.GetVolume().GetVolumeContext(), Secrets: secrets()})
+	if err == nil {
+		t.Fatal("stage succeeded through a failing mkfs")
+	}
+	// The driver goes on after the deadline: mkfs fails, the stage is undone.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, recErr := os.Stat(stageFile(dir, id))
+		left := nodeLeftovers(dir)
+		if os.IsNotExist(recErr) && len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("30 s after a failed stage: record %v, left %v\n%s", recErr, left, tail(d.log, 15))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if b, _ := os.ReadFile(d.log); strings.Contains(string(b), "cleaning up a failed stage") {
+		t.Errorf("clean-up failed:\n%s", tail(d.log, 15))
+	}
+	deleteEventually(t, d, id)
+	assertNoOrphans(t, prefix)
+}
+
+// A stage retried after a crash that followed the attach event keeps owing
+// its detach: when the retry fails and undoes the stage, ack and detach go out.
+func TestStageRetryKeepsAnnounced(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=stage-after-attach"})
+	prefix := uniquePrefix(t)
+	req := createReq(prefix+"vol", prefix, 64<<20)
+	req.Parameters = params("volumeNamePrefix", prefix)
+	r, err := d.ctrl.CreateVolume(ctx(t), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetVolume().GetVolumeId()
+	staging := filepath.Join(t.TempDir(), "staging")
+	stage := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap("ext4", rwo), VolumeContext: r.GetVolume().GetVolumeContext(), Secrets: secrets()}
+	if _, err := d.node.NodeStageVolume(ctx(t), stage); err == nil {
+		t.Fatal("stage succeeded through its crash point")
+	}
+	for i := 0; d.alive(); i++ {
+		if i > 500 {
+			t.Fatalf("driver alive 5 s after its crash point:\n%s", tail(d.log, 10))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	d.conn.Close()
+	// The retry will fail: the staging mount is gone and mount(8) fails.
+	if err := unix.Unmount(staging, 0); err != nil {
+		t.Fatalf("unmounting the staging path the crash left: %v", err)
+	}
+	tools := newToolDir(t)
+	tools.add("mount", "echo 'mount: injected failure' >&2\nexit 32\n")
+	d = startDriver(t, dir, tools.env())
+	dropOnFailure(t, d, id)
+	rec := record(t, dir, 0)
+	if _, err := d.node.NodeStageVolume(ctx(t), stage); err == nil || !strings.Contains(err.Error(), "injected failure") {
+		t.Fatalf("stage retry: %v, want the injected mount failure", err)
+	}
+	k := kinds(eventsNow(rec), id)
+	if len(k) < 3 || k[0] != "attach" || k[len(k)-2] != "ack" || k[len(k)-1] != "detach" {
+		t.Errorf("events %v, want attach ... ack detach", k)
+	}
+	if _, err := os.Stat(stageFile(dir, id)); !os.IsNotExist(err) {
+		t.Errorf("stage record kept after the failed retry was undone: %v", err)
+	}
+	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Errorf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+	deleteEventually(t, d, id)
+	assertNoOrphans(t, prefix)
 }
