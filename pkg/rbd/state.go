@@ -132,7 +132,10 @@ func (s stateStore) remove(volumeID string) error {
 		return err
 	}
 	// A removal the disk forgot would bring the record back after a crash.
-	return syncDir(filepath.Dir(s.path(volumeID)))
+	if err := syncDir(filepath.Dir(s.path(volumeID))); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // all loads every record.
