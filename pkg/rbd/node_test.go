@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,12 +27,9 @@ const testKey = "AQBSdFhlAAAAABAAtZkGmFNzrBc9t6FGiTFU1w=="
 func TestProberOneFlightPerKey(t *testing.T) {
 	var p prober
 	release := make(chan struct{})
-	var runs int
-	var mu sync.Mutex
+	var runs atomic.Int32
 	hang := func() (any, error) {
-		mu.Lock()
-		runs++
-		mu.Unlock()
+		runs.Add(1)
 		<-release
 		return "done", nil
 	}
@@ -47,8 +45,8 @@ func TestProberOneFlightPerKey(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	if runs != 1 || p.inflight() != 1 {
-		t.Fatalf("200 probes of one hung key ran %d times, %d in flight; want 1 and 1", runs, p.inflight())
+	if runs.Load() != 1 || p.inflight() != 1 {
+		t.Fatalf("200 probes of one hung key ran %d times, %d in flight; want 1 and 1", runs.Load(), p.inflight())
 	}
 	if g := runtime.NumGoroutine(); g > base+1 {
 		t.Fatalf("%d goroutines after 200 timed-out probes, %d before: want at most one more", g, base)
@@ -63,8 +61,8 @@ func TestProberOneFlightPerKey(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	v, err := p.do(context.Background(), "k", time.Second, func() (any, error) { return "fresh", nil })
-	if err != nil || v != "fresh" || runs != 1 {
-		t.Fatalf("probe after the hung one returned: %v %v (runs %d)", v, err, runs)
+	if err != nil || v != "fresh" || runs.Load() != 1 {
+		t.Fatalf("probe after the hung one returned: %v %v (runs %d)", v, err, runs.Load())
 	}
 }
 
