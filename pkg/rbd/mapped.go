@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -65,24 +64,9 @@ func toolEnv() []string {
 // (either could outlive the call or, for a log, hold what the tool saw).
 var quietArgs = []string{"--admin-socket=", "--log-file="}
 
-// keyFileArg is how a tool finds the key: the memfd passed as its fd 3.
+// keyFileArg is how a tool finds the key: the memfd (Credentials.KeyMemfd)
+// passed as its fd 3.
 const keyFileArg = "--keyfile=/proc/self/fd/3"
-
-// keyMemfd puts the key (the format of Ceph's --keyfile option) in an
-// anonymous memory file: it never touches a disk and vanishes with its last
-// descriptor. Pass it as the child's first ExtraFiles entry (keyFileArg).
-func keyMemfd(c rcsi.Credentials) (*os.File, error) {
-	fd, err := unix.MemfdCreate("rookzmq-key", unix.MFD_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("creating a memfd for the key: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "rookzmq-key")
-	if _, err := f.WriteString(c.Key + "\n"); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("writing the key to a memfd: %w", err)
-	}
-	return f, nil
-}
 
 // toolRun is one invocation of a Ceph CLI tool.
 type toolRun struct {
@@ -103,7 +87,7 @@ func (t toolRun) run(ctx context.Context) ([]byte, error) {
 	cmd.WaitDelay = time.Second // a child holding our pipes cannot hold us
 	redact := func(s string) string { return s }
 	if t.creds != nil {
-		key, err := keyMemfd(*t.creds)
+		key, err := t.creds.KeyMemfd()
 		if err != nil {
 			return nil, coded(codes.Internal, "%v", err)
 		}
