@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -74,6 +76,11 @@ type toolRun struct {
 	args    []string
 	creds   *rcsi.Credentials // key passed as a memfd when set
 	timeout time.Duration
+	// tmpfsKeys, when set, is a directory on tmpfs where the key goes as a
+	// short-lived file instead (keyFileArg then names that file): for tools
+	// that hand the key to a child of their own after closing every other
+	// descriptor, as `rbd device map -t nbd` does with rbd-nbd.
+	tmpfsKeys string
 }
 
 // run runs the tool within its timeout (and ctx) and returns its stdout. A
@@ -86,7 +93,21 @@ func (t toolRun) run(ctx context.Context) ([]byte, error) {
 	cmd.Env = toolEnv()
 	cmd.WaitDelay = time.Second // a child holding our pipes cannot hold us
 	redact := func(s string) string { return s }
-	if t.creds != nil {
+	switch {
+	case t.creds != nil && t.tmpfsKeys != "":
+		path, err := tmpfsKeyFile(*t.creds, t.tmpfsKeys)
+		if err != nil {
+			return nil, coded(codes.Internal, "%v", err)
+		}
+		defer os.Remove(path)
+		cmd.Args = slices.Clone(cmd.Args)
+		for i, a := range cmd.Args {
+			if a == keyFileArg {
+				cmd.Args[i] = "--keyfile=" + path
+			}
+		}
+		redact = t.creds.Redact
+	case t.creds != nil:
 		key, err := t.creds.KeyMemfd()
 		if err != nil {
 			return nil, coded(codes.Internal, "%v", err)
@@ -111,6 +132,37 @@ func (t toolRun) run(ctx context.Context) ([]byte, error) {
 		return nil, coded(codes.Unavailable, "%s did not answer within %s%s", what, time.Since(start).Round(time.Millisecond), detail)
 	}
 	return nil, coded(codes.Internal, "%s failed: %v%s", what, err, detail)
+}
+
+// tmpfsKeyFile writes the key to a new 0600 file in dir, which must be on
+// tmpfs (never a persistent disk), and returns its path; the caller removes it.
+func tmpfsKeyFile(c rcsi.Credentials, dir string) (string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("key directory %s: %w", dir, err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return "", fmt.Errorf("key directory %s: %w", dir, err)
+	}
+	if st.Type != unix.TMPFS_MAGIC {
+		return "", fmt.Errorf("key directory %s is not on tmpfs: keys are never written to disk", dir)
+	}
+	f, err := os.CreateTemp(dir, "key-*")
+	if err != nil {
+		return "", err
+	}
+	err = f.Chmod(0o600)
+	if err == nil {
+		_, err = f.WriteString(c.Key + "\n")
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", fmt.Errorf("writing a key file in %s: %w", dir, err)
+	}
+	return f.Name(), nil
 }
 
 // verb is the tool's subcommand words (e.g. "device list"), for messages.

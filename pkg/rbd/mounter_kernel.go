@@ -29,14 +29,18 @@ type cliMounter struct {
 	tools   []string
 	module  string // kernel module the mapping needs
 	sysfs   string // present when the module is loaded
+	// tmpfsKeys: see toolRun. rbd reads the key itself for krbd (memfd);
+	// for nbd it runs rbd-nbd with every descriptor but 0-2 closed, so the
+	// key goes to a short-lived file on tmpfs.
+	tmpfsKeys string
 }
 
 func newKRBD() *cliMounter {
 	return &cliMounter{name: MounterKRBD, devType: "krbd", tools: []string{"rbd"}, module: "rbd", sysfs: "/sys/bus/rbd"}
 }
 
-func newNBD() *cliMounter {
-	return &cliMounter{name: MounterNBD, devType: "nbd", tools: []string{"rbd", "rbd-nbd"}, module: "nbd", sysfs: "/sys/module/nbd"}
+func newNBD(tmpfsKeys string) *cliMounter {
+	return &cliMounter{name: MounterNBD, devType: "nbd", tools: []string{"rbd", "rbd-nbd"}, module: "nbd", sysfs: "/sys/module/nbd", tmpfsKeys: tmpfsKeys}
 }
 
 func (c *cliMounter) Name() string { return c.name }
@@ -97,7 +101,7 @@ func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (M
 		return m, nil
 	}
 	start := time.Now()
-	out, err := toolRun{name: "rbd", args: c.mapArgs(spec), creds: &spec.Creds, timeout: mapTimeout}.run(ctx)
+	out, err := toolRun{name: "rbd", args: c.mapArgs(spec), creds: &spec.Creds, timeout: mapTimeout, tmpfsKeys: c.tmpfsKeys}.run(ctx)
 	if err != nil {
 		return m, fmt.Errorf("mapping %s: %w", imageName(spec), err)
 	}

@@ -2,6 +2,8 @@ package rbd
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -58,6 +60,11 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	// Versions before 0.2 wrote short-lived key files here (keys now go to
 	// tools as memfds): clear any a crash left behind.
 	os.RemoveAll(filepath.Join(cfg.StateDir, "keys"))
+	// rbd-nbd's short-lived key files (tmpfs, one directory per state
+	// directory): clear any a crash left behind.
+	sum := sha256.Sum256([]byte(cfg.StateDir))
+	tmpfsKeys := filepath.Join(tmpfsKeyRoot, "rookzmq-keys-"+hex.EncodeToString(sum[:6]))
+	os.RemoveAll(tmpfsKeys)
 	mounts := &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}
 	events := cfg.Events
 	if events == nil {
@@ -68,7 +75,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		clusters: cfg.Clusters,
 		mounters: map[string]Mounter{
 			MounterKRBD: newKRBD(),
-			MounterNBD:  newNBD(),
+			MounterNBD:  newNBD(tmpfsKeys),
 			MounterFuse: &fuseMounter{mounts: mounts},
 		},
 		defaultMounter: def,
@@ -87,6 +94,9 @@ func (n *Node) lock(ctx context.Context, volumeID string) (func(), error) {
 	}
 	return unlock, nil
 }
+
+// tmpfsKeyRoot holds the directories of short-lived key files (tmpfs).
+const tmpfsKeyRoot = "/dev/shm"
 
 // cleanupTimeout bounds a clean-up (teardown, undoing a failed stage), which
 // runs to its end even when the call's own deadline has passed.

@@ -2,6 +2,7 @@ package rbd
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
@@ -91,7 +93,7 @@ func TestToolArgs(t *testing.T) {
 		Creds: rcsi.Credentials{ID: "u", Key: testKey}, ReadOnly: true}
 	for name, args := range map[string][]string{
 		"rbd map (krbd)": newKRBD().mapArgs(spec),
-		"rbd map (nbd)":  newNBD().mapArgs(spec),
+		"rbd map (nbd)":  newNBD("").mapArgs(spec),
 		"rbd-fuse":       fuseArgs(spec, "/mnt/x"),
 	} {
 		joined := strings.Join(args, " ")
@@ -222,5 +224,41 @@ func TestStateStoreSyncsDirectory(t *testing.T) {
 	got := strings.Join(events, " ")
 	if !regexp.MustCompile(`rename fsync-dir.*unlink fsync-dir`).MatchString(got) {
 		t.Fatalf("stage record calls %q, want the directory fsynced after the rename and after the unlink\n%s", got, b)
+	}
+}
+
+// For tools that close inherited descriptors before running a helper (rbd
+// with rbd-nbd), the key goes to a 0600 file on tmpfs, named in place of
+// keyFileArg and removed when the tool returns; a directory on disk is refused.
+func TestToolRunTmpfsKey(t *testing.T) {
+	dir := t.TempDir()
+	tool := filepath.Join(dir, "tool")
+	script := `#!/bin/bash
+f=${2#--keyfile=}
+echo "$f"; stat -f -c %T "$f"; stat -c %a "$f"; cat "$f"
+`
+	if err := os.WriteFile(tool, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	keys := filepath.Join("/dev/shm", fmt.Sprintf("rookzmq-test-%d", os.Getpid()))
+	defer os.RemoveAll(keys)
+	creds := &rcsi.Credentials{ID: "u", Key: testKey}
+	out, err := toolRun{name: tool, args: []string{"map", keyFileArg}, creds: creds, timeout: 10 * time.Second, tmpfsKeys: keys}.run(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 4 || !strings.HasPrefix(lines[0], keys+"/") || lines[1] != "tmpfs" || lines[2] != "600" || lines[3] != testKey {
+		t.Fatalf("tool saw %q", lines)
+	}
+	if _, err := os.Stat(lines[0]); !os.IsNotExist(err) {
+		t.Fatalf("key file %s left after the tool returned: %v", lines[0], err)
+	}
+	var st unix.Statfs_t
+	if unix.Statfs(dir, &st) == nil && st.Type != unix.TMPFS_MAGIC {
+		_, err := toolRun{name: tool, args: []string{"map", keyFileArg}, creds: creds, timeout: 10 * time.Second, tmpfsKeys: dir}.run(context.Background())
+		if err == nil || !strings.Contains(err.Error(), "not on tmpfs") {
+			t.Fatalf("key file on a disk directory: %v, want a refusal", err)
+		}
 	}
 }
