@@ -474,3 +474,82 @@ func TestStageRetryKeepsAnnounced(t *testing.T) {
 	deleteEventually(t, d, id)
 	assertNoOrphans(t, prefix)
 }
+
+// procsNamed counts live processes whose argv[0] is name and whose command
+// line mentions dir.
+func procsNamed(name, dir string) int {
+	n := 0
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		args := strings.Split(string(b), "\x00")
+		if len(args) > 0 && args[0] == name && strings.Contains(string(b), dir) && !zombie(pidOf(p)) {
+			n++
+		}
+	}
+	return n
+}
+
+// The rbd-fuse process lookup finding nothing (here: rbd-fuse runs under
+// another argv[0]) is no evidence that the mapping died: while its FUSE mount
+// answers, a repeated stage is idempotent and publish works. Nothing is
+// unmounted, remapped or started twice.
+func TestFuseLookupMissIsNotDeath(t *testing.T) {
+	tools := newToolDir(t)
+	tools.add("rbd-fuse", "exec -a rbd-fuse-renamed /usr/bin/rbd-fuse \"$@\"\n")
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, tools.env())
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 64<<20, mountCap("ext4", rwo))
+	if err := writeSync(filepath.Join(s.target, "f"), []byte("kept")); err != nil {
+		t.Fatal(err)
+	}
+	if n := procsNamed("rbd-fuse-renamed", dir); n != 1 {
+		t.Fatalf("%d rbd-fuse processes after stage, want 1", n)
+	}
+	for i := 0; i < 2; i++ {
+		if _, err := d.node.NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging,
+			VolumeCapability: s.capability, VolumeContext: s.context, Secrets: secrets()}); err != nil {
+			t.Fatalf("repeated stage: %v\n%s", err, tail(d.log, 10))
+		}
+	}
+	if _, err := d.node.NodePublishVolume(ctx(t), &csi.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging,
+		TargetPath: s.target, VolumeCapability: s.capability, VolumeContext: s.context}); err != nil {
+		t.Fatalf("repeated publish: %v", err)
+	}
+	if n := procsNamed("rbd-fuse-renamed", dir); n != 1 {
+		t.Errorf("%d rbd-fuse processes after repeated stages, want 1", n)
+	}
+	if !mounted(s.staging) {
+		t.Errorf("the live staging mount was unmounted")
+	}
+	loops := 0
+	for _, l := range nodeLeftovers(dir) {
+		if strings.HasPrefix(l, "loop: ") {
+			loops++
+		}
+	}
+	if loops != 1 {
+		t.Errorf("%d loop devices on the image, want 1", loops)
+	}
+	if b, err := os.ReadFile(filepath.Join(s.target, "f")); err != nil || string(b) != "kept" {
+		t.Errorf("data after repeated stages: %q %v", b, err)
+	}
+	c := ctx(t)
+	if _, err := d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: s.target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging}); err != nil {
+		t.Fatal(err)
+	}
+	deleteEventually(t, d, s.id) // unstage could not wait for a process it cannot find
+	for i := 0; procsNamed("rbd-fuse-renamed", dir) != 0; i++ {
+		if i > 300 {
+			t.Fatal("rbd-fuse still running 30 s after unstage")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}
