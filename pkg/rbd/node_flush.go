@@ -34,8 +34,10 @@ func (n *Node) flush(ctx context.Context, rec *stageRecord) (rcsi.VolumeEvent, e
 		}
 		err = syncFS(rec.StagingPath)
 	case rec.Device != "":
-		if _, serr := os.Stat(rec.Device); serr != nil {
+		if _, serr := os.Stat(rec.Device); errors.Is(serr, os.ErrNotExist) {
 			return rcsi.VolumeEvent{}, errNothingToFlush
+		} else if serr != nil {
+			return rcsi.VolumeEvent{}, serr
 		}
 		err = syncDevice(rec.Device)
 	default:

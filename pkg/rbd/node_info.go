@@ -103,7 +103,11 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 		health.HealthStatuses = append(health.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: reason, Message: fmt.Sprintf(format, args...)})
 	}
-	if err := n.mounters[rec.Mounter].Check(ctx, rec.Mapping); isGone(err) {
+	m := n.mounters[rec.Mounter]
+	if m == nil {
+		return nil, status.Errorf(codes.Internal, "stage record of volume %s names an unknown mounter %q", rec.VolumeID, rec.Mounter)
+	}
+	if err := m.Check(ctx, rec.Mapping); isGone(err) {
 		bad("MappingLost", "%v", err)
 	} else if err != nil {
 		bad("MappingUnchecked", "cannot tell whether the mapping works: %v", err)
