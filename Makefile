@@ -38,6 +38,7 @@ demo: build cluster-up
 	@e2e/demo.sh
 
 vet: tools
+	@e2e/check-install.sh
 	$(GO) vet ./...
 	$(TOOLS)/staticcheck ./...
 	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
