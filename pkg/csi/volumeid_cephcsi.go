@@ -61,7 +61,7 @@ func ParseCephCSIVolumeID(s string) (CephCSIVolumeID, error) {
 		return fail("cluster ID length %d does not match the ID's length", n)
 	}
 	v.ClusterID, rest = rest[:n], rest[n:]
-	if err := checkCephCSIName("cluster ID", v.ClusterID); err != nil {
+	if err := CheckCephCSIName("cluster ID", v.ClusterID); err != nil {
 		return fail("%v", err)
 	}
 	if rest[0] != '-' || rest[17] != '-' {
@@ -107,9 +107,9 @@ func isLowerUUID(s string) bool {
 	return true
 }
 
-// checkCephCSIName accepts what ceph-csi and Ceph accept in a name handed around
-// without quoting: [A-Za-z0-9._-], not empty, no leading '-'.
-func checkCephCSIName(what, s string) error {
+// CheckCephCSIName accepts what ceph-csi writes in IDs and journals and what is
+// safe on a tool's command line: [A-Za-z0-9._-], not empty, no leading '-'.
+func CheckCephCSIName(what, s string) error {
 	if s == "" {
 		return fmt.Errorf("empty %s", what)
 	}

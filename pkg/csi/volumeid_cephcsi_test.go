@@ -103,7 +103,7 @@ func FuzzParseCephCSIVolumeID(f *testing.F) {
 		if got := v.String(); got != s {
 			t.Fatalf("ParseCephCSIVolumeID(%q) re-encodes as %q", s, got)
 		}
-		if v.PoolID < 0 || checkCephCSIName("cluster ID", v.ClusterID) != nil || !isLowerUUID(v.UUID) {
+		if v.PoolID < 0 || CheckCephCSIName("cluster ID", v.ClusterID) != nil || !isLowerUUID(v.UUID) {
 			t.Fatalf("ParseCephCSIVolumeID(%q) accepted %+v", s, v)
 		}
 	})

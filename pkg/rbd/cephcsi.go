@@ -120,6 +120,9 @@ func resolveCephCSI(conns *rcsi.Conns, cluster rcsi.ClusterConfig, creds rcsi.Cr
 		image = cephCSIDefaultPrefix + h.UUID
 	}
 	v.id = rcsi.VolumeID{ClusterID: h.ClusterID, Pool: pool, Namespace: ns, Name: image}
+	if err := rcsi.CheckCephCSIName("image name", image); err != nil {
+		return nil, nil, status.Errorf(codes.FailedPrecondition, "ceph-csi journal object %s in pool %q: %v", oid, pool, err)
+	}
 	if err := v.id.Validate(); err != nil {
 		return nil, nil, status.Errorf(codes.FailedPrecondition, "ceph-csi journal object %s in pool %q names an unusable image: %v", oid, pool, err)
 	}
@@ -275,9 +278,11 @@ func (c *Controller) deleteCephCSIVolume(ctx context.Context, req *csi.DeleteVol
 }
 
 // releaseCephCSIName removes the request name's key from csi.volumes.<instance>
-// if it still points at this volume's UUID.
+// if it still points at this volume's UUID. When the journal object lost the
+// name (ceph-csi crashed between writing the key and the object's omap), the
+// directory is searched for keys pointing at the UUID.
 func (c *Controller) releaseCephCSIName(ctx context.Context, t *target, v *cephCSIVolume, secrets map[string]string) error {
-	if v.requestName == "" || v.journalPool == "" {
+	if v.journalPool == "" {
 		return nil
 	}
 	io := t.io
@@ -291,27 +296,46 @@ func (c *Controller) releaseCephCSIName(ctx context.Context, t *target, v *cephC
 		io = jt.io
 	}
 	dir := cephCSIDirectoryPrefix + c.cephCSIInstance()
-	key := cephCSINamePrefix + v.requestName
-	vals, err := omapValues(io, dir, []string{key})
-	if rcsi.Errno(err) == syscall.ENOENT {
-		return nil
-	} else if err != nil {
-		return cephStatus(err, "reading ceph-csi journal %s in pool %q", dir, v.journalPool)
+	var keys []string
+	ours := func(val string) bool { return val == v.handle.UUID || strings.HasSuffix(val, "/"+v.handle.UUID) }
+	if v.requestName != "" {
+		key := cephCSINamePrefix + v.requestName
+		vals, err := omapValues(io, dir, []string{key})
+		if err != nil && rcsi.Errno(err) != syscall.ENOENT {
+			return cephStatus(err, "reading ceph-csi journal %s in pool %q", dir, v.journalPool)
+		}
+		if val, ok := vals[key]; ok && !ours(val) {
+			klog.Warningf("DeleteVolume: ceph-csi journal %s key %q points at %q, not at volume %s: left alone", dir, key, val, v.handle)
+		} else if ok {
+			keys = append(keys, key)
+		}
+	} else {
+		start := time.Now()
+		var err error
+		for after, n := "", -1; n != 0 && err == nil; {
+			n = 0 // keys seen on this page: a page with none is the end
+			err = io.ListOmapValues(dir, after, cephCSINamePrefix, 1000, func(key string, val []byte) {
+				n, after = n+1, key
+				if ours(string(val)) {
+					keys = append(keys, key)
+				}
+			})
+		}
+		if err != nil && rcsi.Errno(err) != syscall.ENOENT {
+			return cephStatus(err, "searching ceph-csi journal %s in pool %q", dir, v.journalPool)
+		}
+		klog.InfoS("ceph-csi journal object names no request: searched the directory", "volumeID", v.handle.String(),
+			"directory", dir, "found", keys, "duration", time.Since(start))
 	}
-	val, ok := vals[key]
-	if !ok {
-		return nil
-	}
-	if val != v.handle.UUID && !strings.HasSuffix(val, "/"+v.handle.UUID) {
-		klog.Warningf("DeleteVolume: ceph-csi journal %s key %q points at %q, not at volume %s: left alone", dir, key, val, v.handle)
+	if len(keys) == 0 {
 		return nil
 	}
 	op := rados.CreateWriteOp()
 	defer op.Release()
 	op.AssertExists()
-	op.RmOmapKeys([]string{key})
+	op.RmOmapKeys(keys)
 	if err := op.Operate(io, dir, rados.OperationNoFlag); err != nil && rcsi.Errno(err) != syscall.ENOENT {
-		return cephStatus(err, "removing key %q from ceph-csi journal %s", key, dir)
+		return cephStatus(err, "removing keys %q from ceph-csi journal %s", keys, dir)
 	}
 	return nil
 }
