@@ -118,6 +118,9 @@ func TestAdoptCephCSIRefusals(t *testing.T) {
 	if left := cephCSILeftovers(t, encrypted); len(left) != 0 {
 		t.Fatalf("left after deleting the encrypted volume: %v", left)
 	}
+	if !logHasWarning(t, d, `ceph-csi volume `+encrypted.handle+` was encrypted with KMS "vault-prod"`) {
+		t.Error("no warning about the KMS key of the encrypted volume")
+	}
 	if err := del(hostile.handle); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("delete of a volume whose journal names a hostile image: %v, want FailedPrecondition", err)
 	}
@@ -240,7 +243,25 @@ func TestAdoptCephCSIPartialStates(t *testing.T) {
 				if val, _ := omapKey(t, v.io, "csi.volumes.default", "csi.volume."+v.reqName); val != other {
 					t.Fatalf("the other volume's key now holds %q", val)
 				}
+				if !logHasWarning(t, d, `key "csi.volume.`+v.reqName+`" points at "`+other+`"`) {
+					t.Error("no warning about the key left alone")
+				}
 			}
 		})
 	}
+}
+
+// logHasWarning says whether the driver logged a warning-level line containing s.
+func logHasWarning(t *testing.T, d *driver, s string) bool {
+	t.Helper()
+	b, err := os.ReadFile(d.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "W") && strings.Contains(l, s) {
+			return true
+		}
+	}
+	return false
 }
