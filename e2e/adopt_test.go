@@ -423,3 +423,54 @@ func readImageIn(t *testing.T, io *rados.IOContext, name string, n int) []byte {
 	}
 	return buf
 }
+
+// Topology-constrained provisioning: ceph-csi keeps the request name in the
+// StorageClass pool's csi.volumes.<instance> (as <image pool ID>/<UUID>) and
+// the image with its csi.volume.<UUID> object (csi.journalpool set) in
+// another pool. Delete removes the key from the journal pool. (client.admin:
+// the restricted user's caps cover only pool rbd.)
+func TestAdoptCephCSIJournalPool(t *testing.T) {
+	const journalPool = "rookzmq-adopt-journal"
+	adminIOContext(t, "")
+	conn := adminConnOnce.conn
+	for _, cmd := range []string{
+		`{"prefix":"osd pool create","pool":"` + journalPool + `","pg_num":1,"pgp_num":1}`,
+		`{"prefix":"osd pool application enable","pool":"` + journalPool + `","app":"rbd"}`,
+	} {
+		if _, info, err := conn.MonCommand([]byte(cmd)); err != nil {
+			t.Fatalf("%s: %v %s", cmd, err, info)
+		}
+	}
+	jio, err := conn.OpenIOContext(journalPool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(jio.Destroy)
+	journalID, err := conn.GetPoolByName(journalPool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := startDriver(t, adoptDriverDir(t), nil)
+	v := makeCephCSIVolume(t, adoptCluster, "", "default", 16<<20, "", nil)
+	key := "csi.volume." + v.reqName
+	t.Cleanup(func() { jio.RmOmapKeys("csi.volumes.default", []string{key}) })
+	if err := v.io.RmOmapKeys("csi.volumes.default", []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	if err := jio.SetOmap("csi.volumes.default", map[string][]byte{key: []byte(fmt.Sprintf("%016x/%s", rbdPoolID(t), v.uuid))}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.io.SetOmap("csi.volume."+v.uuid, map[string][]byte{"csi.journalpool": []byte(fmt.Sprintf("%016x", journalID))}); err != nil {
+		t.Fatal(err)
+	}
+	adminSecrets := map[string]string{"userID": "admin", "userKey": env["ROOKZMQ_CEPH_ADMIN_KEY"]}
+	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: v.handle, Secrets: adminSecrets}); err != nil {
+		t.Fatal(err)
+	}
+	if left := cephCSILeftovers(t, v); len(left) != 0 {
+		t.Fatalf("left in the image pool: %v", left)
+	}
+	if _, ok := omapKey(t, jio, "csi.volumes.default", key); ok {
+		t.Fatalf("key %s left in the journal pool", key)
+	}
+}
