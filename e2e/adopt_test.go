@@ -149,6 +149,12 @@ func removeCephCSIVolume(v *cephCSIVol) {
 	rbd.RemoveImage(v.io, v.image)
 	v.io.RmOmapKeys("csi.volumes."+v.instance, []string{"csi.volume." + v.reqName})
 	v.io.Delete("csi.volume." + v.uuid)
+	trash, _ := rbd.GetTrashList(v.io)
+	for _, e := range trash {
+		if e.Name == v.image {
+			rbd.TrashRemove(v.io, e.Id, true)
+		}
+	}
 }
 
 // copyIntoImage writes the non-zero 64 KiB blocks of file into the image.
