@@ -33,6 +33,9 @@ type Controller struct {
 	Conns    *rcsi.Conns
 	// Known remembers credentials per cluster for calls that carry none.
 	Known *rcsi.KnownCredentials
+	// CephCSIInstance is the --instanceid of the ceph-csi whose volumes are
+	// adopted ("" means DefaultCephCSIInstance); see cephcsi.go.
+	CephCSIInstance string
 
 	locks rcsi.KeyLocks
 }
@@ -179,10 +182,13 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
+	if rcsi.LooksLikeCephCSIVolumeID(req.GetVolumeId()) {
+		return c.deleteCephCSIVolume(ctx, req)
+	}
 	id, err := rcsi.ParseVolumeID(req.GetVolumeId())
 	if err != nil {
-		// No volume of ours can have this ID: it is already gone.
-		klog.InfoS("DeleteVolume of an ID that is not ours: nothing to do", "volumeID", req.GetVolumeId(), "reason", err)
+		// No volume can have this ID, so it does not exist: the CSI spec wants OK.
+		klog.Warningf("DeleteVolume: volume ID %q is neither rookzmq's nor ceph-csi's, so no such volume exists: answering OK: %v", req.GetVolumeId(), err)
 		return &csi.DeleteVolumeResponse{}, nil
 	}
 	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
@@ -215,14 +221,14 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 
 // ValidateVolumeCapabilities confirms the capabilities an existing volume supports.
 func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), true)
+	id, cephID, err := parseHandle(req.GetVolumeId(), true)
 	if err != nil {
 		return nil, err
 	}
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "volume_capabilities are required")
 	}
-	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	id, t, err := c.openVolume(ctx, id, cephID, req.GetSecrets())
 	if err != nil {
 		return nil, err
 	}
@@ -241,7 +247,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 
 // ControllerExpandVolume grows the image; filesystems then grow on the node.
 func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), true)
+	id, cephID, err := parseHandle(req.GetVolumeId(), true)
 	if err != nil {
 		return nil, err
 	}
@@ -260,7 +266,7 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 			return nil, err
 		}
 	}
-	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	id, t, err := c.openVolume(ctx, id, cephID, req.GetSecrets())
 	if err != nil {
 		return nil, err
 	}
