@@ -41,50 +41,53 @@ func TestCrashDuringCreateAndDelete(t *testing.T) {
 			d.stop()
 		})
 	}
-	t.Run("delete-before-image", func(t *testing.T) {
-		d := startDriver(t, dir, nil)
-		r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"delb", prefix, 64<<20))
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.stop()
-		d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-before-image"})
-		id := r.GetVolume().GetVolumeId()
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
-			t.Fatal("DeleteVolume succeeded through its crash point")
-		}
-		waitDead(t, d)
-		if len(images(t, prefix)) == 0 {
-			t.Fatal("the image is gone before its crash point: the test proves nothing")
-		}
-		d = startDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
-			t.Fatalf("retry after crash: %v", err)
-		}
-		d.stop()
-	})
-	t.Run("delete-after-image", func(t *testing.T) {
-		d := startDriver(t, dir, nil)
-		r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"del", prefix, 64<<20))
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.stop()
-		d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-after-image"})
-		id := r.GetVolume().GetVolumeId()
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
-			t.Fatal("DeleteVolume succeeded through its crash point")
-		}
-		waitDead(t, d)
-		if len(journal(t, prefix+"del")) == 0 {
-			t.Fatal("the crash point came after the journal release: the test proves nothing")
-		}
-		d = startDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
-			t.Fatalf("retry after crash: %v", err)
-		}
-		d.stop()
-	})
+	// What each delete crash point must have left, so the test proves something.
+	deleteLeft := map[string]func(t *testing.T, name string) string{
+		"delete-before-image": func(t *testing.T, name string) string {
+			if len(images(t, prefix+"del-")) == 0 {
+				return "the image is gone before its crash point"
+			}
+			return ""
+		},
+		"delete-after-trash": func(t *testing.T, name string) string {
+			if len(images(t, prefix+"del-")) != 0 || len(trashed(t, prefix+"del-")) == 0 || len(journal(t, name)) == 0 {
+				return "the image is not (only) in the trash with its journal entry kept"
+			}
+			return ""
+		},
+		"delete-after-image": func(t *testing.T, name string) string {
+			if len(journal(t, name)) == 0 {
+				return "the crash point came after the journal release"
+			}
+			return ""
+		},
+	}
+	for _, point := range []string{"delete-before-image", "delete-after-trash", "delete-after-image"} {
+		t.Run(point, func(t *testing.T) {
+			d := startDriver(t, dir, nil)
+			name := prefix + point
+			r, err := d.ctrl.CreateVolume(ctx(t), createReq(name, prefix+"del-", 64<<20))
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.stop()
+			d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
+			id := r.GetVolume().GetVolumeId()
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
+				t.Fatal("DeleteVolume succeeded through its crash point")
+			}
+			waitDead(t, d)
+			if why := deleteLeft[point](t, name); why != "" {
+				t.Fatalf("%s: the test proves nothing", why)
+			}
+			d = startDriver(t, dir, nil)
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
+				t.Fatalf("retry after crash: %v", err)
+			}
+			d.stop()
+			assertNoOrphans(t, prefix+"del-")
+		})
+	}
 	assertNoOrphans(t, prefix)
 }
 
