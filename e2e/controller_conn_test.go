@@ -237,3 +237,41 @@ func TestDeleteWatchedImage(t *testing.T) {
 	}
 	assertNoOrphans(t, prefix)
 }
+
+// A user without mgr caps cannot queue the trash removal with the mgr:
+// DeleteVolume then removes the image from the trash itself, before it answers.
+func TestDeleteWithoutMgrCaps(t *testing.T) {
+	user := fmt.Sprintf("rookzmq-ctrl-nomgr-%d", time.Now().UnixNano()%1e9)
+	out, info, err := adminConn.MonCommand([]byte(fmt.Sprintf(
+		`{"prefix":"auth get-or-create","entity":"client.%s","caps":["mon","profile rbd","osd","profile rbd pool=rbd"],"format":"json"}`, user)))
+	if err != nil {
+		t.Fatalf("creating user %s: %v %s", user, err, info)
+	}
+	t.Cleanup(func() { monCommand(t, map[string]any{"prefix": "auth rm", "entity": "client." + user}) })
+	var keys []struct {
+		Key string `json:"key"`
+	}
+	if err := json.Unmarshal(out, &keys); err != nil || len(keys) != 1 {
+		t.Fatalf("auth get-or-create answered %q: %v", out, err)
+	}
+	sec := map[string]string{"userID": user, "userKey": keys[0].Key}
+	d := startDriver(t, newDriverDir(t), nil, "--node=false")
+	c := ctx(t)
+	prefix := uniquePrefix(t)
+	req := createReq(prefix+"n", prefix, 64<<20)
+	req.Secrets = sec
+	r, err := d.ctrl.CreateVolume(c, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec}); err != nil {
+		t.Fatal(err)
+	}
+	if got := trashed(t, prefix); len(got) != 0 {
+		t.Errorf("DeleteVolume without mgr caps left %v in the trash", got)
+	}
+	assertNoOrphans(t, prefix)
+	if b, _ := os.ReadFile(d.log); !strings.Contains(string(b), "the mgr refused the trash-remove task") {
+		t.Errorf("no log line says the mgr refused the task")
+	}
+}
