@@ -55,14 +55,14 @@ func TestCrashDuringCreateAndDelete(t *testing.T) {
 			}
 			return ""
 		},
-		"delete-after-image": func(t *testing.T, name string) string {
-			if len(journal(t, name)) == 0 {
-				return "the crash point came after the journal release"
+		"delete-after-release": func(t *testing.T, name string) string {
+			if len(journal(t, name)) != 0 || len(trashed(t, prefix+"del-")) == 0 || len(journal(t, prefix+"del-")) != 1 {
+				return "the image is not in the trash with only its purge record in the journal"
 			}
 			return ""
 		},
 	}
-	for _, point := range []string{"delete-before-image", "delete-after-trash", "delete-after-image"} {
+	for _, point := range []string{"delete-before-image", "delete-after-trash", "delete-after-release"} {
 		t.Run(point, func(t *testing.T) {
 			d := startDriver(t, dir, nil)
 			name := prefix + point
@@ -86,6 +86,32 @@ func TestCrashDuringCreateAndDelete(t *testing.T) {
 			}
 			d.stop()
 			assertNoOrphans(t, prefix+"del-")
+		})
+	}
+	// Crashes after the name is released: the CO may never retry (the second
+	// one even told it the delete succeeded). The restarted driver finds the
+	// purge in the journal the first time a call opens the pool.
+	for _, point := range []string{"delete-after-release", "purge-after-task"} {
+		t.Run(point+"-no-retry", func(t *testing.T) {
+			d := startDriver(t, dir, nil)
+			r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+point+"-nr", prefix+"nr-", 64<<20))
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.stop()
+			d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
+			d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: secrets()})
+			waitDead(t, d)
+			if len(journal(t, prefix+"nr-")) != 1 {
+				t.Fatalf("journal entries %v, want the purge record alone: the test proves nothing", journal(t, prefix+"nr-"))
+			}
+			d = startDriver(t, dir, nil)
+			if _, err := d.ctrl.ValidateVolumeCapabilities(ctx(t), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: r.GetVolume().GetVolumeId(),
+				VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: secrets()}); status.Code(err) != codes.NotFound {
+				t.Errorf("ValidateVolumeCapabilities of the deleted volume: %v, want NotFound", err)
+			}
+			assertNoOrphans(t, prefix+"nr-")
+			d.stop()
 		})
 	}
 	assertNoOrphans(t, prefix)

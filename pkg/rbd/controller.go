@@ -35,7 +35,8 @@ type Controller struct {
 	// Known remembers credentials per cluster for calls that carry none.
 	Known *rcsi.KnownCredentials
 
-	locks rcsi.KeyLocks
+	locks  rcsi.KeyLocks
+	purger purger
 }
 
 // target is a pool (and RADOS namespace) of a cluster, with the credentials to
@@ -73,6 +74,7 @@ func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets m
 	if c.Known != nil {
 		c.Known.Remember(clusterID, creds)
 	}
+	c.scanPurges(t)
 	return t, nil
 }
 
@@ -261,7 +263,9 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 	return &csi.DeleteVolumeResponse{}, nil
 }
 
-// deleteVolume deletes image and its journal entry.
+// deleteVolume deletes image and its journal entry: the image goes to the
+// trash, the release of its name records the purge, which is handed to the
+// mgr after the call answered.
 func (c *Controller) deleteVolume(t *target, image string) error {
 	start := time.Now()
 	j := NewJournal(t.io)
@@ -270,25 +274,30 @@ func (c *Controller) deleteVolume(t *target, image string) error {
 		return t.status(err, "reading the journal")
 	}
 	rcsi.CrashPoint("delete-before-image")
-	if err := c.trash(t, image); err != nil {
+	id, err := c.trash(t, image)
+	if err != nil {
 		return err
 	}
-	rcsi.CrashPoint("delete-after-image")
-	if err := j.Release(name, image); err != nil {
+	if err := j.Release(name, image, id); err != nil {
 		return t.status(err, "releasing name %q", name)
 	}
-	klog.V(3).InfoS("volume deleted", "image", image, "name", name, "duration", time.Since(start))
+	rcsi.CrashPoint("delete-after-release")
+	if id != "" {
+		c.purgeLater(t, image, id)
+	}
+	klog.V(3).InfoS("volume deleted", "image", image, "name", name, "trashID", id, "duration", time.Since(start))
 	return nil
 }
 
-// trash moves image of t's pool to the trash and queues its removal; see
-// trashImage. Callers hold the volume's lock.
-func (c *Controller) trash(t *target, image string) error {
-	err := trashImage(t.io, t.lease.Conn(), t.pool, t.cluster.RBD.RadosNamespace, image)
+// trash moves image of t's pool to the trash and returns its trash id ("" if
+// it is gone already); see trashImage. Callers hold the volume's lock, then
+// record the id in the journal (Journal.Release) and call purgeLater.
+func (c *Controller) trash(t *target, image string) (string, error) {
+	id, err := trashImage(t.io, image)
 	if err != nil {
-		return t.status(err, "deleting image %s", image)
+		return "", t.status(err, "deleting image %s", image)
 	}
-	return nil
+	return id, nil
 }
 
 // ValidateVolumeCapabilities confirms the capabilities an existing volume supports.

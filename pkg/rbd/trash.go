@@ -21,74 +21,69 @@ import (
 // rbd_support module removes it from the trash in the background, as a task
 // it keeps in the pool and resumes after a mgr restart. Where the mgr refuses
 // the task (module off, no mgr caps), the image is removed from the trash
-// synchronously instead.
+// synchronously instead. Handing the task to the mgr happens after the call
+// answered (see purger).
 
 // trashImage moves image to the trash unless a client still watches it
-// (FailedPrecondition naming the watchers) and queues its removal. It is
-// idempotent: an image already in the trash gets its removal queued again,
-// an image that is nowhere is fine. Any code path that deletes an RBD image
+// (FailedPrecondition naming the watchers) and returns its trash id. It is
+// idempotent: for an image already in the trash it returns that entry's id;
+// for an image that is nowhere, "". Any code path that deletes an RBD image
 // (ours, or one another driver made) goes through here.
-func trashImage(io *rados.IOContext, conn *rados.Conn, pool, namespace, image string) error {
+func trashImage(io *rados.IOContext, image string) (string, error) {
 	img, err := rbd.OpenImageReadOnly(io, image, rbd.NoSnapshot)
 	if errors.Is(err, rbd.ErrNotFound) {
-		return purgeTrashed(io, conn, pool, namespace, image)
+		return trashedID(io, image)
 	}
 	if err != nil {
-		return fmt.Errorf("opening image %s: %w", image, err)
+		return "", fmt.Errorf("opening image %s: %w", image, err)
 	}
 	watchers, werr := img.ListWatchers()
 	id, ierr := img.GetId()
 	img.Close()
 	if werr != nil {
-		return fmt.Errorf("listing watchers of image %s: %w", image, werr)
+		return "", fmt.Errorf("listing watchers of image %s: %w", image, werr)
 	}
 	if ierr != nil {
-		return fmt.Errorf("reading the id of image %s: %w", image, ierr)
+		return "", fmt.Errorf("reading the id of image %s: %w", image, ierr)
 	}
 	if len(watchers) > 0 {
 		addrs := make([]string, len(watchers))
 		for i, w := range watchers {
 			addrs[i] = fmt.Sprintf("%s (client.%d)", w.Addr, w.Id)
 		}
-		return status.Errorf(codes.FailedPrecondition, "image %s is still in use (mapped on a node?): watched by %s",
+		return "", status.Errorf(codes.FailedPrecondition, "image %s is still in use (mapped on a node?): watched by %s",
 			image, strings.Join(addrs, ", "))
 	}
 	if err := rbd.GetImage(io, image).Trash(0); err != nil && !errors.Is(err, rbd.ErrNotFound) {
-		return fmt.Errorf("moving image %s to the trash: %w", image, err)
+		return "", fmt.Errorf("moving image %s to the trash: %w", image, err)
 	}
 	rcsi.CrashPoint("delete-after-trash")
-	return purge(io, conn, pool, namespace, image, id)
+	return id, nil
 }
 
-// purgeTrashed queues the removal of the trash entries named image, for a
-// retry that finds the image gone from the pool's directory. An image that is
-// neither there nor in the trash may still be a half-made one (a crash inside
-// librbd's create): removing it by name clears that.
-func purgeTrashed(io *rados.IOContext, conn *rados.Conn, pool, namespace, image string) error {
+// trashedID returns the id of the trash entry named image, for a retry that
+// finds the image gone from the pool's directory; "" if there is none. An
+// image that is neither there nor in the trash may still be a half-made one
+// (a crash inside librbd's create): removing it by name clears that.
+func trashedID(io *rados.IOContext, image string) (string, error) {
 	entries, err := rbd.GetTrashList(io)
 	if err != nil {
-		return fmt.Errorf("listing the trash: %w", err)
+		return "", fmt.Errorf("listing the trash: %w", err)
 	}
-	found := false
 	for _, e := range entries {
 		if e.Name == image {
-			found = true
-			if err := purge(io, conn, pool, namespace, image, e.Id); err != nil {
-				return err
-			}
+			return e.Id, nil
 		}
 	}
-	if !found {
-		if err := rbd.RemoveImage(io, image); err != nil && !errors.Is(err, rbd.ErrNotFound) {
-			return fmt.Errorf("removing what is left of image %s: %w", image, err)
-		}
+	if err := rbd.RemoveImage(io, image); err != nil && !errors.Is(err, rbd.ErrNotFound) {
+		return "", fmt.Errorf("removing what is left of image %s: %w", image, err)
 	}
-	return nil
+	return "", nil
 }
 
-// purge asks the mgr to remove trash entry id; if the mgr refuses, it
-// removes the entry itself.
-func purge(io *rados.IOContext, conn *rados.Conn, pool, namespace, image, id string) error {
+// queuePurge asks the mgr to remove trash entry id; if the mgr refuses, it
+// removes the entry itself. An entry already gone is fine.
+func queuePurge(io *rados.IOContext, conn *rados.Conn, pool, namespace, image, id string) error {
 	err := addTrashRemoveTask(conn, pool, namespace, id)
 	if err == nil {
 		return nil
@@ -98,8 +93,10 @@ func purge(io *rados.IOContext, conn *rados.Conn, pool, namespace, image, id str
 	if rerr != nil && !errors.Is(rerr, rbd.ErrNotFound) {
 		return fmt.Errorf("removing image %s (trash id %s): the mgr refused the task (%v), and removing it here failed: %w", image, id, err, rerr)
 	}
-	klog.InfoS("the mgr refused the trash-remove task: removed the image synchronously (give the user mgr 'profile rbd' caps and enable rbd_support for fast deletes)",
-		"image", image, "trashID", id, "mgrError", err, "duration", time.Since(start))
+	if rerr == nil {
+		klog.InfoS("the mgr refused the trash-remove task: removed the image here (give the user mgr 'profile rbd' caps and enable rbd_support for fast deletes)",
+			"image", image, "trashID", id, "mgrError", err, "duration", time.Since(start))
+	}
 	return nil
 }
 

@@ -1,0 +1,148 @@
+package rbd
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// Purger tuning: how many purges wait in memory at most (more wait in the
+// journals only, for the next scan), how often a pool's journal is scanned
+// for purges a previous process left, and how long a failed purge waits.
+const (
+	purgeQueue   = 4096
+	purgeRescan  = 10 * time.Minute
+	purgeBackoff = 30 * time.Second
+)
+
+// purger hands trashed images to the mgr after DeleteVolume answered. Its
+// work is recorded in each pool's journal (Journal.Release with a trash id),
+// so a restarted driver finds it again: a pool's journal is scanned the first
+// time a call opens the pool, and every purgeRescan after.
+type purger struct {
+	once    sync.Once
+	jobs    chan purgeJob
+	mu      sync.Mutex
+	pending map[string]bool      // jobs queued or running
+	scanned map[string]time.Time // pools, by poolKey
+}
+
+// purgeJob is the removal of one trash entry, or (image "") a scan of a pool's journal.
+type purgeJob struct {
+	conns     *rcsi.Conns
+	cluster   rcsi.ClusterConfig
+	creds     rcsi.Credentials
+	pool      string
+	image, id string
+}
+
+func (j purgeJob) poolKey() string {
+	return j.cluster.ClusterID + "\x00" + j.cluster.MonHost() + "\x00" + j.pool + "\x00" + j.cluster.RBD.RadosNamespace
+}
+
+func (j purgeJob) key() string { return j.poolKey() + "\x00" + j.image }
+
+func (p *purger) start() {
+	p.once.Do(func() {
+		p.jobs = make(chan purgeJob, purgeQueue)
+		p.pending = map[string]bool{}
+		p.scanned = map[string]time.Time{}
+		for i := 0; i < 2; i++ {
+			go p.work()
+		}
+	})
+}
+
+// add queues j unless it is already queued; a full queue drops it (the
+// journal still has it: a later scan finds it).
+func (p *purger) add(j purgeJob) {
+	p.start()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.pending[j.key()] {
+		return
+	}
+	select {
+	case p.jobs <- j:
+		p.pending[j.key()] = true
+	default:
+		delete(p.scanned, j.poolKey())
+		klog.InfoS("purge queue full: the purge waits in the journal for a later scan", "image", j.image, "pool", j.pool)
+	}
+}
+
+// purgeLater queues the purge of trash entry id, which Journal.Release recorded.
+func (c *Controller) purgeLater(t *target, image, id string) {
+	c.purger.add(purgeJob{conns: c.Conns, cluster: t.cluster, creds: t.creds, pool: t.pool, image: image, id: id})
+}
+
+// scanPurges queues a scan of t's pool for purges a previous process left,
+// unless the pool was scanned within purgeRescan.
+func (c *Controller) scanPurges(t *target) {
+	j := purgeJob{conns: c.Conns, cluster: t.cluster, creds: t.creds, pool: t.pool}
+	c.purger.start()
+	c.purger.mu.Lock()
+	last, ok := c.purger.scanned[j.poolKey()]
+	due := !ok || time.Since(last) > purgeRescan
+	if due {
+		c.purger.scanned[j.poolKey()] = time.Now()
+	}
+	c.purger.mu.Unlock()
+	if due {
+		c.purger.add(j)
+	}
+}
+
+func (p *purger) work() {
+	for j := range p.jobs {
+		err := p.run(j)
+		p.mu.Lock()
+		delete(p.pending, j.key())
+		p.mu.Unlock()
+		if err != nil {
+			klog.ErrorS(err, "purge failed; trying again later", "cluster", j.cluster.ClusterID, "pool", j.pool, "image", j.image, "retryIn", purgeBackoff)
+			time.AfterFunc(purgeBackoff, func() { p.add(j) })
+		}
+	}
+}
+
+func (p *purger) run(j purgeJob) error {
+	ctx, cancel := context.WithTimeout(context.Background(), rcsi.ConnTimeout)
+	defer cancel()
+	lease, err := j.conns.Acquire(ctx, j.cluster, j.creds)
+	if err != nil {
+		return err
+	}
+	defer lease.Release()
+	io, err := lease.IOContext(j.pool, j.cluster.RBD.RadosNamespace)
+	if err != nil {
+		return lease.Check(err)
+	}
+	journal := NewJournal(io)
+	if j.image == "" {
+		left, err := journal.Purges(purgeQueue)
+		if err != nil {
+			return lease.Check(err)
+		}
+		for image, id := range left {
+			klog.V(2).InfoS("found a purge a previous process left", "pool", j.pool, "image", image, "trashID", id)
+			j.image, j.id = image, id
+			p.add(j)
+		}
+		return nil
+	}
+	start := time.Now()
+	if err := queuePurge(io, lease.Conn(), j.pool, j.cluster.RBD.RadosNamespace, j.image, j.id); err != nil {
+		return lease.Check(err)
+	}
+	rcsi.CrashPoint("purge-after-task")
+	if err := journal.Purged(j.image); err != nil {
+		return lease.Check(err)
+	}
+	klog.V(3).InfoS("purge queued with the mgr", "pool", j.pool, "image", j.image, "trashID", j.id, "duration", time.Since(start))
+	return nil
+}
