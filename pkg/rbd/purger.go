@@ -3,6 +3,7 @@ package rbd
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -12,11 +13,17 @@ import (
 
 // Purger tuning: how many purges wait in memory at most (more wait in the
 // journals only, for the next scan), how often a pool's journal is scanned
-// for purges a previous process left, and how long a failed purge waits.
+// for purges a previous process left, how long a failed purge waits, and
+// how long the controller must have been idle (no call opened a pool) before
+// purges are handed to the mgr, unless they waited purgeMaxDelay already: a
+// removal competes with the calls for the OSDs, so a burst of deletes answers
+// first and gets its space back right after.
 const (
-	purgeQueue   = 4096
-	purgeRescan  = 10 * time.Minute
-	purgeBackoff = 30 * time.Second
+	purgeQueue    = 4096
+	purgeRescan   = 10 * time.Minute
+	purgeBackoff  = 30 * time.Second
+	purgeQuiet    = 300 * time.Millisecond
+	purgeMaxDelay = 30 * time.Second
 )
 
 // purger hands trashed images to the mgr after DeleteVolume answered. Its
@@ -24,6 +31,7 @@ const (
 // so a restarted driver finds it again: a pool's journal is scanned the first
 // time a call opens the pool, and every purgeRescan after.
 type purger struct {
+	busy    atomic.Int64 // UnixNano of the last call that opened a pool
 	once    sync.Once
 	jobs    chan purgeJob
 	mu      sync.Mutex
@@ -38,6 +46,7 @@ type purgeJob struct {
 	creds     rcsi.Credentials
 	pool      string
 	image, id string
+	queued    time.Time
 }
 
 func (j purgeJob) poolKey() string {
@@ -77,12 +86,25 @@ func (p *purger) add(j purgeJob) {
 
 // purgeLater queues the purge of trash entry id, which Journal.Release recorded.
 func (c *Controller) purgeLater(t *target, image, id string) {
-	c.purger.add(purgeJob{conns: c.Conns, cluster: t.cluster, creds: t.creds, pool: t.pool, image: image, id: id})
+	c.purger.add(purgeJob{conns: c.Conns, cluster: t.cluster, creds: t.creds, pool: t.pool, image: image, id: id, queued: time.Now()})
+}
+
+// waitQuiet waits until no call opened a pool for purgeQuiet, or until j
+// waited purgeMaxDelay.
+func (p *purger) waitQuiet(j purgeJob) {
+	for {
+		idle := time.Since(time.Unix(0, p.busy.Load()))
+		if idle >= purgeQuiet || time.Since(j.queued) >= purgeMaxDelay {
+			return
+		}
+		time.Sleep(purgeQuiet - idle)
+	}
 }
 
 // scanPurges queues a scan of t's pool for purges a previous process left,
 // unless the pool was scanned within purgeRescan.
 func (c *Controller) scanPurges(t *target) {
+	c.purger.busy.Store(time.Now().UnixNano())
 	j := purgeJob{conns: c.Conns, cluster: t.cluster, creds: t.creds, pool: t.pool}
 	c.purger.start()
 	c.purger.mu.Lock()
@@ -111,6 +133,9 @@ func (p *purger) work() {
 }
 
 func (p *purger) run(j purgeJob) error {
+	if j.image != "" {
+		p.waitQuiet(j)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), rcsi.ConnTimeout)
 	defer cancel()
 	lease, err := j.conns.Acquire(ctx, j.cluster, j.creds)
@@ -130,7 +155,7 @@ func (p *purger) run(j purgeJob) error {
 		}
 		for image, id := range left {
 			klog.V(2).InfoS("found a purge a previous process left", "pool", j.pool, "image", image, "trashID", id)
-			j.image, j.id = image, id
+			j.image, j.id, j.queued = image, id, time.Now()
 			p.add(j)
 		}
 		return nil

@@ -30,6 +30,7 @@ import (
 // for an image that is nowhere, "". Any code path that deletes an RBD image
 // (ours, or one another driver made) goes through here.
 func trashImage(io *rados.IOContext, image string) (string, error) {
+	start := time.Now()
 	img, err := rbd.OpenImageReadOnly(io, image, rbd.NoSnapshot)
 	if errors.Is(err, rbd.ErrNotFound) {
 		return trashedID(io, image)
@@ -54,9 +55,11 @@ func trashImage(io *rados.IOContext, image string) (string, error) {
 		return "", status.Errorf(codes.FailedPrecondition, "image %s is still in use (mapped on a node?): watched by %s",
 			image, strings.Join(addrs, ", "))
 	}
+	checked := time.Now()
 	if err := rbd.GetImage(io, image).Trash(0); err != nil && !errors.Is(err, rbd.ErrNotFound) {
 		return "", fmt.Errorf("moving image %s to the trash: %w", image, err)
 	}
+	klog.V(4).InfoS("image moved to the trash", "image", image, "trashID", id, "watcherCheck", checked.Sub(start), "trashMove", time.Since(checked))
 	rcsi.CrashPoint("delete-after-trash")
 	return id, nil
 }
