@@ -73,9 +73,11 @@ func TestCrashDuringCreateAndDelete(t *testing.T) {
 			d.stop()
 			d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
 			id := r.GetVolume().GetVolumeId()
-			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
+			_, err = d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+			if err == nil {
 				t.Fatal("DeleteVolume succeeded through its crash point")
 			}
+			t.Logf("DeleteVolume through its crash point: %v", err)
 			waitDead(t, d)
 			if why := deleteLeft[point](t, name); why != "" {
 				t.Fatalf("%s: the test proves nothing", why)

@@ -31,7 +31,8 @@ const (
 // so a restarted driver finds it again: a pool's journal is scanned the first
 // time a call opens the pool, and every purgeRescan after.
 type purger struct {
-	busy    atomic.Int64 // UnixNano of the last call that opened a pool
+	busy     atomic.Int64 // UnixNano of the last call that opened a pool
+	draining atomic.Bool  // no more waiting for quiet: the process stops
 	once    sync.Once
 	jobs    chan purgeJob
 	mu      sync.Mutex
@@ -94,7 +95,7 @@ func (c *Controller) purgeLater(t *target, image, id string) {
 func (p *purger) waitQuiet(j purgeJob) {
 	for {
 		idle := time.Since(time.Unix(0, p.busy.Load()))
-		if idle >= purgeQuiet || time.Since(j.queued) >= purgeMaxDelay {
+		if p.draining.Load() || idle >= purgeQuiet || time.Since(j.queued) >= purgeMaxDelay {
 			return
 		}
 		time.Sleep(purgeQuiet - idle)
@@ -125,7 +126,11 @@ func (p *purger) work() {
 		p.mu.Lock()
 		delete(p.pending, j.key())
 		p.mu.Unlock()
-		if err != nil {
+		switch {
+		case err != nil && j.image == "":
+			// The next call that opens the pool after purgeRescan scans again.
+			klog.ErrorS(err, "scanning a pool for purges failed", "cluster", j.cluster.ClusterID, "pool", j.pool)
+		case err != nil:
 			klog.ErrorS(err, "purge failed; trying again later", "cluster", j.cluster.ClusterID, "pool", j.pool, "image", j.image, "retryIn", purgeBackoff)
 			time.AfterFunc(purgeBackoff, func() { p.add(j) })
 		}
@@ -170,4 +175,54 @@ func (p *purger) run(j purgeJob) error {
 	}
 	klog.V(3).InfoS("purge queued with the mgr", "pool", j.pool, "image", j.image, "trashID", j.id, "duration", time.Since(start))
 	return nil
+}
+
+// Drain hands the queued purges to the mgr at once, for at most timeout, as
+// the process stops; what is left stays recorded in the journals for the
+// next process.
+func (c *Controller) Drain(timeout time.Duration) {
+	c.purger.draining.Store(true)
+	deadline := time.Now().Add(timeout)
+	for {
+		c.purger.mu.Lock()
+		n := len(c.purger.pending)
+		c.purger.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			klog.InfoS("purges left in the journals for the next start", "count", n)
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// ScanAtStart looks for purges a previous process left in every pool of
+// every cluster whose credentials are known (a credentials directory), in
+// the background; other pools are scanned when a call first opens them.
+func (c *Controller) ScanAtStart() {
+	if c.Known == nil {
+		return
+	}
+	go func() {
+		for _, clusterID := range c.Clusters.IDs() {
+			ctx, cancel := context.WithTimeout(context.Background(), rcsi.ConnTimeout)
+			lease, cluster, err := c.knownConn(ctx, clusterID)
+			cancel()
+			if err != nil {
+				continue
+			}
+			creds, _ := c.Known.For(clusterID)
+			pools, err := lease.Conn().ListPools()
+			if err != nil {
+				lease.Check(err)
+				klog.InfoS("scan for purges at start: cannot list pools", "cluster", clusterID, "err", err)
+			}
+			for _, pool := range pools {
+				c.scanPurges(&target{cluster: cluster, creds: creds, pool: pool})
+			}
+			lease.Release()
+		}
+	}()
 }
