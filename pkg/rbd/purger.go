@@ -33,11 +33,11 @@ const (
 type purger struct {
 	busy     atomic.Int64 // UnixNano of the last call that opened a pool
 	draining atomic.Bool  // no more waiting for quiet: the process stops
-	once    sync.Once
-	jobs    chan purgeJob
-	mu      sync.Mutex
-	pending map[string]bool      // jobs queued or running
-	scanned map[string]time.Time // pools, by poolKey
+	once     sync.Once
+	jobs     chan purgeJob
+	mu       sync.Mutex
+	pending  map[string]bool      // jobs queued or running
+	scanned  map[string]time.Time // pools, by poolKey
 }
 
 // purgeJob is the removal of one trash entry, or (image "") a scan of a pool's journal.
