@@ -119,6 +119,30 @@ func TestCrashDuringCreateAndDelete(t *testing.T) {
 	assertNoOrphans(t, prefix)
 }
 
+// A driver with a credentials directory resumes the purges a killed process
+// left at start, with no call at all.
+func TestPurgeResumedAtStart(t *testing.T) {
+	dir := newDriverDir(t)
+	creds := filepath.Join(dir, "creds", "c1")
+	os.MkdirAll(creds, 0o700)
+	os.WriteFile(filepath.Join(creds, "userID"), []byte(env["ROOKZMQ_CEPH_RBD_USER"]), 0o600)
+	os.WriteFile(filepath.Join(creds, "userKey"), []byte(env["ROOKZMQ_CEPH_RBD_KEY"]), 0o600)
+	prefix := uniquePrefix(t)
+	d := startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-after-release"}, "--credentials-dir", filepath.Join(dir, "creds"))
+	r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"s", prefix, 64<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: secrets()})
+	waitDead(t, d)
+	if len(journal(t, prefix)) != 1 || len(trashed(t, prefix)) != 1 {
+		t.Fatalf("journal %v, trash %v: want the purge record and the trashed image", journal(t, prefix), trashed(t, prefix))
+	}
+	d = startDriver(t, dir, nil, "--credentials-dir", filepath.Join(dir, "creds"))
+	assertNoOrphans(t, prefix)
+	d.stop()
+}
+
 // SIGKILL at random moments of CreateVolume: every retry completes and
 // nothing is orphaned.
 func TestRandomKills(t *testing.T) {
