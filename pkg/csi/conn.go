@@ -110,35 +110,42 @@ func (c *Conns) Acquire(ctx context.Context, cluster ClusterConfig, creds Creden
 	sum := sha256.Sum256([]byte(creds.Key))
 	key := fmt.Sprintf("%s\x00%s\x00%s\x00%x", cluster.ClusterID, cluster.MonHost(), creds.ID, sum)
 	budget := Budget(ctx, ConnTimeout)
-	c.mu.Lock()
-	if c.conns == nil {
-		c.conns = map[string]*connEntry{}
-	}
-	e, ok := c.conns[key]
-	if !ok {
-		e = &connEntry{key: key, cluster: cluster, ready: make(chan struct{}), ioctxs: map[[2]string]*rados.IOContext{}}
-		c.conns[key] = e
-		go c.connect(e, creds, budget)
-	}
-	c.mu.Unlock()
-
 	start := time.Now()
 	timer := time.NewTimer(max(budget, 0))
 	defer timer.Stop()
-	select {
-	case <-e.ready:
-	case <-ctx.Done():
-		return nil, &UnreachableError{Cluster: cluster.ClusterID, Monitors: cluster.MonHost(), Waited: time.Since(start), Err: ctx.Err()}
-	case <-timer.C:
-		return nil, &UnreachableError{Cluster: cluster.ClusterID, Monitors: cluster.MonHost(), Waited: time.Since(start)}
+	for {
+		c.mu.Lock()
+		if c.conns == nil {
+			c.conns = map[string]*connEntry{}
+		}
+		e, ok := c.conns[key]
+		if !ok {
+			e = &connEntry{key: key, cluster: cluster, ready: make(chan struct{}), ioctxs: map[[2]string]*rados.IOContext{}}
+			c.conns[key] = e
+			go c.connect(e, creds, budget)
+		}
+		c.mu.Unlock()
+
+		select {
+		case <-e.ready:
+		case <-ctx.Done():
+			return nil, &UnreachableError{Cluster: cluster.ClusterID, Monitors: cluster.MonHost(), Waited: time.Since(start), Err: ctx.Err()}
+		case <-timer.C:
+			return nil, &UnreachableError{Cluster: cluster.ClusterID, Monitors: cluster.MonHost(), Waited: time.Since(start)}
+		}
+		if e.err != nil {
+			return nil, e.err
+		}
+		e.mu.Lock()
+		if e.dropped {
+			// Dropped since we found it (and maybe closed): look again.
+			e.mu.Unlock()
+			continue
+		}
+		e.leases++
+		e.mu.Unlock()
+		return &Lease{c: c, e: e}, nil
 	}
-	if e.err != nil {
-		return nil, e.err
-	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.leases++
-	return &Lease{c: c, e: e}, nil
 }
 
 func (c *Conns) connect(e *connEntry, creds Credentials, budget time.Duration) {
