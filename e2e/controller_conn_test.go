@@ -72,7 +72,13 @@ func TestUnreachableMonitors(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := startDriver(t, dir, nil, "--node=false")
+	for _, cluster := range []string{"closed", "silent"} { // for GetCapacity and ListVolumes
+		creds := filepath.Join(dir, "creds", cluster)
+		os.MkdirAll(creds, 0o700)
+		os.WriteFile(filepath.Join(creds, "userID"), []byte(env["ROOKZMQ_CEPH_RBD_USER"]), 0o600)
+		os.WriteFile(filepath.Join(creds, "userKey"), []byte(env["ROOKZMQ_CEPH_RBD_KEY"]), 0o600)
+	}
+	d := startDriver(t, dir, nil, "--node=false", "--credentials-dir", filepath.Join(dir, "creds"))
 	prefix := uniquePrefix(t)
 	for cluster, mon := range map[string]string{"closed": closed, "silent": silent} {
 		t.Run(cluster, func(t *testing.T) {
@@ -86,6 +92,16 @@ func TestUnreachableMonitors(t *testing.T) {
 				"DeleteVolume": func(ctx context.Context) error {
 					id := fmt.Sprintf("1-%02x-%s-03-rbd-00--%svol", len(cluster), cluster, prefix)
 					_, err := d.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+					return err
+				},
+				"ValidateVolumeCapabilities": func(ctx context.Context) error {
+					id := fmt.Sprintf("1-%02x-%s-03-rbd-00--%svol", len(cluster), cluster, prefix)
+					_, err := d.ctrl.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
+						VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: secrets()})
+					return err
+				},
+				"GetCapacity": func(ctx context.Context) error {
+					_, err := d.ctrl.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"clusterID": cluster, "pool": "rbd"}})
 					return err
 				},
 				"ControllerExpandVolume": func(ctx context.Context) error {
@@ -120,6 +136,14 @@ func TestUnreachableMonitors(t *testing.T) {
 			}
 			wg.Wait()
 		})
+	}
+	c, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := d.ctrl.ListVolumes(c, &csi.ListVolumesRequest{})
+	if took := time.Since(start); status.Code(err) != codes.Unavailable || took >= 3*time.Second ||
+		!(strings.Contains(err.Error(), closed) || strings.Contains(err.Error(), silent)) {
+		t.Errorf("ListVolumes: %v after %s, want Unavailable naming a monitor within 3s", err, took)
 	}
 	if !d.alive() {
 		t.Fatal("the driver died")
