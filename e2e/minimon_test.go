@@ -116,19 +116,21 @@ func TestStoppedMonitor(t *testing.T) {
 	d := startDriver(t, dir, nil, "--node=false")
 	sec := map[string]string{"userID": "admin", "userKey": m.key}
 	prefix := uniquePrefix(t)
-	check := func(what string, deadline time.Duration, call func(ctx context.Context) error) {
+	check := func(what string, deadline time.Duration, call func(ctx context.Context) error) time.Duration {
 		t.Helper()
 		c, cancel := context.WithTimeout(context.Background(), deadline)
 		defer cancel()
 		start := time.Now()
 		err := call(c)
 		took := time.Since(start)
+		defer func() { t.Logf("%s: %v after %s", what, err, took) }()
 		if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), m.addr) {
 			t.Errorf("%s: %v after %s, want Unavailable naming monitor %s", what, err, took, m.addr)
 		}
 		if took >= deadline {
 			t.Errorf("%s answered after %s, its deadline was %s", what, took, deadline)
 		}
+		return took
 	}
 	// Each call names its own volume: a call that answered at its deadline
 	// keeps its volume's lock until Ceph gives up (a retry gets Aborted).
@@ -153,7 +155,9 @@ func TestStoppedMonitor(t *testing.T) {
 	check("CreateVolume, monitor stopped", 4*time.Second, create("b"))
 	check("DeleteVolume, monitor stopped", 3*time.Second, del("b"))
 	// Longer than the driver's Ceph operation timeout: Ceph gives up first.
-	check("CreateVolume, monitor stopped, long deadline", 20*time.Second, create("c"))
+	if took := check("CreateVolume, monitor stopped, long deadline", 20*time.Second, create("c")); took > 15*time.Second {
+		t.Errorf("Ceph's operation timeout (10 s) did not end the call: it took %s", took)
+	}
 	start := time.Now()
 	d.stop()
 	if took := time.Since(start); took > 5*time.Second {
