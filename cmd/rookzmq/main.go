@@ -199,6 +199,9 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	if controller != nil {
+		controller.ScanAtStart()
+	}
 	klog.InfoS("rookzmq serving", "version", version, "driver", f.driverName, "endpoint", f.endpoint,
 		"controller", f.controller, "node", f.node, "nodeID", f.nodeID, "defaultMounter", f.defaultMounter)
 
@@ -223,6 +226,9 @@ func serve(args []string) error {
 	case <-ctx.Done():
 		klog.InfoS("shutting down")
 		srv.Stop(10 * time.Second)
+		if controller != nil {
+			controller.Drain(5 * time.Second)
+		}
 		return nil
 	}
 }

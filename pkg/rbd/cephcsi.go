@@ -89,19 +89,17 @@ type cephCSIVolume struct {
 
 // resolveCephCSI finds a ceph-csi volume's image through its journal object
 // csi.volume.<UUID> in the pool the ID names (and the cluster's RADOS
-// namespace). A missing pool or journal object is NotFound.
-func resolveCephCSI(conns *rcsi.Conns, cluster rcsi.ClusterConfig, creds rcsi.Credentials, h rcsi.CephCSIVolumeID) (*cephCSIVolume, *rados.IOContext, error) {
+// namespace), on a leased connection. A missing pool or journal object is
+// NotFound.
+func resolveCephCSI(lease *rcsi.Lease, cluster rcsi.ClusterConfig, h rcsi.CephCSIVolumeID) (*cephCSIVolume, *rados.IOContext, error) {
 	start := time.Now()
-	conn, err := conns.Conn(cluster, creds)
-	if err != nil {
-		return nil, nil, cephStatus(err, "reaching cluster %q", cluster.ClusterID)
-	}
+	conn := lease.Conn()
 	pool, err := poolName(conn, h.PoolID)
 	if err != nil {
 		return nil, nil, err
 	}
 	ns := cluster.RBD.RadosNamespace
-	io, err := conns.IOContext(cluster, creds, pool, ns)
+	io, err := lease.IOContext(pool, ns)
 	if err != nil {
 		return nil, nil, cephStatus(err, "reaching pool %q of cluster %q", pool, cluster.ClusterID)
 	}
@@ -214,14 +212,22 @@ func (c *Controller) openCephCSI(ctx context.Context, h rcsi.CephCSIVolumeID, se
 	} else if err != nil {
 		return nil, nil, status.Error(codes.Internal, err.Error())
 	}
-	v, io, err := resolveCephCSI(c.Conns, cluster, creds, h)
+	lease, err := c.Conns.Acquire(ctx, cluster, creds)
 	if err != nil {
+		return nil, nil, cephStatus(err, "reaching cluster %q", h.ClusterID)
+	}
+	t := &target{cluster: cluster, creds: creds, lease: lease}
+	v, io, err := resolveCephCSI(lease, cluster, h)
+	if err != nil {
+		err = t.status(err, "resolving ceph-csi volume %s", h)
+		lease.Release()
 		return nil, nil, err
 	}
 	if c.Known != nil {
 		c.Known.Remember(h.ClusterID, creds)
 	}
-	return v, &target{cluster: cluster, creds: creds, pool: v.id.Pool, io: io}, nil
+	t.pool, t.io = v.id.Pool, io
+	return v, t, nil
 }
 
 // deleteCephCSIVolume removes a ceph-csi volume: the image, then the request
@@ -234,9 +240,18 @@ func (c *Controller) deleteCephCSIVolume(ctx context.Context, req *csi.DeleteVol
 		klog.Warningf("DeleteVolume: volume ID %q is neither rookzmq's nor ceph-csi's, so no such volume exists: answering OK: %v", req.GetVolumeId(), err)
 		return &csi.DeleteVolumeResponse{}, nil
 	}
+	err = c.bounded(ctx, h.ClusterID, func(ctx context.Context) error { return c.deleteCephCSI(ctx, req, h) })
+	if err != nil {
+		return nil, err
+	}
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// deleteCephCSI is deleteCephCSIVolume's work, bounded by the call's deadline.
+func (c *Controller) deleteCephCSI(ctx context.Context, req *csi.DeleteVolumeRequest, h rcsi.CephCSIVolumeID) error {
 	unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
 	if err != nil {
-		return nil, status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
+		return status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
 	}
 	defer unlock()
 	start := time.Now()
@@ -244,37 +259,46 @@ func (c *Controller) deleteCephCSIVolume(ctx context.Context, req *csi.DeleteVol
 	if status.Code(err) == codes.NotFound {
 		// Its pool or journal object is gone: so is the image (the object goes last).
 		klog.V(3).InfoS("ceph-csi volume already deleted", "volumeID", req.GetVolumeId(), "reason", status.Convert(err).Message())
-		return &csi.DeleteVolumeResponse{}, nil
+		return nil
 	} else if err != nil {
-		return nil, err
+		return err
 	}
+	defer t.release()
 	if v.kms != "" {
 		klog.Warningf("DeleteVolume: ceph-csi volume %s was encrypted with KMS %q: its key in that KMS (if it keeps keys outside the image) is not removed", req.GetVolumeId(), v.kms)
 	}
 	rcsi.CrashPoint("cephcsi-delete-before-image")
-	if err := removeImage(t.io, v.id.Name); err != nil {
-		return nil, cephStatus(err, "deleting image %s of ceph-csi volume %s", v.id.Name, req.GetVolumeId())
+	// The image goes the way ours do: to the trash, its purge recorded in our
+	// journal in that pool and handed to the mgr after the answer.
+	trashID, err := c.trash(t, v.id.Name)
+	if err != nil {
+		return err
 	}
-	if v.imageID != "" {
+	if err := NewJournal(t.io).Release("", v.id.Name, trashID); err != nil {
+		return t.status(err, "recording the purge of image %s of ceph-csi volume %s", v.id.Name, req.GetVolumeId())
+	}
+	if trashID != "" {
+		c.purgeLater(t, v.id.Name, trashID)
+	} else if v.imageID != "" {
 		// ceph-csi deletes by moving to the trash: finish one it left there.
 		if err := rbd.TrashRemove(t.io, v.imageID, true); err != nil && !errors.Is(err, rbd.ErrNotFound) {
-			return nil, cephStatus(err, "removing image ID %s of ceph-csi volume %s from the trash", v.imageID, req.GetVolumeId())
+			return t.status(err, "removing image ID %s of ceph-csi volume %s from the trash", v.imageID, req.GetVolumeId())
 		}
 	}
 	rcsi.CrashPoint("cephcsi-delete-after-image")
 	if err := c.releaseCephCSIName(ctx, t, v, req.GetSecrets()); err != nil {
-		return nil, err
+		return err
 	}
 	rcsi.CrashPoint("cephcsi-delete-after-name")
 	op := rados.CreateWriteOp()
 	defer op.Release()
 	op.Remove()
 	if err := op.Operate(t.io, cephCSIUUIDPrefix+h.UUID, rados.OperationNoFlag); err != nil && rcsi.Errno(err) != syscall.ENOENT {
-		return nil, cephStatus(err, "removing ceph-csi journal object %s", cephCSIUUIDPrefix+h.UUID)
+		return t.status(err, "removing ceph-csi journal object %s", cephCSIUUIDPrefix+h.UUID)
 	}
 	klog.InfoS("ceph-csi volume deleted", "volumeID", req.GetVolumeId(), "image", v.id.Pool+"/"+v.id.Name,
 		"requestName", v.requestName, "duration", time.Since(start))
-	return &csi.DeleteVolumeResponse{}, nil
+	return nil
 }
 
 // releaseCephCSIName removes the request name's key from csi.volumes.<instance>
@@ -293,6 +317,7 @@ func (c *Controller) releaseCephCSIName(ctx context.Context, t *target, v *cephC
 		} else if err != nil {
 			return err
 		}
+		defer jt.release()
 		io = jt.io
 	}
 	dir := cephCSIDirectoryPrefix + c.cephCSIInstance()
@@ -349,10 +374,15 @@ func (c *Controller) cephCSIInstance() string {
 
 // resolveForStage resolves a ceph-csi ID on the node with the stage secrets;
 // an encrypted volume is refused, as this driver cannot open it.
-func (n *Node) resolveForStage(h rcsi.CephCSIVolumeID, cluster rcsi.ClusterConfig, creds rcsi.Credentials) (rcsi.VolumeID, error) {
-	v, _, err := resolveCephCSI(n.conns, cluster, creds, h)
+func (n *Node) resolveForStage(ctx context.Context, h rcsi.CephCSIVolumeID, cluster rcsi.ClusterConfig, creds rcsi.Credentials) (rcsi.VolumeID, error) {
+	lease, err := n.conns.Acquire(ctx, cluster, creds)
 	if err != nil {
-		return rcsi.VolumeID{}, err
+		return rcsi.VolumeID{}, cephStatus(err, "reaching cluster %q", h.ClusterID)
+	}
+	defer lease.Release()
+	v, _, err := resolveCephCSI(lease, cluster, h)
+	if err != nil {
+		return rcsi.VolumeID{}, cephStatus(lease.Check(err), "resolving ceph-csi volume %s", h)
 	}
 	if v.kms != "" {
 		return rcsi.VolumeID{}, status.Errorf(codes.FailedPrecondition,

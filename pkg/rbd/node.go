@@ -204,7 +204,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 		return nil, status.Errorf(codes.FailedPrecondition, "mounter %s cannot work on node %s: %v", mounterName, n.nodeID, err)
 	}
 	if cephID != nil {
-		if id, err = n.resolveForStage(*cephID, cluster, creds); err != nil {
+		if id, err = n.resolveForStage(ctx, *cephID, cluster, creds); err != nil {
 			return nil, err
 		}
 	}
