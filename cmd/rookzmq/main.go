@@ -58,6 +58,7 @@ func main() {
 type serveFlags struct {
 	driverType, driverName, endpoint, nodeID, clusters string
 	defaultMounter, stateDir, credentialsDir           string
+	cephCSIInstance                                    string
 	controller, node                                   bool
 	eventsDir, eventsMode, eventsEndpoint              string
 	eventsHeartbeat, eventsJournalAge                  time.Duration
@@ -80,6 +81,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
 	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
+	fs.StringVar(&f.cephCSIInstance, "cephcsi-instance-id", rbd.DefaultCephCSIInstance, "--instanceid of the ceph-csi whose volumes are adopted (its journal is csi.volumes.<ID>)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
 	fs.StringVar(&f.metricsAddress, "metrics-address", "", "serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090); empty disables")
@@ -117,6 +119,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if f.stateDir == "" {
 		f.stateDir = filepath.Join("/var/lib/rookzmq", f.driverName)
 	}
+	if err := rbd.CheckCephCSIInstance(f.cephCSIInstance); err != nil {
+		return nil, fmt.Errorf("--cephcsi-instance-id: %w", err)
+	}
 	if _, err := rbd.ParseMounterName(f.defaultMounter); err != nil {
 		return nil, fmt.Errorf("--default-mounter: %w", err)
 	}
@@ -140,13 +145,14 @@ func serve(args []string) error {
 
 	var controller *rbd.Controller
 	if f.controller {
-		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
+			CephCSIInstance: f.cephCSIInstance}
 	}
 	var node *rbd.Node
 	healthy := func() error { return nil }
 	if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
-		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink})
+		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink, Conns: conns})
 		if err != nil {
 			return err
 		}
@@ -197,6 +203,9 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	if controller != nil {
+		controller.ScanAtStart()
+	}
 	klog.InfoS("rookzmq serving", "version", version, "driver", f.driverName, "endpoint", f.endpoint,
 		"controller", f.controller, "node", f.node, "nodeID", f.nodeID, "defaultMounter", f.defaultMounter)
 
@@ -221,6 +230,9 @@ func serve(args []string) error {
 	case <-ctx.Done():
 		klog.InfoS("shutting down")
 		srv.Stop(10 * time.Second)
+		if controller != nil {
+			controller.Drain(5 * time.Second)
+		}
 		return nil
 	}
 }

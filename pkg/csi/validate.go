@@ -127,7 +127,7 @@ func CheckName(what, val string) error {
 		switch {
 		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '_', r == '-':
 		default:
-			return fmt.Errorf("%s %q contains %q: only A-Z, a-z, 0-9, '.', '_' and '-' are allowed", what, val, r)
+			return fmt.Errorf("%s %q has %q, outside [A-Za-z0-9._-]", what, val, r)
 		}
 	}
 	return nil

@@ -107,6 +107,7 @@ func fuseArgs(spec ImageSpec, dir string) []string {
 	}
 	args = append(args, quietArgs...)
 	if spec.Namespace != "" {
+		// rbd-fuse's option table knows only the --namespace=NS form.
 		args = append(args, "--namespace="+spec.Namespace)
 	}
 	if spec.ReadOnly {

@@ -32,6 +32,8 @@ type Node struct {
 	events         rcsi.EventSink
 	locks          rcsi.KeyLocks
 	acks           ackTimers
+	// conns reaches Ceph to resolve ceph-csi volume IDs (cephcsi.go).
+	conns *rcsi.Conns
 }
 
 // NodeConfig configures NewNode.
@@ -43,6 +45,8 @@ type NodeConfig struct {
 	// a restart of the driver (a host path).
 	StateDir string
 	Events   rcsi.EventSink
+	// Conns caches Ceph connections (for ceph-csi volume IDs); nil: a private cache.
+	Conns *rcsi.Conns
 }
 
 // NewNode builds the node service with all three mounters.
@@ -82,6 +86,10 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		mounts:         mounts,
 		state:          stateStore{dir: cfg.StateDir},
 		events:         events,
+		conns:          cfg.Conns,
+	}
+	if n.conns == nil {
+		n.conns = &rcsi.Conns{}
 	}
 	return n, nil
 }
@@ -172,7 +180,7 @@ func (n *Node) begin(ctx context.Context, volumeID string) (*stageRecord, func()
 // NodeStageVolume maps the image, makes a filesystem on a blank device and mounts
 // it at the staging path (block volumes keep just the device).
 func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), false)
+	id, cephID, err := parseHandle(req.GetVolumeId(), false)
 	if err != nil {
 		return nil, err
 	}
@@ -237,6 +245,17 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	}
 	if err := mounter.Available(); err != nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "mounter %s cannot work on node %s: %v", mounterName, n.nodeID, err)
+	}
+	if cephID != nil {
+		if id, err = n.resolveForStage(ctx, *cephID, cluster, creds); err != nil {
+			return nil, err
+		}
+		// What ceph-csi's journal says reaches tools' command lines too.
+		for _, f := range [][2]string{{"pool", id.Pool}, {"namespace", id.Namespace}, {"image", id.Name}} {
+			if err := rcsi.CheckName(f[0], f[1]); err != nil {
+				return nil, status.Errorf(codes.InvalidArgument, "ceph-csi volume %s: %v", req.GetVolumeId(), err)
+			}
+		}
 	}
 	start := time.Now()
 	if rec != nil {

@@ -19,7 +19,7 @@ import (
 // NodePublishVolume bind-mounts the staged filesystem (or the device, for block
 // volumes) at the pod's target path.
 func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	if _, err := rcsi.VolumeIDArg(req.GetVolumeId(), false); err != nil {
+	if _, _, err := parseHandle(req.GetVolumeId(), false); err != nil {
 		return nil, err
 	}
 	target := req.GetTargetPath()
