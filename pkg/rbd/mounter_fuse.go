@@ -55,8 +55,8 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 	if pid > 0 && mounted {
 		m.Pid = pid // a retry after a crash: the image is already exposed
 	} else {
-		if mounted { // its rbd-fuse died: the mount must answer ENOTCONN
-			if err := statPath(ctx, dir); !errors.Is(err, unix.ENOTCONN) {
+		if mounted { // its rbd-fuse died: the mount must answer as dead
+			if err := statPath(ctx, dir); !fuseDead(err) {
 				return m, fmt.Errorf("rbd-fuse mount %s has no rbd-fuse process but does not answer as dead (%v): not replacing it", dir, err)
 			}
 			dev, err := findLoop(file)
@@ -205,7 +205,8 @@ func (f *fuseMounter) Refresh(ctx context.Context, m Mapping, minSize int64) err
 }
 
 // Check judges the mapping lost only on positive evidence: the FUSE mount is
-// missing from the mount table, answers ENOTCONN (its rbd-fuse died), or the
+// missing from the mount table, answers ENOTCONN or ECONNABORTED (its
+// rbd-fuse died), or the
 // loop device is detached or backed by another file.
 func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
 	mounted, err := isFuseMounted(m.FuseDir)
@@ -216,7 +217,7 @@ func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
 		return gone("rbd-fuse mount %s is gone", m.FuseDir)
 	}
 	switch err := statPath(ctx, m.FuseDir); {
-	case errors.Is(err, unix.ENOTCONN):
+	case fuseDead(err):
 		return gone("rbd-fuse mount %s is dead (its rbd-fuse exited)", m.FuseDir)
 	case err != nil:
 		return probeErr(err, "checking rbd-fuse mount", m.FuseDir)
@@ -229,6 +230,13 @@ func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
 		return gone("loop device %s is no longer backed by the image", m.Device)
 	}
 	return nil
+}
+
+// fuseDead says whether a FUSE mount's answer shows its server gone: ENOTCONN
+// (connection down) or ECONNABORTED (connection aborted, as the kernel does
+// when the server's /dev/fuse descriptor closes at its exit).
+func fuseDead(err error) bool {
+	return errors.Is(err, unix.ENOTCONN) || errors.Is(err, unix.ECONNABORTED)
 }
 
 // isFuseMounted reports whether a FUSE filesystem is mounted at dir; a mount
