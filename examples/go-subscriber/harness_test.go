@@ -112,7 +112,7 @@ func (f *flusher) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64
 		return 0, 0, fmt.Errorf("volume %s is not staged on this node", req.VolumeID)
 	}
 	ms := 1.5
-	seq, err := f.b.Emit(zmqbridge.Event{Kind: zmqbridge.KindAck, VolumeID: "v", FlushMs: &ms, Trigger: zmqbridge.TriggerRequest})
+	seq, err := f.b.Emit(ctx, zmqbridge.Event{Kind: zmqbridge.KindAck, VolumeID: "v", FlushMs: &ms, Trigger: zmqbridge.TriggerRequest})
 	return seq, ms, err
 }
 

@@ -75,7 +75,7 @@ func TestTruncated(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir, b := newBridge(t, zmqbridge.JournalOptions{SegmentBytes: 4 << 10, MaxBytes: 16 << 10})
 			for i := 0; i < total; i++ {
-				if _, err := b.Emit(zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: "ns"}); err != nil {
+				if _, err := b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: "ns"}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -139,7 +139,7 @@ func TestTopic(t *testing.T) {
 			dir, b := newBridge(t, zmqbridge.JournalOptions{})
 			for i := 1; i <= 20; i++ {
 				ns := map[bool]string{true: "a", false: "ab"}[i%2 == 1] // "attach/a/" is not a prefix of "attach/ab/"
-				if _, err := b.Emit(zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: ns}); err != nil {
+				if _, err := b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: ns}); err != nil {
 					t.Fatal(err)
 				}
 			}
