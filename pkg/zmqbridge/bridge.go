@@ -65,9 +65,9 @@ type Bridge struct {
 	journal *Journal
 	zctx    *zmq.Context
 
-	synced    atomic.Uint64           // highest fsynced sequence
-	recent    tail                    // recent records, published from memory
-	epoch     string                  // the journal's epoch
+	synced atomic.Uint64 // highest fsynced sequence
+	recent tail          // recent records, published from memory
+	epoch  string        // the journal's epoch
 	// published is the highest sequence the publisher sent; pubWake is
 	// closed (and replaced) each time it advances.
 	pubMu     sync.Mutex
@@ -76,14 +76,14 @@ type Bridge struct {
 	// Close: closing refuses new endpoints; adds counts AddEndpoint calls
 	// under way; workers counts replay and flush workers, which use zctx
 	// only under zmu's read lock and not once zdead is set.
-	closeMu  sync.Mutex
-	closing  bool
-	adds     sync.WaitGroup
-	workers  sync.WaitGroup
-	zmu      sync.RWMutex
-	zdead    bool
-	ctx      context.Context // canceled by Close: flushes in progress end
-	cancel   context.CancelFunc
+	closeMu   sync.Mutex
+	closing   bool
+	adds      sync.WaitGroup
+	workers   sync.WaitGroup
+	zmu       sync.RWMutex
+	zdead     bool
+	ctx       context.Context // canceled by Close: flushes in progress end
+	cancel    context.CancelFunc
 	open      atomic.Pointer[Journal] // the journal, once OpenJournal returned
 	replays   chan struct{}           // replay workers' semaphore
 	wakePub   chan struct{}           // new synced records to publish

@@ -116,16 +116,16 @@ type Journal struct {
 	total   int64
 	// Times of the active segment's first and latest appends (zero: empty).
 	activeFirst, activeLast time.Time
-	retired                 []*os.File // sealed segments for the committer to close
-	drop                    []string   // segment files retention dropped, removed after a directory fsync
-	dirDirty                bool       // a segment file was created since the last directory fsync
-	synced                  uint64     // every record with Seq <= synced is fsynced
-	syncReq                 uint64     // highest seq a Sync caller waits for
-	err                     error      // write or fsync error, until a repair
-	gen                     uint64     // incremented by each successful repair
+	retired                 []*os.File        // sealed segments for the committer to close
+	drop                    []string          // segment files retention dropped, removed after a directory fsync
+	dirDirty                bool              // a segment file was created since the last directory fsync
+	synced                  uint64            // every record with Seq <= synced is fsynced
+	syncReq                 uint64            // highest seq a Sync caller waits for
+	err                     error             // write or fsync error, until a repair
+	gen                     uint64            // incremented by each successful repair
 	lost                    map[uint64]uint64 // generation -> synced when it ended: its later records were lost
-	repairReq               bool   // Repair waits for the committer to try
-	repairs                 uint64 // repair attempts made
+	repairReq               bool              // Repair waits for the committer to try
+	repairs                 uint64            // repair attempts made
 	closed                  bool
 	stopped                 bool // the committer has exited
 	done                    chan struct{}

@@ -332,7 +332,9 @@ type segView struct {
 // shortError: a segment's data ends cleanly before its last seq.
 type shortError struct{ seq uint64 }
 
-func (e *shortError) Error() string { return fmt.Sprintf("segment ends early, before record %d", e.seq) }
+func (e *shortError) Error() string {
+	return fmt.Sprintf("segment ends early, before record %d", e.seq)
+}
 
 // readSegment appends the records want..hi of v to out, verifying each.
 func (j *Journal) readSegment(v *segView, want, hi uint64, out []Record) ([]Record, error) {
