@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -162,5 +164,55 @@ func TestEventsJournalDiskFull(t *testing.T) {
 	}
 	if len(got) != 2*n+4 {
 		t.Errorf("%d events, want %d: %v", len(got), 2*n+4, count)
+	}
+}
+
+// A NodeUnstageVolume retried after the node plugin died between the ack and
+// the unmount publishes no second ack: attach, ack, detach, each once.
+func TestUnstageRetryAcksOnce(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=unstage-after-ack"})
+	prefix := uniquePrefix(t)
+	vc := mountCap("", rwo)
+	r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"vol", prefix, 64<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetVolume().GetVolumeId()
+	staging := filepath.Join(t.TempDir(), "s")
+	if _, err := d.node.NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: vc, VolumeContext: r.GetVolume().GetVolumeContext(), Secrets: secrets()}); err != nil {
+		t.Fatal(err)
+	}
+	unstage := func(d *driver) error {
+		_, err := d.node.NodeUnstageVolume(ctx(t), &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		return err
+	}
+	if err := unstage(d); err == nil {
+		t.Fatal("unstage succeeded although the driver was to crash after the ack")
+	}
+	waitDead(t, d)
+	d.kill()
+	d = startDriver(t, dir, nil)
+	if err := unstage(d); err != nil {
+		t.Fatalf("retried unstage: %v", err)
+	}
+	deleteEventually(t, d, id)
+	recs, _, err := eventsClient(t, dir).Replay(0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, raw := range recs {
+		var ev zmqbridge.Event
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.VolumeID == id {
+			kinds = append(kinds, ev.Kind)
+		}
+	}
+	if strings.Join(kinds, ",") != "attach,ack,detach" {
+		t.Fatalf("events %v, want attach, ack, detach", kinds)
 	}
 }

@@ -376,6 +376,7 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 			if err := n.state.save(rec); err != nil {
 				return status.Error(codes.Internal, err.Error())
 			}
+			rcsi.CrashPoint("unstage-after-ack")
 		}
 	}
 	if !rec.Block {
