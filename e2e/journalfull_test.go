@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -214,5 +215,48 @@ func TestUnstageRetryAcksOnce(t *testing.T) {
 	}
 	if strings.Join(kinds, ",") != "attach,ack,detach" {
 		t.Fatalf("events %v, want attach, ack, detach", kinds)
+	}
+}
+
+// An ack published when nothing could be flushed (the staging mount was
+// already gone) says so: "flushed": false; a real flush says true.
+func TestAckSaysWhetherFlushed(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil)
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 64<<20, mountCap("", rwo))
+	c := ctx(t)
+	if _, _, err := eventsClient(t, dir).Flush(s.id, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: s.target}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Unmount(s.staging, 0); err != nil { // gone behind the driver's back
+		t.Fatal(err)
+	}
+	if _, err := d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging}); err != nil {
+		t.Fatal(err)
+	}
+	deleteEventually(t, d, s.id)
+	recs, _, err := eventsClient(t, dir).Replay(0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var acks []string
+	for _, raw := range recs {
+		var ev zmqbridge.Event
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Kind == zmqbridge.KindAck && ev.VolumeID == s.id {
+			if ev.Flushed == nil {
+				t.Fatalf("ack without flushed: %s", raw)
+			}
+			acks = append(acks, ev.Trigger+"="+strconv.FormatBool(*ev.Flushed))
+		}
+	}
+	if strings.Join(acks, ",") != "request=true,unstage=false" {
+		t.Fatalf("acks %v, want request=true, unstage=false", acks)
 	}
 }
