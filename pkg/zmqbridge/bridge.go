@@ -375,6 +375,9 @@ func (b *Bridge) publishLoop() {
 				}
 			}
 			for _, r := range batch {
+				if beforePublish != nil {
+					beforePublish(r)
+				}
 				b.endpoints.publish(r)
 				published = r.Seq
 			}
@@ -382,6 +385,9 @@ func (b *Bridge) publishLoop() {
 		}
 	}
 }
+
+// beforePublish, if set (tests only), runs before each record is published.
+var beforePublish func(Record)
 
 // setPublished records how far the publisher got and wakes waitPublished.
 func (b *Bridge) setPublished(seq uint64) {
