@@ -8,7 +8,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -109,7 +108,7 @@ type flusher struct{ b *zmqbridge.Bridge }
 
 func (f *flusher) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
 	if req.VolumeID != "v" && (req.PVC != "p" || req.Namespace != "ns") {
-		return 0, 0, fmt.Errorf("volume %s is not staged on this node", req.VolumeID)
+		return 0, 0, zmqbridge.Errorf(zmqbridge.CodeNotFound, "volume %s is not staged on this node", req.VolumeID)
 	}
 	ms := 1.5
 	seq, err := f.b.Emit(ctx, zmqbridge.Event{Kind: zmqbridge.KindAck, VolumeID: "v", FlushMs: &ms, Trigger: zmqbridge.TriggerRequest})

@@ -103,9 +103,9 @@ func TestFlush(t *testing.T) {
 		}
 		var o out
 		err = flush(context.Background(), cfg, req, &o)
-		want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5}`, b.Last())
+		want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5,"epoch":"%s"}`, b.Last(), b.Epoch())
 		if args[1] == "w" {
-			want = `{"error":"volume w is not staged on this node"}`
+			want = fmt.Sprintf(`{"error":"volume w is not staged on this node","code":"not_found","epoch":"%s"}`, b.Epoch())
 			if err == nil {
 				t.Errorf("flush %q did not fail", args)
 			}
@@ -121,7 +121,7 @@ func TestFlush(t *testing.T) {
 		before := b.Last()
 		py, err := exec.Command("/usr/bin/python3", append([]string{"../python-subscriber/subscriber.py", "--dir", dir}, args...)...).Output()
 		if args[1] != "w" {
-			want = fmt.Sprintf(`{"seq":%d,"flush_ms":1.5}`, before+1)
+			want = fmt.Sprintf(`{"seq":%d,"flush_ms":1.5,"epoch":"%s"}`, before+1, b.Epoch())
 		}
 		if got := strings.TrimSpace(string(py)); got != want || (err == nil) != (args[1] != "w") {
 			t.Errorf("python flush %q printed %q (%v), want %q", args, got, err, want)
