@@ -6,6 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"math"
+	"math/big"
+	"strconv"
+	"strings"
 	"time"
 
 	zmq "github.com/pebbe/zmq4"
@@ -25,45 +30,123 @@ const MaxReplay = 1000
 // Request is a control request.
 type Request struct {
 	Op        string `json:"op"`
-	Since     uint64 `json:"since"`
-	Max       int    `json:"max"`
-	VolumeID  string `json:"volume_id"`
-	PVC       string `json:"pvc"`
-	Namespace string `json:"namespace"`
+	Since     uint64 `json:"since,omitempty"`
+	Max       int    `json:"max,omitempty"`
+	VolumeID  string `json:"volume_id,omitempty"`
+	PVC       string `json:"pvc,omitempty"`
+	Namespace string `json:"namespace,omitempty"`
 }
 
-// ParseRequest decodes and checks one control request.
+// requestFields are the fields each op's request may have (exact names;
+// docs/events.schema.json says the same).
+var requestFields = map[string]map[string]bool{
+	"replay": {"op": true, "since": true, "max": true},
+	"flush":  {"op": true, "volume_id": true, "pvc": true, "namespace": true},
+}
+
+// ParseRequest decodes and checks one control request: a JSON object with
+// the fields of its op only, each of its type (numbers: integers, in any
+// JSON notation), exactly what docs/events.schema.json accepts.
 func ParseRequest(b []byte) (Request, error) {
 	var r Request
 	if len(b) > maxRequestBytes {
 		return r, fmt.Errorf("request of %d bytes exceeds %d", len(b), maxRequestBytes)
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&r); err != nil {
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
 		return r, fmt.Errorf("bad JSON: %v", err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return r, errors.New("bad JSON: more than one value")
+	}
+	if m == nil {
+		return r, errors.New("bad JSON: not an object")
+	}
+	opv, ok := m["op"]
+	if !ok {
+		return r, errors.New("missing op")
+	}
+	if r.Op, ok = opv.(string); !ok {
+		return r, errors.New("op must be a string")
+	}
+	fields := requestFields[r.Op]
+	if fields == nil {
+		return r, fmt.Errorf("unknown op %q", r.Op)
+	}
+	for k, v := range m {
+		if !fields[k] {
+			return r, fmt.Errorf("unknown field %q in a %s request", k, r.Op)
+		}
+		var err error
+		switch k {
+		case "since":
+			r.Since, err = requestInt(v, k, math.MaxUint64)
+		case "max":
+			var n uint64
+			n, err = requestInt(v, k, math.MaxInt64)
+			r.Max = int(min(n, MaxReplay))
+		case "volume_id", "pvc", "namespace":
+			str, ok := v.(string)
+			if !ok {
+				err = fmt.Errorf("%s must be a string", k)
+			}
+			switch k {
+			case "volume_id":
+				r.VolumeID = str
+			case "pvc":
+				r.PVC = str
+			case "namespace":
+				r.Namespace = str
+			}
+		}
+		if err != nil {
+			return r, err
+		}
 	}
 	switch r.Op {
 	case "replay":
-		if r.Max < 0 {
-			return r, errors.New("max must not be negative")
-		}
-		if r.Max == 0 || r.Max > MaxReplay {
+		if r.Max == 0 {
 			r.Max = MaxReplay
 		}
 	case "flush":
 		if r.VolumeID == "" && (r.PVC == "" || r.Namespace == "") {
 			return r, errors.New("flush needs volume_id, or pvc and namespace")
 		}
-	case "":
-		return r, errors.New("missing op")
-	default:
-		return r, fmt.Errorf("unknown op %q", r.Op)
 	}
 	return r, nil
+}
+
+// requestInt reads a JSON number that must be an integer in [0, limit].
+func requestInt(v any, name string, limit uint64) (uint64, error) {
+	num, ok := v.(json.Number)
+	if !ok {
+		return 0, fmt.Errorf("%s must be a number", name)
+	}
+	s := string(num)
+	if n, err := strconv.ParseUint(s, 10, 64); err == nil && n <= limit {
+		return n, nil
+	}
+	// Other notations (1.0, 1e3, -0): exactly, but refuse exponents that
+	// would take big numbers to compute (such a value is out of range or not
+	// an integer anyway).
+	if i := strings.IndexAny(s, "eE"); i >= 0 {
+		if e, err := strconv.Atoi(s[i+1:]); err != nil || e > 1000 || e < -1000 {
+			return 0, fmt.Errorf("%s is out of range", name)
+		}
+	}
+	q, ok := new(big.Rat).SetString(s)
+	if !ok || !q.IsInt() {
+		return 0, fmt.Errorf("%s must be an integer", name)
+	}
+	if q.Sign() < 0 {
+		return 0, fmt.Errorf("%s must not be negative", name)
+	}
+	if !q.Num().IsUint64() || q.Num().Uint64() > limit {
+		return 0, fmt.Errorf("%s is out of range", name)
+	}
+	return q.Num().Uint64(), nil
 }
 
 // replayReply is the answer to a replay.
