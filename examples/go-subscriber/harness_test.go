@@ -117,6 +117,11 @@ func (f *flusher) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64
 
 func newBridge(t *testing.T, jo zmqbridge.JournalOptions) (string, *zmqbridge.Bridge) {
 	dir := t.TempDir()
+	return dir, newBridgeIn(t, dir, jo)
+}
+
+// newBridgeIn starts a bridge in dir (again, after a Close).
+func newBridgeIn(t *testing.T, dir string, jo zmqbridge.JournalOptions) *zmqbridge.Bridge {
 	f := &flusher{}
 	b, err := zmqbridge.New(zmqbridge.Options{Dir: dir, Node: "n1", Driver: "d", Heartbeat: 100 * time.Millisecond, Journal: jo, Flusher: f})
 	if err != nil {
@@ -124,7 +129,7 @@ func newBridge(t *testing.T, jo zmqbridge.JournalOptions) (string, *zmqbridge.Br
 	}
 	f.b = b
 	t.Cleanup(func() { b.Close() })
-	return dir, b
+	return b
 }
 
 // emit emits total attach events, 3 ms apart, in namespaces ns (in turn;
