@@ -4,11 +4,15 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
@@ -130,5 +134,36 @@ func TestCLISubscribeSinceNowAndTruncated(t *testing.T) {
 	out, err := exec.Command(binPath, "events", "--dir", dir, "subscribe", "--since", "0", "--strict").CombinedOutput()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), "truncated") {
 		t.Fatalf("--strict on a truncated journal: %v, %s", err, out)
+	}
+}
+
+// The socket modes are what docs/events.md says: node-wide ones follow
+// --events-mode (0600 by default, 0660 here), a pod's are 0666 whatever it says.
+func TestSocketModesAsDocumented(t *testing.T) {
+	doc, err := os.ReadFile("../docs/events.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(doc), "A pod's socket files (below) are always mode 0666, whatever `--events-mode`") {
+		t.Fatal("docs/events.md does not state the pods' socket mode")
+	}
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil, "--events-mode", "0660")
+	target, uid := podTarget(t)
+	publishPodEvents(t, d, target, "team-m", uid, "namespace")
+	for path, want := range map[string]os.FileMode{
+		filepath.Join(dir, "events", "events.sock"): 0o660, filepath.Join(dir, "events", "control.sock"): 0o660,
+		filepath.Join(target, "events.sock"): 0o666, filepath.Join(target, "control.sock"): 0o666,
+	} {
+		st, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != want {
+			t.Errorf("%s has mode %o, want %o", path, st.Mode().Perm(), want)
+		}
+	}
+	if _, err := d.podEvents.NodeUnpublishVolume(ctx(t), &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-" + uid[:8], TargetPath: target}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -43,7 +43,9 @@ func runEvents(args []string) int {
 	controlAddr := fs.String("control", "", "control address (default ipc://DIR/control.sock)")
 	serverKey := fs.String("server-key", "", "TCP endpoint: the server's Z85 public key")
 	keyFile := fs.String("key-file", "", "TCP endpoint: file holding this client's Z85 secret key")
-	if err := fs.Parse(args); err != nil || fs.NArg() == 0 {
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		return 0
+	} else if err != nil || fs.NArg() == 0 {
 		fs.Usage()
 		return 2
 	}
@@ -93,8 +95,8 @@ func runEvents(args []string) int {
 		ns := sub.String("namespace", "", "PVC namespace")
 		pvc := sub.String("pvc", "", "PVC name (with --namespace)")
 		strict := sub.Bool("strict", false, "fail when events are gone (truncated journal, or a journal made anew) instead of warning")
-		if sub.Parse(rest) != nil {
-			return 2
+		if code, ok := parsed(sub.Parse(rest)); !ok {
+			return code
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 		defer stop()
@@ -126,8 +128,8 @@ func runEvents(args []string) int {
 		}
 	case "replay":
 		max := sub.Int("max", zmqbridge.MaxReplay, "at most this many events")
-		if sub.Parse(rest) != nil {
-			return 2
+		if code, ok := parsed(sub.Parse(rest)); !ok {
+			return code
 		}
 		var events []json.RawMessage
 		var last uint64
@@ -148,8 +150,8 @@ func runEvents(args []string) int {
 		id := sub.String("volume-id", "", "volume ID")
 		pvc := sub.String("pvc", "", "PVC name")
 		ns := sub.String("namespace", "", "PVC namespace")
-		if sub.Parse(rest) != nil {
-			return 2
+		if code, ok := parsed(sub.Parse(rest)); !ok {
+			return code
 		}
 		var seq uint64
 		var ms float64
@@ -169,6 +171,18 @@ func runEvents(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// parsed says whether flags parsed, and if not the exit status: 0 for
+// --help (the usage was printed), 2 for an error.
+func parsed(err error) (int, bool) {
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, flag.ErrHelp):
+		return 0, false
+	}
+	return 2, false
 }
 
 // sinceFlag is --since: a sequence number, or "now".
