@@ -377,3 +377,52 @@ func TestJournalAgeAfterRestart(t *testing.T) {
 		t.Fatalf("Read(0) = %v, want truncated", err)
 	}
 }
+
+// A failed fdatasync (a sticky EIO: the kernel may have dropped the dirty
+// pages) loses the records it covered; Repair drops them from the files and
+// appending goes on from the last durable seq: nobody ever sees the lost ones.
+func TestJournalRepairAfterFsyncError(t *testing.T) {
+	var fail atomic.Bool
+	stubDatasync(t, func(f *os.File) error {
+		if fail.Load() {
+			return errors.New("EIO")
+		}
+		return f.Sync()
+	})
+	dir := t.TempDir()
+	o := JournalOptions{Dir: dir}
+	j := openT(t, o)
+	appendN(t, j, 2)
+	if err := j.Sync(2); err != nil {
+		t.Fatal(err)
+	}
+	fail.Store(true)
+	lost, err := j.Append("lost", func(uint64) []byte { return []byte("never durable") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.SyncRecord(context.Background(), lost); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("SyncRecord = %v, want ErrUnavailable", err)
+	}
+	fail.Store(false)
+	if err := j.Repair(context.Background()); err != nil {
+		t.Fatalf("Repair: %v", err)
+	}
+	if j.Last() != 2 || j.Err() != nil {
+		t.Fatalf("after repair: Last() = %d, Err() = %v", j.Last(), j.Err())
+	}
+	if err := j.SyncRecord(context.Background(), lost); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("SyncRecord of the lost record after the repair = %v", err)
+	}
+	appendN(t, j, 1)
+	r3, _ := j.Read(2, 0)
+	if err := j.Sync(3); err != nil || len(r3) != 1 || r3[0].Topic == "lost" {
+		t.Fatalf("after repair: %v, %+v", err, r3)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	j = openT(t, o)
+	defer j.Close()
+	checkRecs(t, readAll(t, j, 0), 1, 3)
+}

@@ -671,6 +671,7 @@ func (j *Journal) repairLocked() {
 		j.lost[j.gen] = limit
 		j.gen++
 		j.install(ld)
+		j.syncReq = limit // what was asked for beyond it is lost
 		j.err = nil
 		if j.o.OnRewind != nil {
 			j.o.OnRewind(limit)
