@@ -45,7 +45,8 @@ type FlushRequest struct {
 }
 
 // Flusher flushes a volume and publishes its ack event (through Emit),
-// returning the ack's sequence number and how long the flush took.
+// returning the ack's sequence number and how long the flush took. An *Error
+// chooses the reply's code (docs/events.md); other errors are "internal".
 type Flusher interface {
 	Flush(ctx context.Context, req FlushRequest) (seq uint64, flushMs float64, err error)
 }
@@ -363,6 +364,7 @@ func (b *Bridge) publishLoop() {
 				if err != nil {
 					klog.ErrorS(err, "reading the event journal to publish")
 					published = synced // subscribers recover the rest by replay
+					b.setPublished(published)
 					break
 				}
 				for _, r := range recs {
