@@ -358,7 +358,9 @@ func (b *Bridge) publishLoop() {
 		var batch []Record
 		for published < b.synced.Load() {
 			synced := b.synced.Load()
-			batch = b.recent.get(published, synced, batch[:0])
+			// A bounded batch: get holds the tail's lock, which Append
+			// (under the journal's lock) needs for every new record.
+			batch = b.recent.get(published, min(synced, published+publishBatch), batch[:0])
 			if len(batch) == 0 { // fell out of the ring (or a concurrent append is not in it yet): read the journal
 				recs, err := b.journal.Read(published, 1000)
 				if err != nil {
@@ -387,6 +389,9 @@ func (b *Bridge) publishLoop() {
 		}
 	}
 }
+
+// publishBatch is the most records the publisher takes from the tail at once.
+const publishBatch = 256
 
 // beforePublish, if set (tests only), runs before each record is published.
 var beforePublish func(Record)
