@@ -487,4 +487,3 @@ func (j *Journal) Close() error {
 	defer j.mu.Unlock()
 	return j.err
 }
-

@@ -247,4 +247,3 @@ func (j *Journal) SyncRecord(ctx context.Context, r Record) error {
 		j.syncCond.Wait()
 	}
 }
-
