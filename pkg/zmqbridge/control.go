@@ -210,7 +210,7 @@ func (b *Bridge) errReplyOf(err error) errorReply {
 	switch {
 	case errors.As(err, &e):
 		return b.errReply(e.Code, e.Message)
-	case errors.Is(err, ErrUnavailable), errors.Is(err, errStopped), errors.Is(err, context.Canceled),
+	case errors.Is(err, ErrUnavailable), errors.Is(err, errStopped), errors.Is(err, errClosed), errors.Is(err, context.Canceled),
 		errors.Is(err, context.DeadlineExceeded):
 		return b.errReply(CodeUnavailable, err.Error())
 	}
