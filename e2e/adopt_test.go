@@ -7,9 +7,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
@@ -201,8 +203,22 @@ func ext4With(t *testing.T, size int64, files map[string]string) string {
 }
 
 // cephCSILeftovers lists what is left of a ceph-csi volume: its image (in the
-// pool or the trash), its request name's key, its journal object.
+// pool or the trash), its request name's key, its journal object. A deleted
+// image is purged from the trash after DeleteVolume answered (by the mgr):
+// an entry there is waited for, up to a minute, before it counts.
 func cephCSILeftovers(t *testing.T, v *cephCSIVol) []string {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		left := cephCSILeftoversNow(t, v, true)
+		if !slices.ContainsFunc(left, func(l string) bool { return strings.HasPrefix(l, "trashed image ") }) || time.Now().After(deadline) {
+			return left
+		}
+	}
+}
+
+// cephCSILeftoversNow is cephCSILeftovers without waiting; withTrash false
+// leaves trash entries out.
+func cephCSILeftoversNow(t *testing.T, v *cephCSIVol, withTrash bool) []string {
 	t.Helper()
 	var out []string
 	names, err := rbd.GetImageNames(v.io)
@@ -219,7 +235,7 @@ func cephCSILeftovers(t *testing.T, v *cephCSIVol) []string {
 		t.Fatal(err)
 	}
 	for _, e := range trash {
-		if e.Name == v.image {
+		if e.Name == v.image && withTrash {
 			out = append(out, "trashed image "+e.Id)
 		}
 	}

@@ -268,8 +268,13 @@ func (c *Controller) deleteCephCSI(ctx context.Context, req *csi.DeleteVolumeReq
 		klog.Warningf("DeleteVolume: ceph-csi volume %s was encrypted with KMS %q: its key in that KMS (if it keeps keys outside the image) is not removed", req.GetVolumeId(), v.kms)
 	}
 	rcsi.CrashPoint("cephcsi-delete-before-image")
-	// The image goes the way ours do: to the trash, its purge recorded in our
-	// journal in that pool and handed to the mgr after the answer.
+	// ceph-csi deletes by moving to the trash (possibly with a deferment the
+	// mgr's purge task would wait for): finish one it left there here.
+	if err := c.removeCephCSITrashed(t, v); err != nil {
+		return t.status(err, "removing image %s of ceph-csi volume %s from the trash", v.id.Name, req.GetVolumeId())
+	}
+	// Otherwise the image goes the way ours do: to the trash, its purge
+	// recorded in our journal in that pool and handed to the mgr after the answer.
 	trashID, err := c.trash(t, v.id.Name)
 	if err != nil {
 		return err
@@ -279,11 +284,6 @@ func (c *Controller) deleteCephCSI(ctx context.Context, req *csi.DeleteVolumeReq
 	}
 	if trashID != "" {
 		c.purgeLater(t, v.id.Name, trashID)
-	} else if v.imageID != "" {
-		// ceph-csi deletes by moving to the trash: finish one it left there.
-		if err := rbd.TrashRemove(t.io, v.imageID, true); err != nil && !errors.Is(err, rbd.ErrNotFound) {
-			return t.status(err, "removing image ID %s of ceph-csi volume %s from the trash", v.imageID, req.GetVolumeId())
-		}
 	}
 	rcsi.CrashPoint("cephcsi-delete-after-image")
 	if err := c.releaseCephCSIName(ctx, t, v, req.GetSecrets()); err != nil {
@@ -298,6 +298,27 @@ func (c *Controller) deleteCephCSI(ctx context.Context, req *csi.DeleteVolumeReq
 	}
 	klog.InfoS("ceph-csi volume deleted", "volumeID", req.GetVolumeId(), "image", v.id.Pool+"/"+v.id.Name,
 		"requestName", v.requestName, "duration", time.Since(start))
+	return nil
+}
+
+// removeCephCSITrashed removes from the trash, at once and despite any
+// deferment, an image of v found there before this call moved anything: one
+// ceph-csi trashed (by its recorded image ID, or by name), or one a crashed
+// earlier attempt of ours trashed (its queued purge then finds it gone).
+func (c *Controller) removeCephCSITrashed(t *target, v *cephCSIVolume) error {
+	entries, err := rbd.GetTrashList(t.io)
+	if err != nil {
+		return fmt.Errorf("listing the trash: %w", err)
+	}
+	for _, e := range entries {
+		if (v.imageID == "" || e.Id != v.imageID) && e.Name != v.id.Name {
+			continue
+		}
+		if err := rbd.TrashRemove(t.io, e.Id, true); err != nil && !errors.Is(err, rbd.ErrNotFound) {
+			return err
+		}
+		klog.V(3).InfoS("removed a ceph-csi image from the trash", "image", v.id.Name, "trashID", e.Id)
+	}
 	return nil
 }
 

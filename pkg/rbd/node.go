@@ -296,7 +296,9 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	n.emit(rcsi.EventAttach, want, want.Context)
+	if err := n.emit(ctx, rcsi.EventAttach, want, want.Context); err != nil {
+		return nil, err // kubelet retries; the retry finds the mapping and mount and emits
+	}
 	rcsi.CrashPoint("stage-after-attach")
 	want.Staged = true
 	if err := n.state.save(want); err != nil {
@@ -421,23 +423,34 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 
 // teardown flushes (emitting ack), unmounts, unmaps (emitting detach) and
 // forgets the volume. The record goes last, so a crash anywhere is retried
-// from the start: events then repeat rather than go missing. It runs to its
-// end (within cleanupTimeout) even if ctx has ended: a clean-up cut short
-// half way would leave a mapping behind.
+// from the start; the ack is emitted once per staging (the record says it
+// was), so only a crash between an event and the record's update repeats one.
+// It runs to its end (within cleanupTimeout) even if ctx has ended: a
+// clean-up cut short half way would leave a mapping behind.
 func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	ack, err := n.flush(ctx, rec)
-	if errors.Is(err, errNothingToFlush) {
-		// The mount or device is already gone: nothing of it is cached here.
-		ack, err = n.ackEvent(rec, 0), nil
-	}
-	if err != nil {
-		return status.Errorf(rcsi.Code(err), "flushing volume %s: %v", rec.VolumeID, err)
-	}
-	if events { // detach always follows the ack of the last flush
-		ack.Trigger = rcsi.TriggerUnstage
-		n.events.VolumeEvent(ack)
+	if !events || !rec.UnstageAcked {
+		ack, err := n.flush(ctx, rec)
+		if errors.Is(err, errNothingToFlush) {
+			// The mount or device is already gone: nothing of it is cached here.
+			ack, err = n.ackEvent(rec, 0), nil
+			ack.NothingFlushed = true
+		}
+		if err != nil {
+			return status.Errorf(rcsi.Code(err), "flushing volume %s: %v", rec.VolumeID, err)
+		}
+		if events { // detach always follows the ack of the last flush
+			ack.Trigger = rcsi.TriggerUnstage
+			if _, err := n.events.VolumeEvent(ctx, ack); err != nil {
+				return err
+			}
+			rec.UnstageAcked = true
+			if err := n.state.save(rec); err != nil {
+				return status.Error(codes.Internal, err.Error())
+			}
+			rcsi.CrashPoint("unstage-after-ack")
+		}
 	}
 	if !rec.Block {
 		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
@@ -450,7 +463,9 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 		}
 	}
 	if events {
-		n.emit(rcsi.EventDetach, rec, rec.Context)
+		if err := n.emit(ctx, rcsi.EventDetach, rec, rec.Context); err != nil {
+			return err
+		}
 	}
 	if err := n.state.remove(rec.VolumeID); err != nil {
 		return status.Errorf(codes.Internal, "removing stage record: %v", err)
@@ -478,7 +493,8 @@ func syncDevice(dev string) error {
 	return f.Sync()
 }
 
-func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
+// emit records a volume event; an error (Unavailable) fails the CSI call.
+func (n *Node) emit(ctx context.Context, kind string, rec *stageRecord, volCtx map[string]string) error {
 	ev := rcsi.VolumeEvent{
 		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx,
 		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly,
@@ -486,7 +502,8 @@ func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
 	if kind == rcsi.EventExpand {
 		ev.SizeBytes = rec.Size
 	}
-	n.events.VolumeEvent(ev)
+	_, err := n.events.VolumeEvent(ctx, ev)
+	return err
 }
 
 // errNotStaged is the error for calls on a volume this node has not staged.

@@ -94,7 +94,9 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	// Emit before recording: a crash in between repeats the event, never loses it.
 	pub := *rec
 	pub.ReadOnly = readOnly
-	n.emit(rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext()))
+	if err := n.emit(ctx, rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext())); err != nil {
+		return nil, err // kubelet retries; the retry finds the mount and emits
+	}
 	if rec.Targets == nil {
 		rec.Targets = map[string]publication{}
 	}
@@ -130,7 +132,9 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if !published {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
-	n.emit(rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context))
+	if err := n.emit(ctx, rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context)); err != nil {
+		return nil, err
+	}
 	delete(rec.Targets, target)
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
