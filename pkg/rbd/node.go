@@ -113,8 +113,9 @@ const cleanupTimeout = 2 * time.Minute
 // stale says why a staged record no longer describes the node ("" if it
 // does). Only positive evidence makes a stage stale: another boot ID, the
 // image missing from a successful device listing, the FUSE mount answering
-// ENOTCONN or ECONNABORTED, the staging path missing from the mount table. A check that
-// fails or hangs is an error: the caller must not treat the stage as gone.
+// ENOTCONN or ECONNABORTED, the staging path missing from the mount table.
+// A check that fails or hangs is an error: the caller must not treat the
+// stage as gone.
 func (n *Node) stale(ctx context.Context, rec *stageRecord) (string, error) {
 	boot, err := bootID()
 	if err != nil {
