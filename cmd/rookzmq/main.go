@@ -25,9 +25,13 @@ import (
 	"k8s.io/klog/v2"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+	"github.com/rookzmq/rookzmq/pkg/cephfs"
 	"github.com/rookzmq/rookzmq/pkg/rbd"
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
+
+// cephfsDriverName is the default driver name with --type=cephfs.
+const cephfsDriverName = "cephfs.rookzmq.io"
 
 // version is set at build time (-ldflags -X main.version=...).
 var version = "dev"
@@ -66,8 +70,8 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs := flag.NewFlagSet("rookzmq", flag.ContinueOnError)
 	klog.InitFlags(fs)
 	f := &serveFlags{}
-	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd")
-	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name")
+	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd or cephfs (CephFS: controller only so far)")
+	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name (default rbd.rookzmq.io, or cephfs.rookzmq.io with --type=cephfs)")
 	fs.BoolVar(&f.controller, "controller", false, "serve the CSI Controller service")
 	fs.BoolVar(&f.node, "node", false, "serve the CSI Node service")
 	fs.StringVar(&f.endpoint, "endpoint", "unix:///var/lib/kubelet/plugins/rbd.rookzmq.io/csi.sock", "CSI endpoint (unix:///path.sock or tcp://host:port)")
@@ -92,8 +96,22 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if f.driverType != "rbd" {
-		return nil, fmt.Errorf("--type=%s is not supported (rbd)", f.driverType)
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	switch f.driverType {
+	case "rbd":
+	case "cephfs":
+		if !set["drivername"] {
+			f.driverName = cephfsDriverName
+		}
+		if !set["endpoint"] {
+			f.endpoint = "unix:///var/lib/kubelet/plugins/" + f.driverName + "/csi.sock"
+		}
+		if f.node {
+			return nil, errors.New("--type=cephfs serves the Controller service only so far: the CephFS Node service is not implemented yet (drop --node)")
+		}
+	default:
+		return nil, fmt.Errorf("--type=%s is not supported (rbd or cephfs)", f.driverType)
 	}
 	if !f.controller && !f.node {
 		return nil, errors.New("nothing to serve: give --controller, --node or both")
@@ -134,8 +152,12 @@ func serve(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	var controller *rbd.Controller
-	if f.controller {
+	var controller csi.ControllerServer
+	if f.controller && f.driverType == "cephfs" {
+		mounts := &cephfs.Mounts{Conns: conns}
+		defer mounts.Close()
+		controller = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+	} else if f.controller {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
 	}
 	var node *rbd.Node

@@ -1,0 +1,141 @@
+package cephfs
+
+import (
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/ceph/go-ceph/cephfs"
+	"github.com/ceph/go-ceph/rados"
+	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// volumesRoot is where the mgr volumes module keeps subvolume groups; our
+// libcephfs mounts are rooted there, so users restricted to it can mount.
+const volumesRoot = "/volumes"
+
+// fsInfo is what the file system map says about one file system.
+type fsInfo struct {
+	Name         string   `json:"name"`
+	MetadataPool string   `json:"metadata_pool"`
+	DataPools    []string `json:"data_pools"`
+}
+
+// Mounts caches one libcephfs mount (rooted at /volumes) per cluster, file
+// system and credential, on the RADOS connections of Conns, so that a CSI call
+// costs no mount set-up.
+type Mounts struct {
+	Conns *rcsi.Conns
+
+	mu     sync.Mutex
+	mounts map[string]*mountEntry
+}
+
+type mountEntry struct {
+	ready chan struct{} // closed once mnt or err is set
+	mnt   *cephfs.MountInfo
+	err   error
+}
+
+// errNoVolumesDir means the file system has no /volumes directory yet.
+var errNoVolumesDir = fmt.Errorf("the file system has no %s directory (no subvolume group yet)", volumesRoot)
+
+// Mount returns the cached mount of fsName, mounting it on first use. A failed
+// mount is not cached: the next call tries again.
+func (m *Mounts) Mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {
+	sum := sha256.Sum256([]byte(creds.Key))
+	key := fmt.Sprintf("%s\x00%s\x00%s\x00%x\x00%s", cluster.ClusterID, cluster.MonHost(), creds.ID, sum, fsName)
+	m.mu.Lock()
+	if m.mounts == nil {
+		m.mounts = map[string]*mountEntry{}
+	}
+	e, ok := m.mounts[key]
+	if !ok {
+		e = &mountEntry{ready: make(chan struct{})}
+		m.mounts[key] = e
+	}
+	m.mu.Unlock()
+	if ok {
+		<-e.ready
+		return e.mnt, e.err
+	}
+	start := time.Now()
+	e.mnt, e.err = m.mount(cluster, creds, fsName)
+	close(e.ready)
+	if e.err != nil {
+		m.mu.Lock()
+		delete(m.mounts, key)
+		m.mu.Unlock()
+		return nil, e.err
+	}
+	klog.V(2).InfoS("mounted CephFS through libcephfs", "cluster", cluster.ClusterID, "fs", fsName, "user", creds.ID, "duration", time.Since(start))
+	return e.mnt, nil
+}
+
+func (m *Mounts) mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {
+	conn, err := m.Conns.Conn(cluster, creds)
+	if err != nil {
+		return nil, err
+	}
+	mnt, err := cephfs.CreateFromRados(conn)
+	if err != nil {
+		return nil, fmt.Errorf("creating libcephfs handle: %w", err)
+	}
+	if err := mnt.SelectFilesystem(fsName); err != nil {
+		mnt.Release()
+		return nil, fmt.Errorf("selecting file system %q: %w", fsName, err)
+	}
+	if err := mnt.MountWithRoot(volumesRoot); err != nil {
+		mnt.Release()
+		if rcsi.Errno(err) == syscall.ENOENT {
+			return nil, errNoVolumesDir
+		}
+		return nil, fmt.Errorf("mounting %s of file system %q as %s: %w", volumesRoot, fsName, creds.ID, err)
+	}
+	return mnt, nil
+}
+
+// Close unmounts everything.
+func (m *Mounts) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for k, e := range m.mounts {
+		<-e.ready
+		if e.mnt != nil {
+			e.mnt.Unmount()
+			e.mnt.Release()
+		}
+		delete(m.mounts, k)
+	}
+}
+
+// fileSystem looks fsName up in the file system map; (nil, nil) if there is none.
+func fileSystem(conn *rados.Conn, fsName string) (*fsInfo, error) {
+	all, err := fileSystems(conn)
+	if err != nil {
+		return nil, err
+	}
+	for i := range all {
+		if all[i].Name == fsName {
+			return &all[i], nil
+		}
+	}
+	return nil, nil
+}
+
+func fileSystems(conn *rados.Conn) ([]fsInfo, error) {
+	out, _, err := conn.MonCommand([]byte(`{"prefix":"fs ls","format":"json"}`))
+	if err != nil {
+		return nil, fmt.Errorf("listing file systems: %w", err)
+	}
+	var all []fsInfo
+	if err := json.Unmarshal(out, &all); err != nil {
+		return nil, fmt.Errorf("decoding fs ls: %w", err)
+	}
+	return all, nil
+}

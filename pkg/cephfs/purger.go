@@ -1,0 +1,91 @@
+package cephfs
+
+import (
+	"context"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// purgeRetry is how long the purger waits after a failure, and how often it
+// looks at the journal when nobody wakes it.
+const purgeRetry = 30 * time.Second
+
+// purger finishes the removals a group's journal has promised: it moves a
+// subvolume still in place to the trash, purges the trash entry and then
+// forgets the promise. The journal is its queue, so a crash loses nothing:
+// the next purger for the group (or the mgr's purge threads, for what is
+// already in the trash) finishes the work.
+type purger struct {
+	svs  *subvolumes
+	j    *Journal
+	lock func(ctx context.Context, sv string) (func(), error)
+	wake chan struct{}
+}
+
+func newPurger(svs *subvolumes, j *Journal, lock func(ctx context.Context, sv string) (func(), error)) *purger {
+	p := &purger{svs: svs, j: j, lock: lock, wake: make(chan struct{}, 1)}
+	p.kick()
+	go p.run()
+	return p
+}
+
+// kick makes the purger look at the journal soon.
+func (p *purger) kick() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (p *purger) run() {
+	t := time.NewTicker(purgeRetry)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.wake:
+		case <-t.C:
+		}
+		for p.round() {
+		}
+	}
+}
+
+// round purges one batch of promised removals; it reports whether to go on.
+func (p *purger) round() bool {
+	batch, err := p.j.Promised(64)
+	if err != nil {
+		klog.ErrorS(err, "purger: reading the journal", "group", p.svs.group)
+		return false
+	}
+	for _, e := range batch {
+		if err := p.purge(e[0], e[1]); err != nil {
+			klog.ErrorS(err, "purger: removing a subvolume failed; will retry", "group", p.svs.group, "subvolume", e[0])
+			return false
+		}
+	}
+	return len(batch) > 0
+}
+
+func (p *purger) purge(sv, entry string) error {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	unlock, err := p.lock(ctx, sv)
+	cancel()
+	if err != nil {
+		return err
+	}
+	err = p.svs.Trash(sv, entry) // a no-op unless a crash came before DeleteVolume's own move
+	unlock()
+	if err != nil {
+		return err
+	}
+	if err := p.svs.Purge(entry); err != nil {
+		return err
+	}
+	if err := p.j.Done(sv); err != nil {
+		return err
+	}
+	klog.V(3).InfoS("subvolume purged", "group", p.svs.group, "subvolume", sv, "duration", time.Since(start))
+	return nil
+}
