@@ -24,8 +24,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/klog/v2"
 
-	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 	"github.com/rookzmq/rookzmq/pkg/cephfs"
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 	"github.com/rookzmq/rookzmq/pkg/rbd"
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )

@@ -85,7 +85,9 @@ func (j *Journal) Release(name, sv string) error {
 }
 
 // Done forgets the removal promise of sv, once it is purged.
-func (j *Journal) Done(sv string) error { return j.rm([]string{trashKeyPrefix + sv}, "finishing removal of "+sv) }
+func (j *Journal) Done(sv string) error {
+	return j.rm([]string{trashKeyPrefix + sv}, "finishing removal of "+sv)
+}
 
 func (j *Journal) rm(keys []string, what string) error {
 	op := rados.CreateWriteOp()

@@ -19,7 +19,7 @@ func TestParseParamsAll(t *testing.T) {
 	p, err := ParseParams(map[string]string{
 		"clusterID": "c1", "fsName": "myfs", "pool": "fast", "mounter": "fuse",
 		"kernelMountOptions": "noatime,ms_mode=secure", "fuseMountOptions": "debug",
-		"volumeNamePrefix": "k8s-",
+		"volumeNamePrefix":            "k8s-",
 		"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "ns1", "csi.storage.k8s.io/pv/name": "pvc-1",
 		"csi.storage.k8s.io/provisioner-secret-name": "x",
 	})
