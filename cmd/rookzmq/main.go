@@ -154,7 +154,7 @@ func serve(args []string) error {
 
 	var controller csi.ControllerServer
 	if f.controller && f.driverType == "cephfs" {
-		mounts := &cephfs.Mounts{Conns: conns}
+		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName}
 		defer mounts.Close()
 		controller = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
 	} else if f.controller {

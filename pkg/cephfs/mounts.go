@@ -31,6 +31,10 @@ type fsInfo struct {
 // costs no mount set-up.
 type Mounts struct {
 	Conns *rcsi.Conns
+	// Instance names this driver (e.g. its CSI name): with the cluster, file
+	// system and user it makes the client UUID under which a restarted
+	// process reclaims the MDS session of a killed one. Empty disables that.
+	Instance string
 
 	mu     sync.Mutex
 	mounts map[string]*mountEntry
@@ -90,6 +94,22 @@ func (m *Mounts) mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsNam
 		mnt.Release()
 		return nil, fmt.Errorf("selecting file system %q: %w", fsName, err)
 	}
+	if m.Instance != "" {
+		if err := mnt.Init(); err != nil {
+			mnt.Release()
+			return nil, fmt.Errorf("initialising libcephfs: %w", err)
+		}
+		id := sha256.Sum256([]byte(m.Instance + "\x00" + cluster.ClusterID + "\x00" + fsName + "\x00" + creds.ID))
+		uuid := fmt.Sprintf("rookzmq-%x", id[:16])
+		reclaimed, err := reclaimAndSetUUID(mnt, uuid)
+		if err != nil {
+			mnt.Release()
+			return nil, err
+		}
+		if reclaimed {
+			klog.InfoS("reset the MDS session a previous driver process left", "cluster", cluster.ClusterID, "fs", fsName, "user", creds.ID)
+		}
+	}
 	if err := mnt.MountWithRoot(volumesRoot); err != nil {
 		mnt.Release()
 		if rcsi.Errno(err) == syscall.ENOENT {
@@ -100,19 +120,34 @@ func (m *Mounts) mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsNam
 	return mnt, nil
 }
 
-// Close unmounts everything.
+// Close unmounts everything (releasing the capabilities the MDS would
+// otherwise wait for), giving up after closeTimeout: a process that exits
+// anyway must not hang on an MDS that does not answer.
 func (m *Mounts) Close() {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	for k, e := range m.mounts {
-		<-e.ready
-		if e.mnt != nil {
-			e.mnt.Unmount()
-			e.mnt.Release()
+	entries := m.mounts
+	m.mounts = nil
+	m.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, e := range entries {
+			<-e.ready
+			if e.mnt != nil {
+				e.mnt.Unmount()
+				e.mnt.Release()
+			}
 		}
-		delete(m.mounts, k)
+	}()
+	select {
+	case <-done:
+	case <-time.After(closeTimeout):
+		klog.InfoS("gave up unmounting CephFS at shutdown", "after", closeTimeout)
 	}
 }
+
+// closeTimeout bounds Close.
+const closeTimeout = 5 * time.Second
 
 // fileSystem looks fsName up in the file system map; (nil, nil) if there is none.
 func fileSystem(conn *rados.Conn, fsName string) (*fsInfo, error) {

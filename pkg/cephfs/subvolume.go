@@ -125,6 +125,7 @@ func (s *subvolumes) Create(name string, quota int64, pool string, user map[stri
 	if err := s.mnt.SetXattr(base, xattrSubvolume, []byte("1"), 0); err != nil {
 		return nil, fmt.Errorf("marking %s a subvolume: %w", base, err)
 	}
+	rcsi.CrashPoint("cephfs-create-after-mkdir")
 	if quota > 0 {
 		if err := s.mnt.SetXattr(data, xattrQuota, []byte(strconv.FormatInt(quota, 10)), 0); err != nil {
 			return nil, fmt.Errorf("setting the quota of %s: %w", data, err)
@@ -235,24 +236,26 @@ func (s *subvolumes) Exists(name string) (bool, error) {
 
 // Trash moves the base directory of name to /volumes/_deleting/<entry> (as
 // `ceph fs subvolume rm` does) and removes its auth metadata file. A base
-// directory already gone is fine.
+// directory already gone is fine. The rename is only tried on a base
+// directory that exists: with Pacific's libcephfs, a rename that fails with
+// ENOENT onto an existing trash entry left later lookups of that entry
+// hanging in the client (seen here, 16.2.15).
 func (s *subvolumes) Trash(name, entry string) error {
-	err := s.mnt.Rename(s.base(name), "/"+trashDir+"/"+entry)
-	if rcsi.Errno(err) == syscall.ENOENT {
-		// Either the base directory is gone or the trash does not exist yet.
-		if ok, xerr := s.Exists(name); xerr != nil {
-			return xerr
-		} else if ok {
+	exists, err := s.Exists(name)
+	if err != nil {
+		return fmt.Errorf("looking up %s: %w", s.base(name), err)
+	}
+	if exists {
+		if _, err := s.mnt.Statx("/"+trashDir, cephfs.StatxBasicStats, 0); rcsi.Errno(err) == syscall.ENOENT {
 			if err := s.mnt.MakeDir("/"+trashDir, trashMode); err != nil && rcsi.Errno(err) != syscall.EEXIST {
 				return fmt.Errorf("creating %s/%s: %w", volumesRoot, trashDir, err)
 			}
-			err = s.mnt.Rename(s.base(name), "/"+trashDir+"/"+entry)
-		} else {
-			err = nil
+		} else if err != nil {
+			return fmt.Errorf("reading %s/%s: %w", volumesRoot, trashDir, err)
 		}
-	}
-	if err != nil && rcsi.Errno(err) != syscall.ENOENT {
-		return fmt.Errorf("moving %s to the trash: %w", s.base(name), err)
+		if err := s.mnt.Rename(s.base(name), "/"+trashDir+"/"+entry); err != nil {
+			return fmt.Errorf("moving %s to the trash: %w", s.base(name), err)
+		}
 	}
 	if err := s.mnt.Unlink(s.authMeta(name)); err != nil && rcsi.Errno(err) != syscall.ENOENT {
 		return fmt.Errorf("removing the auth metadata file of %s: %w", name, err)
