@@ -149,20 +149,7 @@ func (m *Mounts) Close() {
 // closeTimeout bounds Close.
 const closeTimeout = 5 * time.Second
 
-// fileSystem looks fsName up in the file system map; (nil, nil) if there is none.
-func fileSystem(conn *rados.Conn, fsName string) (*fsInfo, error) {
-	all, err := fileSystems(conn)
-	if err != nil {
-		return nil, err
-	}
-	for i := range all {
-		if all[i].Name == fsName {
-			return &all[i], nil
-		}
-	}
-	return nil, nil
-}
-
+// fileSystems reads the file system map.
 func fileSystems(conn *rados.Conn) ([]fsInfo, error) {
 	out, _, err := conn.MonCommand([]byte(`{"prefix":"fs ls","format":"json"}`))
 	if err != nil {
