@@ -51,6 +51,7 @@ sanity: build cluster-up
 	@test -x $(TOOLS)/csi-sanity || $(MAKE) --no-print-directory tools
 	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity.sh mount
 	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity.sh block
+	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity-cephfs.sh
 
 integration: build cluster-up
 	$(GO) test -count=1 -timeout 20m -v ./e2e/... 2>&1 | tee /tmp/rookzmq-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit $${PIPESTATUS[0]}

@@ -160,7 +160,7 @@ func TestCephFSRandomKills(t *testing.T) {
 
 // Bad input gets precise codes and messages naming the problem.
 func TestCephFSBadInput(t *testing.T) {
-	d := startCephFSDriver(t, newDriverDir(t), nil)
+	d := startCephFSDriver(t, newDriverDir(t), nil, "--node=true")
 	c := ctx(t)
 	prefix := uniquePrefix(t)
 	good := func() *csi.CreateVolumeRequest { return cephfsCreateReq(t, prefix+"bad", prefix, 64<<20) }
@@ -222,6 +222,11 @@ func TestCephFSBadInput(t *testing.T) {
 			_, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: "junk", Secrets: cephfsSecrets(t)})
 			return err
 		}, codes.OK, ""},
+		{"node stage (stub)", func() error {
+			_, err := d.node.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: missingID, StagingTargetPath: t.TempDir(),
+				VolumeCapability: mountCap("", rwo), Secrets: cephfsSecrets(t)})
+			return err
+		}, codes.Unimplemented, "the CephFS Node service is not implemented yet"},
 		{"delete missing", func() error {
 			_, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: missingID, Secrets: cephfsSecrets(t)})
 			return err

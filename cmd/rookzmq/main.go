@@ -70,7 +70,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs := flag.NewFlagSet("rookzmq", flag.ContinueOnError)
 	klog.InitFlags(fs)
 	f := &serveFlags{}
-	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd or cephfs (CephFS: controller only so far)")
+	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd or cephfs (CephFS: its Node service is a stub that refuses staging and publishing so far)")
 	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name (default rbd.rookzmq.io, or cephfs.rookzmq.io with --type=cephfs)")
 	fs.BoolVar(&f.controller, "controller", false, "serve the CSI Controller service")
 	fs.BoolVar(&f.node, "node", false, "serve the CSI Node service")
@@ -106,9 +106,6 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 		}
 		if !set["endpoint"] {
 			f.endpoint = "unix:///var/lib/kubelet/plugins/" + f.driverName + "/csi.sock"
-		}
-		if f.node {
-			return nil, errors.New("--type=cephfs serves the Controller service only so far: the CephFS Node service is not implemented yet (drop --node)")
 		}
 	default:
 		return nil, fmt.Errorf("--type=%s is not supported (rbd or cephfs)", f.driverType)
@@ -161,8 +158,11 @@ func serve(args []string) error {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
 	}
 	var node *rbd.Node
+	var nodeStub *cephfs.NodeStub
 	healthy := func() error { return nil }
-	if f.node {
+	if f.node && f.driverType == "cephfs" {
+		nodeStub = &cephfs.NodeStub{NodeID: f.nodeID}
+	} else if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
 		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink})
 		if err != nil {
@@ -210,6 +210,9 @@ func serve(args []string) error {
 		}
 		if node != nil {
 			csi.RegisterNodeServer(s, node)
+		}
+		if nodeStub != nil {
+			csi.RegisterNodeServer(s, nodeStub)
 		}
 	})
 	if err != nil {
