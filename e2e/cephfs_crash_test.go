@@ -78,28 +78,25 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 			d.stop()
 		})
 	}
-	for _, c := range []struct {
-		point string
-		retry bool
-	}{{"cephfs-delete-after-promise", true}, {"cephfs-delete-after-promise", false}, {"cephfs-delete-after-trash", false}} {
-		t.Run(fmt.Sprintf("%s/retry=%v", c.point, c.retry), func(t *testing.T) {
+	for _, retry := range []bool{true, false} {
+		t.Run(fmt.Sprintf("cephfs-delete-after-promise/retry=%v", retry), func(t *testing.T) {
 			d := startCephFSDriver(t, dir, nil)
 			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"del", prefix, 64<<20))
 			if err != nil {
 				t.Fatal(err)
 			}
 			d.stop()
-			d = startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + c.point})
+			d = startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-delete-after-promise"})
 			id := r.GetVolume().GetVolumeId()
 			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err == nil {
 				t.Fatal("DeleteVolume succeeded through its crash point")
 			}
 			waitDead(t, d)
-			if len(cephfsJournal(t, r.GetVolume().GetVolumeContext()["subvolumeName"])) == 0 {
-				t.Fatal("the journal forgot the volume before the crash point: the test proves nothing")
+			if len(subvolumesCLI(t, prefix)) == 0 || len(cephfsJournal(t, r.GetVolume().GetVolumeContext()["subvolumeName"])) == 0 {
+				t.Fatal("the subvolume or its journal entry is gone before the crash point: the test proves nothing")
 			}
 			d = startCephFSDriver(t, dir, nil)
-			if c.retry {
+			if retry {
 				if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
 					t.Fatalf("retry after crash: %v", err)
 				}
@@ -114,6 +111,29 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 			d.stop()
 		})
 	}
+	// The purger is killed after moving the subvolume to the trash: the next
+	// process finishes the purge without any DeleteVolume retry.
+	t.Run("cephfs-purge-after-trash", func(t *testing.T) {
+		d := startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-purge-after-trash"})
+		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"purge", prefix, 64<<20))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := r.GetVolume().GetVolumeId()
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+			t.Fatal(err)
+		}
+		waitDead(t, d)
+		if len(cephfsJournal(t, r.GetVolume().GetVolumeContext()["subvolumeName"])) == 0 {
+			t.Fatal("the journal forgot the volume before the crash point: the test proves nothing")
+		}
+		d = startCephFSDriver(t, dir, nil)
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: "1-02-c1-06-cephfs-03-csi-" + prefix + "none", Secrets: cephfsSecrets(t)}); err != nil {
+			t.Fatal(err)
+		}
+		waitNoCephFSOrphans(t, prefix)
+		d.stop()
+	})
 }
 
 // SIGKILL at random moments of CreateVolume and DeleteVolume: every retry

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // waitNoCephFSOrphans waits (the purge is asynchronous) until neither the mgr
@@ -95,8 +97,10 @@ func TestCephFSLifecycleWithCLI(t *testing.T) {
 	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
 		t.Fatal(err)
 	}
-	if got := subvolumesCLI(t, prefix); len(got) != 0 {
-		t.Fatalf("after DeleteVolume, ceph fs subvolume ls still shows %v", got)
+	// Deleted at once for CSI, even before the purger got to it.
+	if _, err := d.ctrl.ValidateVolumeCapabilities(ctx(t), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
+		VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: cephfsSecrets(t)}); status.Code(err) != codes.NotFound {
+		t.Fatalf("ValidateVolumeCapabilities after DeleteVolume: %v, want NotFound", err)
 	}
 	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
 		t.Fatalf("second DeleteVolume: %v", err)

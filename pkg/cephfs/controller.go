@@ -249,8 +249,8 @@ func volumeContext(p Params, t *target, name, path string) map[string]string {
 	return vc
 }
 
-// DeleteVolume records the removal in the journal, moves the subvolume to the
-// trash and returns; the group's purger removes its contents in the
+// DeleteVolume records the removal in the journal and returns; the group's
+// purger then moves the subvolume to the trash and purges it in the
 // background. A subvolume already gone (or being purged) is success.
 func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
@@ -282,27 +282,16 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 		return nil, cephStatus(err, "reading the journal")
 	}
 	if entry == "" {
-		exists, err := t.svs.Exists(id.Name)
-		if err != nil {
-			return nil, cephStatus(err, "looking up subvolume %s", id.Name)
-		}
-		if !exists {
-			if err := t.j.Release(name, id.Name); err != nil {
-				return nil, cephStatus(err, "releasing name %q", name)
-			}
-			klog.V(3).InfoS("volume already gone", "volumeID", req.GetVolumeId())
-			return &csi.DeleteVolumeResponse{}, nil
-		}
+		// The promise is the whole of the call: from here on the journal
+		// keeps the volume until the purger has moved it to the trash and
+		// purged it, so no CSI call waits for the MDS (whose locks on the
+		// trash the mgr's purge threads may hold for seconds).
 		entry = uuid.NewString()
 		if err := t.j.Promise(name, id.Name, entry); err != nil {
 			return nil, cephStatus(err, "recording the removal of %s", id.Name)
 		}
 	}
 	rcsi.CrashPoint("cephfs-delete-after-promise")
-	if err := t.svs.Trash(id.Name, entry); err != nil {
-		return nil, cephStatus(err, "deleting volume %s", req.GetVolumeId())
-	}
-	rcsi.CrashPoint("cephfs-delete-after-trash")
 	t.purger.kick()
 	klog.V(3).InfoS("volume deleted (purge queued)", "volumeID", req.GetVolumeId(), "name", name, "duration", time.Since(start))
 	return &csi.DeleteVolumeResponse{}, nil
@@ -336,6 +325,11 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 
 // subvolume reads the volume's subvolume: NotFound if it does not exist.
 func (c *Controller) subvolume(t *target, id rcsi.VolumeID) (*subvolume, error) {
+	if entry, err := t.j.TrashEntry(id.Name); err != nil {
+		return nil, cephStatus(err, "reading the journal")
+	} else if entry != "" {
+		return nil, status.Errorf(codes.NotFound, "volume %s is deleted (its purge is queued)", id.String())
+	}
 	sv, err := t.svs.Get(id.Name)
 	if rcsi.Errno(err) == syscall.ENOENT {
 		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id.String())

@@ -2,18 +2,21 @@ package cephfs
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // purgeRetry is how long the purger waits after a failure, and how often it
 // looks at the journal when nobody wakes it.
 const purgeRetry = 30 * time.Second
 
-// purger finishes the removals a group's journal has promised: it moves a
-// subvolume still in place to the trash, purges the trash entry and then
-// forgets the promise. The journal is its queue, so a crash loses nothing:
+// purger finishes the removals a group's journal has promised: it moves the
+// subvolume to the trash (/volumes/_deleting, as `ceph fs subvolume rm`
+// does), purges the trash entry and then forgets the promise. The journal is its queue, so a crash loses nothing:
 // the next purger for the group (or the mgr's purge threads, for what is
 // already in the trash) finishes the work.
 type purger struct {
@@ -58,14 +61,33 @@ func (p *purger) round() bool {
 		klog.ErrorS(err, "purger: reading the journal", "group", p.svs.group)
 		return false
 	}
-	for _, e := range batch {
-		if err := p.purge(e[0], e[1]); err != nil {
-			klog.ErrorS(err, "purger: removing a subvolume failed; will retry", "group", p.svs.group, "subvolume", e[0])
-			return false
-		}
+	// A few at a time: a rename into the trash can wait seconds for the
+	// mgr's purge threads to give up their capabilities on it.
+	work := make(chan [2]string)
+	failed := make(chan struct{}, len(batch))
+	var wg sync.WaitGroup
+	for w := 0; w < purgeWorkers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for e := range work {
+				if err := p.purge(e[0], e[1]); err != nil {
+					klog.ErrorS(err, "purger: removing a subvolume failed; will retry", "group", p.svs.group, "subvolume", e[0])
+					failed <- struct{}{}
+				}
+			}
+		}()
 	}
-	return len(batch) > 0
+	for _, e := range batch {
+		work <- e
+	}
+	close(work)
+	wg.Wait()
+	return len(batch) > 0 && len(failed) == 0
 }
+
+// purgeWorkers is how many removals the purger runs at once.
+const purgeWorkers = 4
 
 func (p *purger) purge(sv, entry string) error {
 	start := time.Now()
@@ -75,11 +97,12 @@ func (p *purger) purge(sv, entry string) error {
 	if err != nil {
 		return err
 	}
-	err = p.svs.Trash(sv, entry) // a no-op unless a crash came before DeleteVolume's own move
+	err = p.svs.Trash(sv, entry) // a no-op if an earlier purger got this far
 	unlock()
 	if err != nil {
 		return err
 	}
+	rcsi.CrashPoint("cephfs-purge-after-trash")
 	if err := p.svs.Purge(entry); err != nil {
 		return err
 	}
