@@ -96,7 +96,7 @@ func (c *Controller) open(clusterID, fsName, group string, secrets map[string]st
 		c.Known.Remember(clusterID, creds)
 	}
 	t := &target{clusterID: clusterID, conn: conn, fs: *fs, group: group, j: NewJournal(io, group),
-		svs: &subvolumes{mnt: mnt, group: group, defaultPool: fs.DataPools[0]}}
+		svs: &subvolumes{mnt: mnt, group: group, defaultPool: fs.DataPools[0], poolCache: c.poolCacheFor(clusterID, fsName, group)}}
 	t.purger = c.purgerFor(t, func(ctx context.Context, sv string) (func(), error) { return c.lockVolume(ctx, t, sv) })
 	return t, nil
 }
@@ -184,7 +184,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		}
 		rcsi.CrashPoint("cephfs-create-after-reserve")
 	}
-	sv, err := c.ensureSubvolume(ctx, t, name, size, p, req.GetCapacityRange())
+	sv, err := c.ensureSubvolume(ctx, t, name, size, p, req.GetCapacityRange(), fresh)
 	if err != nil {
 		return nil, err
 	}
@@ -198,8 +198,12 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 }
 
 // ensureSubvolume creates the subvolume or checks that an existing one fits the request.
-func (c *Controller) ensureSubvolume(ctx context.Context, t *target, name string, size int64, p Params, r *csi.CapacityRange) (*subvolume, error) {
-	sv, err := t.svs.Get(name)
+func (c *Controller) ensureSubvolume(ctx context.Context, t *target, name string, size int64, p Params, r *csi.CapacityRange, fresh bool) (*subvolume, error) {
+	var sv *subvolume
+	var err error = syscall.ENOENT // a name just reserved has nothing yet
+	if !fresh {
+		sv, err = t.svs.Get(name)
+	}
 	if rcsi.Errno(err) == syscall.ENOENT {
 		user := map[string]string{}
 		for k, v := range map[string]string{rcsi.KeyPVCName: p.PVCName, rcsi.KeyPVCNamespace: p.PVCNamespace, rcsi.KeyPVName: p.PVName} {
@@ -207,10 +211,10 @@ func (c *Controller) ensureSubvolume(ctx context.Context, t *target, name string
 				user[k] = v
 			}
 		}
-		sv, err = t.svs.Create(name, size, p.Pool, user)
+		sv, err = t.svs.Create(name, size, p.Pool, user, fresh)
 		if errors.Is(err, errNoGroup) {
 			if err = c.createGroup(t.conn, t.fs.Name, t.group); err == nil {
-				sv, err = t.svs.Create(name, size, p.Pool, user)
+				sv, err = t.svs.Create(name, size, p.Pool, user, fresh)
 			}
 		}
 		if err != nil {

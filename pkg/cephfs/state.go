@@ -20,6 +20,23 @@ type state struct {
 	mu      sync.Mutex
 	fsCache map[string]fsCached
 	purgers map[string]*purger
+	pools   map[string]*poolCache
+}
+
+// poolCacheFor returns the inherited-pool cache of a group.
+func (s *state) poolCacheFor(clusterID, fsName, group string) *poolCache {
+	key := clusterID + "\x00" + fsName + "\x00" + group
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pools == nil {
+		s.pools = map[string]*poolCache{}
+	}
+	pc := s.pools[key]
+	if pc == nil {
+		pc = &poolCache{}
+		s.pools[key] = pc
+	}
+	return pc
 }
 
 type fsCached struct {

@@ -8,7 +8,9 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/ceph/go-ceph/cephfs"
 	"github.com/google/uuid"
@@ -55,7 +57,20 @@ type subvolumes struct {
 	// defaultPool is the file system's first data pool, used when no
 	// ancestor directory names one.
 	defaultPool string
+	// poolCache, when set, keeps the inherited pool for a short while, so
+	// that a create does not read the group's layout every time.
+	poolCache *poolCache
 }
+
+// poolCache remembers a group's inherited data pool for poolCacheTTL.
+type poolCache struct {
+	mu   sync.Mutex
+	pool string
+	at   time.Time
+}
+
+// poolCacheTTL bounds how long a change of the group's layout goes unseen.
+const poolCacheTTL = 30 * time.Second
 
 // subvolume is what .meta and the data directory say about one subvolume.
 type subvolume struct {
@@ -105,9 +120,10 @@ func (s *subvolumes) Get(name string) (*subvolume, error) {
 
 // Create makes subvolume name with quota bytes (0: none) in data pool (""
 // inherits), owned like its group, recording user metadata, exactly as `ceph
-// fs subvolume create` does. A leftover of an interrupted Create of the same
-// name (a base directory without .meta) is cleared first.
-func (s *subvolumes) Create(name string, quota int64, pool string, user map[string]string) (*subvolume, error) {
+// fs subvolume create` does. Unless fresh (a name nothing can have used
+// yet), a leftover of an interrupted Create of the same name (a base
+// directory without .meta) is cleared first.
+func (s *subvolumes) Create(name string, quota int64, pool string, user map[string]string, fresh bool) (*subvolume, error) {
 	group, err := s.mnt.Statx("/"+s.group, cephfs.StatxBasicStats, 0)
 	if rcsi.Errno(err) == syscall.ENOENT {
 		return nil, errNoGroup
@@ -115,8 +131,10 @@ func (s *subvolumes) Create(name string, quota int64, pool string, user map[stri
 		return nil, fmt.Errorf("reading group %s: %w", s.group, err)
 	}
 	base := s.base(name)
-	if err := s.clearPartial(base); err != nil {
-		return nil, err
+	if !fresh {
+		if err := s.clearPartial(base); err != nil {
+			return nil, err
+		}
 	}
 	data := base + "/" + uuid.NewString()
 	if err := s.mnt.MakeDirs(data, subvolumeMode); err != nil {
@@ -198,6 +216,22 @@ func (s *subvolumes) clearPartial(base string) error {
 }
 
 func (s *subvolumes) inheritedPool() (string, error) {
+	if c := s.poolCache; c != nil {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.pool != "" && time.Since(c.at) < poolCacheTTL {
+			return c.pool, nil
+		}
+		pool, err := s.readInheritedPool()
+		if err == nil {
+			c.pool, c.at = pool, time.Now()
+		}
+		return pool, err
+	}
+	return s.readInheritedPool()
+}
+
+func (s *subvolumes) readInheritedPool() (string, error) {
 	for _, dir := range []string{"/" + s.group, "/"} {
 		v, err := s.mnt.GetXattr(dir, xattrPool)
 		if err == nil && len(v) > 0 {
