@@ -118,3 +118,57 @@ func TestCephFSLifecycleWithCLI(t *testing.T) {
 	}
 	waitNoCephFSOrphans(t, prefix)
 }
+
+// GetCapacity reports the data pool's free space; ListVolumes lists our
+// volume (credentials remembered from the CreateVolume) and pages by token.
+func TestCephFSCapacityAndList(t *testing.T) {
+	d := startCephFSDriver(t, newDriverDir(t), nil)
+	prefix := uniquePrefix(t)
+	var ids []string
+	for i := 0; i < 3; i++ {
+		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+string(rune('a'+i)), prefix, 64<<20))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.GetVolume().GetVolumeId())
+	}
+	capResp, err := d.ctrl.GetCapacity(ctx(t), &csi.GetCapacityRequest{Parameters: cephfsParams()})
+	if err != nil || capResp.GetAvailableCapacity() <= 0 {
+		t.Fatalf("GetCapacity = %v, %v", capResp, err)
+	}
+	if _, err := d.ctrl.GetCapacity(ctx(t), &csi.GetCapacityRequest{Parameters: cephfsParams("pool", "rbd")}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("GetCapacity of a pool that is not a data pool: %v", err)
+	}
+	seen := map[string]bool{}
+	token := ""
+	for pages := 0; ; pages++ {
+		l, err := d.ctrl.ListVolumes(ctx(t), &csi.ListVolumesRequest{MaxEntries: 2, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range l.GetEntries() {
+			seen[e.GetVolume().GetVolumeId()] = true
+		}
+		if token = l.GetNextToken(); token == "" || pages > 1000 {
+			break
+		}
+	}
+	for _, id := range ids {
+		if !seen[id] {
+			t.Errorf("ListVolumes misses %s", id)
+		}
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := d.ctrl.ListVolumes(ctx(t), &csi.ListVolumesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range l.GetEntries() {
+		if strings.Contains(e.GetVolume().GetVolumeId(), prefix) {
+			t.Errorf("ListVolumes still lists deleted %s", e.GetVolume().GetVolumeId())
+		}
+	}
+	waitNoCephFSOrphans(t, prefix)
+}
