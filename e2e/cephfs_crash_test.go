@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -127,10 +128,15 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 		if len(cephfsJournal(t, r.GetVolume().GetVolumeContext()["subvolumeName"])) == 0 {
 			t.Fatal("the journal forgot the volume before the crash point: the test proves nothing")
 		}
-		d = startCephFSDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: "1-02-c1-06-cephfs-03-csi-" + prefix + "none", Secrets: cephfsSecrets(t)}); err != nil {
+		// With the credentials directory, the new process resumes the
+		// purge at start, before any call.
+		creds := filepath.Join(dir, "creds")
+		if err := os.MkdirAll(filepath.Join(creds, "c1"), 0o700); err != nil {
 			t.Fatal(err)
 		}
+		os.WriteFile(filepath.Join(creds, "c1", "userID"), []byte(cephfsSecrets(t)["adminID"]), 0o600)
+		os.WriteFile(filepath.Join(creds, "c1", "userKey"), []byte(cephfsSecrets(t)["adminKey"]), 0o600)
+		d = startCephFSDriver(t, dir, nil, "--credentials-dir", creds)
 		waitNoCephFSOrphans(t, prefix)
 		d.stop()
 	})

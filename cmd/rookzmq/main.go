@@ -79,7 +79,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.clusters, "clusters", "/etc/rookzmq/config.json", "clusters file (ceph-csi config.json format)")
 	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
-	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
+	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity; with --type=cephfs the provisioning user, also used to resume promised removals at start)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
 	fs.StringVar(&f.metricsAddress, "metrics-address", "", "serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090); empty disables")
@@ -153,7 +153,9 @@ func serve(args []string) error {
 	if f.controller && f.driverType == "cephfs" {
 		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName}
 		defer mounts.Close()
-		controller = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		cc := &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		go cc.ResumePurges()
+		controller = cc
 	} else if f.controller {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
 	}

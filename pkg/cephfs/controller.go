@@ -59,6 +59,10 @@ func (c *Controller) open(clusterID, fsName, group string, secrets map[string]st
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	return c.openWith(clusterID, fsName, group, creds)
+}
+
+func (c *Controller) openWith(clusterID, fsName, group string, creds rcsi.Credentials) (*target, error) {
 	cluster, err := c.Clusters.Get(clusterID)
 	if errors.Is(err, rcsi.ErrUnknownCluster) {
 		return nil, status.Error(codes.InvalidArgument, err.Error())

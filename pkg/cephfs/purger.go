@@ -95,3 +95,27 @@ func (p *purger) purge(sv, entry string) error {
 	klog.V(3).InfoS("subvolume purged", "group", p.svs.group, "subvolume", sv, "duration", time.Since(start))
 	return nil
 }
+
+// ResumePurges starts the purger of every subvolume group this controller can
+// reach with known credentials (the credentials directory), so that removals
+// promised before a restart finish without waiting for a call to the group.
+// Clusters without known credentials wait for their first call.
+func (c *Controller) ResumePurges() {
+	for _, clusterID := range c.Clusters.IDs() {
+		conn, _, creds, err := c.knownConn(clusterID)
+		if err != nil {
+			klog.V(2).InfoS("purges of this cluster resume with its first call", "cluster", clusterID, "reason", err)
+			continue
+		}
+		all, err := fileSystems(conn)
+		if err != nil {
+			klog.ErrorS(err, "purges of this cluster resume with its first call", "cluster", clusterID)
+			continue
+		}
+		for _, fs := range all {
+			if _, err := c.openWith(clusterID, fs.Name, "", creds); err != nil {
+				klog.ErrorS(err, "purges of this file system resume with its first call", "cluster", clusterID, "fs", fs.Name)
+			}
+		}
+	}
+}
