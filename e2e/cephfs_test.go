@@ -102,6 +102,10 @@ func TestCephFSLifecycleWithCLI(t *testing.T) {
 		VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: cephfsSecrets(t)}); status.Code(err) != codes.NotFound {
 		t.Fatalf("ValidateVolumeCapabilities after DeleteVolume: %v, want NotFound", err)
 	}
+	if _, err := d.ctrl.ControllerExpandVolume(ctx(t), &csi.ControllerExpandVolumeRequest{VolumeId: id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 400 << 20}, Secrets: cephfsSecrets(t)}); status.Code(err) != codes.NotFound {
+		t.Fatalf("ControllerExpandVolume after DeleteVolume: %v, want NotFound", err)
+	}
 	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
 		t.Fatalf("second DeleteVolume: %v", err)
 	}

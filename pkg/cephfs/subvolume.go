@@ -41,7 +41,6 @@ const (
 	subvolumeV2     = "2"
 	typeSubvolume   = "subvolume"
 	stateComplete   = "complete"
-	stateRetained   = "snapshot-retained"
 	errPartialMeta  = "subvolume metadata is incomplete"
 	maxMetaFileSize = 1 << 20
 )
