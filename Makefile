@@ -61,6 +61,7 @@ test: vet unit sanity integration
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
+	$(GO) test -run '^$$' -fuzz '^FuzzParseCephCSIVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/cephfs
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge

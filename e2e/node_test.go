@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -309,10 +310,16 @@ func TestStaleStageIsRestaged(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The mapping dies (as in a reboot, or an OOM kill of rbd-fuse).
-	for _, l := range nodeLeftovers(dir) {
-		if strings.HasPrefix(l, "process: ") {
-			pid := fuseProcessPid(dir)
-			syscall.Kill(pid, syscall.SIGKILL)
+	// Wait for it to be gone: the kernel aborts the FUSE connection only when
+	// the daemon's /dev/fuse descriptor closes, at its exit.
+	pid := fuseProcessPid(dir)
+	if pid <= 0 {
+		t.Fatalf("no rbd-fuse process found for %s", dir)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+	for deadline := time.Now().Add(10 * time.Second); fuseProcessPid(dir) != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("rbd-fuse %d still running 10 s after SIGKILL", pid)
 		}
 	}
 	pub := &csi.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, TargetPath: s.target, VolumeCapability: s.capability}

@@ -54,26 +54,27 @@ type target struct {
 }
 
 // open reaches group of file system fsName ("" group: the clusters file's).
-func (c *Controller) open(clusterID, fsName, group string, secrets map[string]string) (*target, error) {
+func (c *Controller) open(ctx context.Context, clusterID, fsName, group string, secrets map[string]string) (*target, error) {
 	creds, err := rcsi.CredentialsFromSecrets(secrets, SecretAdminID, SecretAdminKey)
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	return c.openWith(clusterID, fsName, group, creds)
+	return c.openWith(ctx, clusterID, fsName, group, creds)
 }
 
-func (c *Controller) openWith(clusterID, fsName, group string, creds rcsi.Credentials) (*target, error) {
+func (c *Controller) openWith(ctx context.Context, clusterID, fsName, group string, creds rcsi.Credentials) (*target, error) {
 	cluster, err := c.Clusters.Get(clusterID)
 	if errors.Is(err, rcsi.ErrUnknownCluster) {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	} else if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	conn, err := c.Conns.Conn(cluster, creds)
+	lease, err := c.Conns.Acquire(ctx, cluster, creds)
 	if err != nil {
 		return nil, cephStatus(err, "connecting to cluster %q", clusterID)
 	}
-	fs, err := c.fileSystem(conn, clusterID, fsName)
+	fs, err := c.fileSystem(lease.Conn(), clusterID, fsName)
+	lease.Release()
 	if err != nil {
 		return nil, err
 	}
@@ -83,19 +84,26 @@ func (c *Controller) openWith(clusterID, fsName, group string, creds rcsi.Creden
 	if group == "" {
 		group = DefaultSubvolumeGroup
 	}
-	io, err := c.Conns.IOContext(cluster, creds, fs.MetadataPool, JournalNamespace)
-	if err != nil {
-		return nil, cephStatus(err, "opening the metadata pool %q of file system %q", fs.MetadataPool, fsName)
-	}
-	mnt, err := c.Mounts.Mount(cluster, creds, fsName)
+	m, err := c.Mounts.Mount(ctx, cluster, creds, fsName)
 	if errors.Is(err, errNoVolumesDir) {
-		if err = c.createGroup(conn, fsName, group); err == nil {
-			mnt, err = c.Mounts.Mount(cluster, creds, fsName)
+		lease, err = c.Conns.Acquire(ctx, cluster, creds)
+		if err == nil {
+			err = c.createGroup(lease.Conn(), fsName, group)
+			lease.Release()
+		}
+		if err == nil {
+			m, err = c.Mounts.Mount(ctx, cluster, creds, fsName)
 		}
 	}
 	if err != nil {
 		return nil, cephStatus(err, "mounting file system %q", fsName)
 	}
+	mnt := m.Mnt
+	io, err := m.Lease.IOContext(fs.MetadataPool, JournalNamespace)
+	if err != nil {
+		return nil, cephStatus(err, "opening the metadata pool %q of file system %q", fs.MetadataPool, fsName)
+	}
+	conn := m.Lease.Conn()
 	if c.Known != nil {
 		c.Known.Remember(clusterID, creds)
 	}
@@ -148,7 +156,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err != nil {
 		return nil, err
 	}
-	t, err := c.open(p.ClusterID, p.FsName, "", req.GetSecrets())
+	t, err := c.open(ctx, p.ClusterID, p.FsName, "", req.GetSecrets())
 	if status.Code(err) == codes.NotFound {
 		return nil, status.Errorf(codes.InvalidArgument, "parameter %s: %s", ParamFsName, status.Convert(err).Message())
 	} else if err != nil {
@@ -269,7 +277,7 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 		klog.InfoS("DeleteVolume of an ID that is not ours: nothing to do", "volumeID", req.GetVolumeId(), "reason", err)
 		return &csi.DeleteVolumeResponse{}, nil
 	}
-	t, err := c.open(id.ClusterID, id.Pool, id.Namespace, req.GetSecrets())
+	t, err := c.open(ctx, id.ClusterID, id.Pool, id.Namespace, req.GetSecrets())
 	if status.Code(err) == codes.NotFound {
 		return &csi.DeleteVolumeResponse{}, nil // the file system is gone, and the subvolume with it
 	} else if err != nil {
@@ -314,7 +322,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "volume_capabilities are required")
 	}
-	t, err := c.open(id.ClusterID, id.Pool, id.Namespace, req.GetSecrets())
+	t, err := c.open(ctx, id.ClusterID, id.Pool, id.Namespace, req.GetSecrets())
 	if err != nil {
 		return nil, err
 	}
@@ -371,7 +379,7 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 			return nil, err
 		}
 	}
-	t, err := c.open(id.ClusterID, id.Pool, id.Namespace, req.GetSecrets())
+	t, err := c.open(ctx, id.ClusterID, id.Pool, id.Namespace, req.GetSecrets())
 	if err != nil {
 		return nil, err
 	}

@@ -32,10 +32,12 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csi.GetCapacityReques
 			return &csi.GetCapacityResponse{}, nil // no capacity for what cannot be made
 		}
 	}
-	conn, _, _, err := c.knownConn(p.ClusterID)
+	lease, _, _, err := c.knownConn(ctx, p.ClusterID)
 	if err != nil {
 		return nil, err
 	}
+	defer lease.Release()
+	conn := lease.Conn()
 	fs, err := c.fileSystem(conn, p.ClusterID, p.FsName)
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "parameter %s: %s", ParamFsName, status.Convert(err).Message())
@@ -78,8 +80,9 @@ func poolAvailable(conn *rados.Conn, pool string) (int64, error) {
 	return 0, status.Errorf(codes.NotFound, "pool %q does not exist", pool)
 }
 
-// knownConn connects to a cluster with its known credentials; FailedPrecondition if there are none.
-func (c *Controller) knownConn(clusterID string) (*rados.Conn, rcsi.ClusterConfig, rcsi.Credentials, error) {
+// knownConn leases a connection to a cluster with its known credentials;
+// FailedPrecondition if there are none. The caller releases the lease.
+func (c *Controller) knownConn(ctx context.Context, clusterID string) (*rcsi.Lease, rcsi.ClusterConfig, rcsi.Credentials, error) {
 	cluster, err := c.Clusters.Get(clusterID)
 	if err != nil {
 		return nil, cluster, rcsi.Credentials{}, status.Error(codes.InvalidArgument, err.Error())
@@ -88,11 +91,11 @@ func (c *Controller) knownConn(clusterID string) (*rados.Conn, rcsi.ClusterConfi
 	if !ok {
 		return nil, cluster, creds, status.Errorf(codes.FailedPrecondition, "no credentials known for cluster %q yet: mount its secret under the credentials directory", clusterID)
 	}
-	conn, err := c.Conns.Conn(cluster, creds)
+	lease, err := c.Conns.Acquire(ctx, cluster, creds)
 	if err != nil {
 		return nil, cluster, creds, cephStatus(err, "connecting to cluster %q", clusterID)
 	}
-	return conn, cluster, creds, nil
+	return lease, cluster, creds, nil
 }
 
 // ListVolumes lists the volumes of every file system of every cluster with
@@ -102,7 +105,7 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesReques
 	if req.GetMaxEntries() < 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "max_entries is negative (%d)", req.GetMaxEntries())
 	}
-	ids, err := c.allVolumes()
+	ids, err := c.allVolumes(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -127,41 +130,53 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesReques
 	return resp, nil
 }
 
-func (c *Controller) allVolumes() ([]string, error) {
+func (c *Controller) allVolumes(ctx context.Context) ([]string, error) {
 	var ids []string
 	for _, clusterID := range c.Clusters.IDs() {
-		conn, cluster, creds, err := c.knownConn(clusterID)
+		lease, cluster, _, err := c.knownConn(ctx, clusterID)
 		if status.Code(err) == codes.FailedPrecondition {
 			klog.InfoS("ListVolumes: skipping cluster with no known credentials", "cluster", clusterID)
 			continue
 		} else if err != nil {
 			return nil, err
 		}
-		all, err := fileSystems(conn)
+		got, err := c.clusterVolumes(lease, cluster)
+		lease.Release()
 		if err != nil {
-			return nil, cephStatus(err, "listing file systems of cluster %q", clusterID)
+			return nil, err
 		}
-		group := cluster.CephFS.SubvolumeGroup
-		if group == "" {
-			group = DefaultSubvolumeGroup
-		}
-		for _, fs := range all {
-			io, err := c.Conns.IOContext(cluster, creds, fs.MetadataPool, JournalNamespace)
-			if err != nil {
-				continue // a pool these credentials may not read is not ours
-			}
-			names, err := NewJournal(io, group).Subvolumes()
-			if err != nil {
-				if rcsi.Code(err) == codes.PermissionDenied {
-					continue
-				}
-				return nil, cephStatus(err, "listing volumes of file system %q", fs.Name)
-			}
-			for _, n := range names {
-				ids = append(ids, rcsi.VolumeID{ClusterID: clusterID, Pool: fs.Name, Namespace: group, Name: n}.String())
-			}
-		}
+		ids = append(ids, got...)
 	}
 	sort.Strings(ids)
+	return ids, nil
+}
+
+// clusterVolumes lists the volumes of every file system of one cluster.
+func (c *Controller) clusterVolumes(lease *rcsi.Lease, cluster rcsi.ClusterConfig) ([]string, error) {
+	all, err := fileSystems(lease.Conn())
+	if err != nil {
+		return nil, cephStatus(err, "listing file systems of cluster %q", cluster.ClusterID)
+	}
+	group := cluster.CephFS.SubvolumeGroup
+	if group == "" {
+		group = DefaultSubvolumeGroup
+	}
+	var ids []string
+	for _, fs := range all {
+		io, err := lease.IOContext(fs.MetadataPool, JournalNamespace)
+		if err != nil {
+			continue // a pool these credentials may not read is not ours
+		}
+		names, err := NewJournal(io, group).Subvolumes()
+		if err != nil {
+			if rcsi.Code(err) == codes.PermissionDenied {
+				continue
+			}
+			return nil, cephStatus(err, "listing volumes of file system %q", fs.Name)
+		}
+		for _, n := range names {
+			ids = append(ids, rcsi.VolumeID{ClusterID: cluster.ClusterID, Pool: fs.Name, Namespace: group, Name: n}.String())
+		}
+	}
 	return ids, nil
 }

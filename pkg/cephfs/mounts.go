@@ -1,6 +1,7 @@
 package cephfs
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
@@ -43,7 +44,16 @@ type Mounts struct {
 type mountEntry struct {
 	ready chan struct{} // closed once mnt or err is set
 	mnt   *cephfs.MountInfo
+	// lease keeps the RADOS connection under the mount alive as long as
+	// the mount; the journal's I/O contexts come from it too.
+	lease *rcsi.Lease
 	err   error
+}
+
+// Mounted is a cached mount and the connection lease it lives on.
+type Mounted struct {
+	Mnt   *cephfs.MountInfo
+	Lease *rcsi.Lease
 }
 
 // errNoVolumesDir means the file system has no /volumes directory yet.
@@ -51,7 +61,7 @@ var errNoVolumesDir = fmt.Errorf("the file system has no %s directory (no subvol
 
 // Mount returns the cached mount of fsName, mounting it on first use. A failed
 // mount is not cached: the next call tries again.
-func (m *Mounts) Mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {
+func (m *Mounts) Mount(ctx context.Context, cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (Mounted, error) {
 	sum := sha256.Sum256([]byte(creds.Key))
 	key := fmt.Sprintf("%s\x00%s\x00%s\x00%x\x00%s", cluster.ClusterID, cluster.MonHost(), creds.ID, sum, fsName)
 	m.mu.Lock()
@@ -65,28 +75,34 @@ func (m *Mounts) Mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsNam
 	}
 	m.mu.Unlock()
 	if ok {
-		<-e.ready
-		return e.mnt, e.err
+		select {
+		case <-e.ready:
+		case <-ctx.Done():
+			return Mounted{}, ctx.Err()
+		}
+		return Mounted{Mnt: e.mnt, Lease: e.lease}, e.err
 	}
 	start := time.Now()
-	e.mnt, e.err = m.mount(cluster, creds, fsName)
+	e.lease, e.err = m.Conns.Acquire(ctx, cluster, creds)
+	if e.err == nil {
+		e.mnt, e.err = m.mount(e.lease, cluster, creds, fsName)
+		if e.err != nil {
+			e.lease.Release()
+		}
+	}
 	close(e.ready)
 	if e.err != nil {
 		m.mu.Lock()
 		delete(m.mounts, key)
 		m.mu.Unlock()
-		return nil, e.err
+		return Mounted{}, e.err
 	}
 	klog.V(2).InfoS("mounted CephFS through libcephfs", "cluster", cluster.ClusterID, "fs", fsName, "user", creds.ID, "duration", time.Since(start))
-	return e.mnt, nil
+	return Mounted{Mnt: e.mnt, Lease: e.lease}, nil
 }
 
-func (m *Mounts) mount(cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {
-	conn, err := m.Conns.Conn(cluster, creds)
-	if err != nil {
-		return nil, err
-	}
-	mnt, err := cephfs.CreateFromRados(conn)
+func (m *Mounts) mount(lease *rcsi.Lease, cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {
+	mnt, err := cephfs.CreateFromRados(lease.Conn())
 	if err != nil {
 		return nil, fmt.Errorf("creating libcephfs handle: %w", err)
 	}
@@ -136,6 +152,7 @@ func (m *Mounts) Close() {
 			if e.mnt != nil {
 				e.mnt.Unmount()
 				e.mnt.Release()
+				e.lease.Release()
 			}
 		}
 	}()

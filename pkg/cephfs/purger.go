@@ -102,20 +102,25 @@ func (p *purger) purge(sv, entry string) error {
 // Clusters without known credentials wait for their first call.
 func (c *Controller) ResumePurges() {
 	for _, clusterID := range c.Clusters.IDs() {
-		conn, _, creds, err := c.knownConn(clusterID)
+		ctx, cancel := context.WithTimeout(context.Background(), rcsi.ConnTimeout)
+		lease, _, creds, err := c.knownConn(ctx, clusterID)
 		if err != nil {
+			cancel()
 			klog.V(2).InfoS("purges of this cluster resume with its first call", "cluster", clusterID, "reason", err)
 			continue
 		}
-		all, err := fileSystems(conn)
+		all, err := fileSystems(lease.Conn())
+		lease.Release()
 		if err != nil {
+			cancel()
 			klog.ErrorS(err, "purges of this cluster resume with its first call", "cluster", clusterID)
 			continue
 		}
 		for _, fs := range all {
-			if _, err := c.openWith(clusterID, fs.Name, "", creds); err != nil {
+			if _, err := c.openWith(ctx, clusterID, fs.Name, "", creds); err != nil {
 				klog.ErrorS(err, "purges of this file system resume with its first call", "cluster", clusterID, "fs", fs.Name)
 			}
 		}
+		cancel()
 	}
 }

@@ -1,6 +1,9 @@
 package csi
 
 import (
+	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -63,4 +66,26 @@ func FuzzParseVolumeID(f *testing.F) {
 			t.Fatalf("ParseVolumeID(%q) re-encodes as %q", s, got)
 		}
 	})
+}
+
+// docs/volume-id.md states how many bytes cluster ID, pool and namespace may
+// use together with the default volumeNamePrefix: exactly what fits.
+func TestVolumeIDDocumentedBudget(t *testing.T) {
+	b, err := os.ReadFile("../../docs/volume-id.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`may use (\d+) bytes`).FindSubmatch(b)
+	if m == nil {
+		t.Fatal("docs/volume-id.md states no budget")
+	}
+	n, _ := strconv.Atoi(string(m[1]))
+	name := "csi-vol-" + "0b7a1c1e-1d2e-4f3a-9b8c-7d6e5f4a3b2c" // 44 bytes
+	fits := func(total int) bool {
+		id := VolumeID{ClusterID: strings.Repeat("c", total/3), Pool: strings.Repeat("p", total/3), Namespace: strings.Repeat("n", total-2*(total/3)), Name: name}
+		return id.Validate() == nil
+	}
+	if !fits(n) || fits(n+1) {
+		t.Errorf("docs say %d bytes; %d fit: %v, %d fit: %v", n, n, fits(n), n+1, fits(n+1))
+	}
 }

@@ -89,7 +89,8 @@ func (f *fuseMounter) startFuse(ctx context.Context, spec ImageSpec, dir string)
 		"-o", "attr_timeout=0,entry_timeout=0",
 	}
 	if spec.Namespace != "" {
-		args = append(args, "--namespace", spec.Namespace)
+		// rbd-fuse's option table knows only the --namespace=NS form.
+		args = append(args, "--namespace="+spec.Namespace)
 	}
 	if spec.ReadOnly {
 		args = append(args, "-o", "ro")

@@ -30,6 +30,8 @@ type Node struct {
 	events         rcsi.EventSink
 	locks          rcsi.KeyLocks
 	acks           ackTimers
+	// conns reaches Ceph to resolve ceph-csi volume IDs (cephcsi.go).
+	conns *rcsi.Conns
 }
 
 // NodeConfig configures NewNode.
@@ -41,6 +43,8 @@ type NodeConfig struct {
 	// a restart of the driver (a host path).
 	StateDir string
 	Events   rcsi.EventSink
+	// Conns caches Ceph connections (for ceph-csi volume IDs); nil: a private cache.
+	Conns *rcsi.Conns
 }
 
 // NewNode builds the node service with all three mounters.
@@ -75,6 +79,10 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		mounts:         mounts,
 		state:          stateStore{dir: cfg.StateDir},
 		events:         events,
+		conns:          cfg.Conns,
+	}
+	if n.conns == nil {
+		n.conns = &rcsi.Conns{}
 	}
 	return n, nil
 }
@@ -140,7 +148,7 @@ func (n *Node) begin(ctx context.Context, volumeID string) (*stageRecord, func()
 // NodeStageVolume maps the image, makes a filesystem on a blank device and mounts
 // it at the staging path (block volumes keep just the device).
 func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), false)
+	id, cephID, err := parseHandle(req.GetVolumeId(), false)
 	if err != nil {
 		return nil, err
 	}
@@ -195,6 +203,11 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := mounter.Available(); err != nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "mounter %s cannot work on node %s: %v", mounterName, n.nodeID, err)
 	}
+	if cephID != nil {
+		if id, err = n.resolveForStage(ctx, *cephID, cluster, creds); err != nil {
+			return nil, err
+		}
+	}
 	start := time.Now()
 	if rec != nil {
 		// A stage that crashed half way: keep what it mapped, redo the rest.
@@ -230,7 +243,9 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	n.emit(rcsi.EventAttach, want, want.Context)
+	if err := n.emit(ctx, rcsi.EventAttach, want, want.Context); err != nil {
+		return nil, err // kubelet retries; the retry finds the mapping and mount and emits
+	}
 	want.Staged = true
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -339,19 +354,30 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 
 // teardown flushes (emitting ack), unmounts, unmaps (emitting detach) and
 // forgets the volume. The record goes last, so a crash anywhere is retried
-// from the start: events then repeat rather than go missing.
+// from the start; the ack is emitted once per staging (the record says it
+// was), so only a crash between an event and the record's update repeats one.
 func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) error {
-	ack, err := n.flush(rec)
-	if errors.Is(err, errNothingToFlush) {
-		// The mount or device is already gone: nothing of it is cached here.
-		ack, err = n.ackEvent(rec, 0), nil
-	}
-	if err != nil {
-		return status.Errorf(codes.Internal, "flushing volume %s: %v", rec.VolumeID, err)
-	}
-	if events { // detach always follows the ack of the last flush
-		ack.Trigger = rcsi.TriggerUnstage
-		n.events.VolumeEvent(ack)
+	if !events || !rec.UnstageAcked {
+		ack, err := n.flush(rec)
+		if errors.Is(err, errNothingToFlush) {
+			// The mount or device is already gone: nothing of it is cached here.
+			ack, err = n.ackEvent(rec, 0), nil
+			ack.NothingFlushed = true
+		}
+		if err != nil {
+			return status.Errorf(codes.Internal, "flushing volume %s: %v", rec.VolumeID, err)
+		}
+		if events { // detach always follows the ack of the last flush
+			ack.Trigger = rcsi.TriggerUnstage
+			if _, err := n.events.VolumeEvent(ctx, ack); err != nil {
+				return err
+			}
+			rec.UnstageAcked = true
+			if err := n.state.save(rec); err != nil {
+				return status.Error(codes.Internal, err.Error())
+			}
+			rcsi.CrashPoint("unstage-after-ack")
+		}
 	}
 	if !rec.Block {
 		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
@@ -364,7 +390,9 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 		}
 	}
 	if events {
-		n.emit(rcsi.EventDetach, rec, rec.Context)
+		if err := n.emit(ctx, rcsi.EventDetach, rec, rec.Context); err != nil {
+			return err
+		}
 	}
 	if err := n.state.remove(rec.VolumeID); err != nil {
 		return status.Errorf(codes.Internal, "removing stage record: %v", err)
@@ -392,7 +420,8 @@ func syncDevice(dev string) error {
 	return f.Sync()
 }
 
-func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
+// emit records a volume event; an error (Unavailable) fails the CSI call.
+func (n *Node) emit(ctx context.Context, kind string, rec *stageRecord, volCtx map[string]string) error {
 	ev := rcsi.VolumeEvent{
 		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx,
 		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly,
@@ -400,7 +429,8 @@ func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
 	if kind == rcsi.EventExpand {
 		ev.SizeBytes = rec.Size
 	}
-	n.events.VolumeEvent(ev)
+	_, err := n.events.VolumeEvent(ctx, ev)
+	return err
 }
 
 // errNotStaged is the error for calls on a volume this node has not staged.

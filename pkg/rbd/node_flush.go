@@ -68,7 +68,11 @@ func (n *Node) FlushVolume(ctx context.Context, volumeID, trigger string, allowe
 		return 0, 0, status.Errorf(codes.Internal, "flushing volume %s: %v", volumeID, err)
 	}
 	ev.Trigger = trigger
-	return n.events.VolumeEvent(ev), ev.FlushMs, nil
+	seq, err := n.events.VolumeEvent(ctx, ev)
+	if err != nil {
+		return 0, 0, err
+	}
+	return seq, ev.FlushMs, nil
 }
 
 // VolumeByPVC finds the staged volume of a PVC.

@@ -183,7 +183,9 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 	klog.InfoS("volume expanded on node", "volumeID", req.GetVolumeId(), "bytes", size, "duration", time.Since(start))
 	if size != rec.Size { // a repeated call that changed nothing emits nothing
 		rec.Size = size
-		n.emit(rcsi.EventExpand, rec, rec.Context)
+		if err := n.emit(ctx, rcsi.EventExpand, rec, rec.Context); err != nil {
+			return nil, err
+		}
 		if err := n.state.save(rec); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}

@@ -18,7 +18,7 @@ import (
 // NodePublishVolume bind-mounts the staged filesystem (or the device, for block
 // volumes) at the pod's target path.
 func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	if _, err := rcsi.VolumeIDArg(req.GetVolumeId(), false); err != nil {
+	if _, _, err := parseHandle(req.GetVolumeId(), false); err != nil {
 		return nil, err
 	}
 	target := req.GetTargetPath()
@@ -86,7 +86,9 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	// Emit before recording: a crash in between repeats the event, never loses it.
 	pub := *rec
 	pub.ReadOnly = readOnly
-	n.emit(rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext()))
+	if err := n.emit(ctx, rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext())); err != nil {
+		return nil, err // kubelet retries; the retry finds the mount and emits
+	}
 	if rec.Targets == nil {
 		rec.Targets = map[string]publication{}
 	}
@@ -122,7 +124,9 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if !published {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
-	n.emit(rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context))
+	if err := n.emit(ctx, rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context)); err != nil {
+		return nil, err
+	}
 	delete(rec.Targets, target)
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())

@@ -28,6 +28,8 @@ type stageRecord struct {
 	BootID string `json:"bootID,omitempty"`
 	// Announced: the attach event was emitted (unstage owes ack and detach).
 	Announced bool `json:"announced,omitempty"`
+	// UnstageAcked: unstage emitted its ack (a retry emits only detach).
+	UnstageAcked bool `json:"unstageAcked,omitempty"`
 	// Staged is false while the volume is being mapped or mounted.
 	Staged bool `json:"staged"`
 	// Targets are the paths the volume is published at.
