@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -124,7 +125,10 @@ func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *
 	exited := make(chan struct{})
 	go func() { d.cmd.Wait(); close(exited) }()
 	for i := 0; ; i++ {
-		if _, err := os.Stat(d.sock); err == nil {
+		// The socket file exists from bind(2) on, a moment before listen(2):
+		// wait until a connection is accepted, not for the file.
+		if c, err := net.Dial("unix", d.sock); err == nil {
+			c.Close()
 			break
 		}
 		select {
