@@ -33,6 +33,31 @@ type Options struct {
 	Metrics Metrics
 	// Curve, if set, adds the authenticated TCP endpoint.
 	Curve *CurveOptions
+
+	// Limits (0: the Default... constants). MaxEndpoints bounds the
+	// endpoints added besides the node's own (and sizes the ZeroMQ
+	// context's socket limit); MaxSubscriptions the subscriptions one
+	// endpoint holds at once; Workers the replays and flushes served at
+	// once, Queue the requests one endpoint may have waiting for them; an
+	// endpoint may start FlushRate flushes a second, in bursts of FlushBurst.
+	MaxEndpoints, MaxSubscriptions, Workers, Queue int
+	FlushRate                                      float64
+	FlushBurst                                     int
+}
+
+func (o *Options) defaults() {
+	for _, d := range []struct {
+		v   *int
+		def int
+	}{{&o.MaxEndpoints, DefaultMaxEndpoints}, {&o.MaxSubscriptions, DefaultMaxSubscriptions},
+		{&o.Workers, DefaultWorkers}, {&o.Queue, DefaultQueue}, {&o.FlushBurst, DefaultFlushBurst}} {
+		if *d.v <= 0 {
+			*d.v = d.def
+		}
+	}
+	if o.FlushRate <= 0 {
+		o.FlushRate = DefaultFlushRate
+	}
 }
 
 // FlushRequest names the volume a control client wants flushed.
@@ -68,9 +93,12 @@ type Bridge struct {
 	synced    atomic.Uint64           // highest fsynced sequence
 	recent    tail                    // recent records, published from memory
 	open      atomic.Pointer[Journal] // the journal, once OpenJournal returned
-	replays   chan struct{}           // replay workers' semaphore
+	pool      *pool                   // replay and flush workers
 	wakePub   chan struct{}           // new synced records to publish
 	endpoints *endpoints
+	// refusedSubs and refusedKeys log refused subscriptions and CURVE
+	// handshakes, rate-limited.
+	refusedSubs, refusedKeys rateLog
 	// CURVE endpoint state (nil without Options.Curve).
 	curveKeys   *keyring
 	curveSecret atomic.Value         // string: the server's Z85 secret key
@@ -79,6 +107,7 @@ type Bridge struct {
 	stop        chan struct{}
 	wg          sync.WaitGroup
 	closeOnce   sync.Once
+	cancelWork  context.CancelFunc // the workers' flushes
 }
 
 // New opens the journal, binds the node-wide endpoints in opts.Dir and starts
@@ -99,7 +128,9 @@ func New(opts Options) (*Bridge, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{}), replays: make(chan struct{}, maxReplays)}
+	opts.defaults()
+	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{})}
+	b.pool = newPool(b)
 	// The journal's group committer tells the publisher directly what became
 	// durable: one hand-off from fsync to publication.
 	b.opts.Journal.OnSynced = b.onSynced
@@ -108,6 +139,9 @@ func New(opts Options) (*Bridge, error) {
 		return nil, fmt.Errorf("zmqbridge: opening journal: %w", err)
 	}
 	zctx, err := zmq.NewContext()
+	if err == nil {
+		err = zctx.SetMaxSockets(b.opts.maxSockets())
+	}
 	if err != nil {
 		j.Close()
 		return nil, err
@@ -119,6 +153,7 @@ func New(opts Options) (*Bridge, error) {
 	if err := b.endpoints.add("", Endpoint{
 		Events:  "ipc://" + filepath.Join(opts.Dir, "events.sock"),
 		Control: "ipc://" + filepath.Join(opts.Dir, "control.sock"),
+		Scope:   Scope{All: true},
 	}); err != nil {
 		b.endpoints.closeAll()
 		zctx.Term()
@@ -135,10 +170,15 @@ func New(opts Options) (*Bridge, error) {
 			return nil, err
 		}
 	}
-	b.wg.Add(3)
+	b.wg.Add(3 + b.opts.Workers)
 	go b.maintainLoop()
 	go b.publishLoop()
 	go b.controlLoop()
+	wctx, cancel := context.WithCancel(context.Background())
+	b.cancelWork = cancel
+	for i := 0; i < b.opts.Workers; i++ {
+		go b.worker(wctx)
+	}
 	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First())
 	return b, nil
 }
@@ -146,7 +186,11 @@ func New(opts Options) (*Bridge, error) {
 // startCurve loads the keys, starts the ZAP handler and binds the TCP endpoint.
 func (b *Bridge) startCurve() error {
 	c := b.opts.Curve
-	secret, _, err := readServerKey(c.ServerKeyFile)
+	server, err := os.ReadFile(c.ServerKeyFile)
+	if err != nil {
+		return fmt.Errorf("zmqbridge: %w", err)
+	}
+	secret, _, err := parseServerKey(c.ServerKeyFile, server)
 	if err != nil {
 		return fmt.Errorf("zmqbridge: %w", err)
 	}
@@ -172,7 +216,7 @@ func (b *Bridge) startCurve() error {
 		return err
 	}
 	b.wg.Add(1)
-	go b.watchCurve()
+	go b.watchCurve(clients, server) // the bytes applied: a change since is a change
 	klog.InfoS("CURVE event endpoint bound", "events", b.curveEndpoint().Events, "control", b.curveEndpoint().Control, "clients", len(keys))
 	return nil
 }
@@ -272,14 +316,11 @@ func (b *Bridge) publishLoop() {
 	published := b.journal.Last() // events before start were published by an earlier run, or are replayable
 	hb := time.NewTicker(b.opts.Heartbeat)
 	defer hb.Stop()
-	// CURVE clients' subscription requests arrive on the XPUB socket, which
-	// only this goroutine may read: look every 10 ms.
-	var subs <-chan time.Time
-	if b.curveKeys != nil {
-		t := time.NewTicker(10 * time.Millisecond)
-		defer t.Stop()
-		subs = t.C
-	}
+	// Subscription requests arrive on the XPUB sockets, which only this
+	// goroutine may read: look every 10 ms.
+	subTicker := time.NewTicker(10 * time.Millisecond)
+	defer subTicker.Stop()
+	subs := subTicker.C
 	b.endpoints.heartbeat(published)
 	for {
 		select {
@@ -290,9 +331,7 @@ func (b *Bridge) publishLoop() {
 			continue
 		case <-subs:
 			for _, ep := range b.endpoints.snapshot() {
-				if ep.keys != nil {
-					b.authorizeSubscriptions(ep)
-				}
+				b.applySubscriptions(ep)
 			}
 			continue
 		case <-b.wakePub:
@@ -345,6 +384,10 @@ func (b *Bridge) Close() error {
 	var err error
 	b.closeOnce.Do(func() {
 		close(b.stop)
+		b.pool.stop()
+		if b.cancelWork != nil {
+			b.cancelWork()
+		}
 		b.wg.Wait()
 		b.endpoints.closeAll()
 		b.zctx.Term()

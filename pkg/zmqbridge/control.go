@@ -13,10 +13,10 @@ import (
 )
 
 // maxRequestBytes bounds a control request; larger ones get an error reply.
-// ZeroMQ drops peers that send more than maxMessageBytes in one message.
+// ZeroMQ drops peers that send more than maxMessageBytes in one frame.
 const (
 	maxRequestBytes = 64 << 10
-	maxMessageBytes = 1 << 20
+	maxMessageBytes = 128 << 10
 )
 
 // MaxReplay is the most events one replay answer carries.
@@ -92,13 +92,14 @@ func marshal(v any) []byte {
 	return b
 }
 
-// controlLoop owns the control sockets and the inproc socket on which flush
+// controlLoop owns the control sockets and the inproc socket on which
 // workers hand back their replies.
 func (b *Bridge) controlLoop() {
 	defer b.wg.Done()
 	replies, err := b.zctx.NewSocket(zmq.PULL)
 	if err == nil {
 		replies.SetLinger(0)
+		replies.SetRcvhwm(10000)
 		err = replies.Bind("inproc://flush-replies")
 	}
 	if err != nil {
@@ -118,10 +119,13 @@ func (b *Bridge) controlLoop() {
 		eps := b.endpoints.snapshot()
 		poller := zmq.NewPoller()
 		poller.Add(replies, zmq.POLLIN)
+		now := time.Now()
 		for _, ep := range eps {
-			poller.Add(ep.ctl, zmq.POLLIN)
+			if now.After(ep.in.until) { // else mid-message and nothing came: wait a little
+				poller.Add(ep.ctl, zmq.POLLIN)
+			}
 		}
-		ready, err := poller.Poll(50 * time.Millisecond)
+		ready, err := poller.Poll(20 * time.Millisecond)
 		if err != nil {
 			if zmq.AsErrno(err) == zmq.ETERM {
 				return
@@ -130,23 +134,35 @@ func (b *Bridge) controlLoop() {
 		}
 		for _, p := range ready {
 			if p.Socket == replies {
-				b.forwardReply(replies, eps)
+				for i := 0; i < 1000 && b.forwardReply(replies, eps); i++ {
+				}
 				continue
 			}
 			for _, ep := range eps {
 				if ep.ctl == p.Socket {
-					b.serve(ep)
+					for i := 0; i < 64 && b.serve(ep); i++ { // bounded: other endpoints wait for this round
+					}
 				}
 			}
 		}
 	}
 }
 
-// serve answers one message on an endpoint's ROUTER socket.
-func (b *Bridge) serve(ep *endpoint) {
-	frames, v, err := b.receive(ep)
-	if err != nil || len(frames) == 0 {
-		return
+// serve answers or queues one message on an endpoint's ROUTER socket; false
+// when there was no whole message to read.
+func (b *Bridge) serve(ep *endpoint) bool {
+	if !ep.in.readMessage(ep.ctl, ep.keys != nil) {
+		return false
+	}
+	frames, user := ep.in.take()
+	var v viewer = ep
+	if ep.keys != nil {
+		// The User-Id (the client's key, set by our ZAP handler) is on the
+		// frames the peer sent, not on the routing-id frame ROUTER prepends.
+		v = nil
+		if c := ep.keys.lookup(user); c != nil {
+			v = c
+		}
 	}
 	// ROUTER frames: identity, then REQ's empty delimiter (DEALERs may omit it), then the request.
 	envelope, body := frames[:1], frames[1:]
@@ -160,66 +176,27 @@ func (b *Bridge) serve(ep *endpoint) {
 	}
 	if len(body) != 1 {
 		reply(errorReply{Error: fmt.Sprintf("expected one JSON frame, got %d", len(body))})
-		return
+		return true
 	}
 	req, err := ParseRequest(body[0])
 	if err != nil {
 		reply(errorReply{Error: err.Error()})
-		return
+		return true
 	}
 	if v == nil {
 		reply(errorReply{Error: "not authorized"})
-		return
+		return true
 	}
-	switch req.Op {
-	case "replay":
-		// Off the control loop: a scoped replay may scan much of the journal,
-		// and other endpoints must not wait for it. At most maxReplays at once.
-		go func() {
-			b.replays <- struct{}{}
-			defer func() { <-b.replays }()
-			b.replyFlush(ep, envelope, b.replay(req, v))
-			if m := b.opts.Metrics; m != nil {
-				m.ReplayServed()
-			}
-		}()
-	case "flush":
-		if b.opts.Flusher == nil {
-			reply(errorReply{Error: "flush is not available on this node"})
-			return
-		}
-		go b.flush(req, ep, v, envelope)
+	if req.Op == "flush" && b.opts.Flusher == nil {
+		reply(errorReply{Error: "flush is not available on this node"})
+		return true
 	}
-}
-
-// receive reads one control message and says who may do what with it: the
-// endpoint's scope, or for the CURVE endpoint the client key's namespaces.
-func (b *Bridge) receive(ep *endpoint) ([][]byte, viewer, error) {
-	if ep.keys == nil {
-		frames, err := ep.ctl.RecvMessageBytes(zmq.DONTWAIT)
-		return frames, ep, err
+	// A worker answers: a scoped replay may scan much of the journal and a
+	// flush may take seconds, and other endpoints must not wait for them.
+	if !b.pool.submit(ep, envelope, req, v) {
+		reply(errorReply{Error: errBusy})
 	}
-	// The User-Id (the client's key, set by our ZAP handler) is on the frames
-	// the peer sent, not on the routing-id frame ROUTER prepends.
-	var frames [][]byte
-	user := ""
-	for flags := zmq.DONTWAIT; ; flags = 0 {
-		f, meta, err := ep.ctl.RecvBytesWithMetadata(flags, "User-Id")
-		if err != nil {
-			return nil, nil, err
-		}
-		frames = append(frames, f)
-		if u := meta["User-Id"]; u != "" {
-			user = u
-		}
-		if more, err := ep.ctl.GetRcvmore(); err != nil || !more {
-			break
-		}
-	}
-	if c := ep.keys.lookup(user); c != nil {
-		return frames, c, nil
-	}
-	return frames, nil, nil
+	return true
 }
 
 func (b *Bridge) replay(req Request, v viewer) any {
@@ -254,52 +231,33 @@ func (b *Bridge) replay(req Request, v viewer) any {
 	return out
 }
 
-// flush runs on its own goroutine (a flush may take seconds) and hands the
-// reply to the control loop through an inproc socket of its own.
-func (b *Bridge) flush(req Request, ep *endpoint, v viewer, envelope [][]byte) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+// flush asks the Flusher (on a worker) and returns the reply.
+func (b *Bridge) flush(ctx context.Context, req Request, v viewer) any {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	var reply any
 	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace,
 		Allowed: v.mayFlush})
 	if err != nil {
-		reply = errorReply{Error: err.Error()}
-	} else {
-		reply = flushReply{Seq: seq, FlushMs: ms}
+		return errorReply{Error: err.Error()}
 	}
-	b.replyFlush(ep, envelope, reply)
+	return flushReply{Seq: seq, FlushMs: ms}
 }
 
-// maxReplays bounds concurrent replay scans.
-const maxReplays = 4
-
-// replyFlush hands a worker's reply (flush or replay) to the control loop
-// through an inproc socket of the worker's own.
-func (b *Bridge) replyFlush(ep *endpoint, envelope [][]byte, reply any) {
-	push, err := b.zctx.NewSocket(zmq.PUSH)
-	if err != nil {
-		return
-	}
-	defer push.Close()
-	push.SetLinger(100 * time.Millisecond)
-	if err := push.Connect("inproc://flush-replies"); err != nil {
-		return
-	}
-	msg := [][]byte{[]byte(ep.Control)}
-	msg = append(append(msg, envelope...), marshal(reply))
-	push.SendMessageDontwait(msg) // never block: the control loop may be gone (Close)
-}
-
-// forwardReply sends a flush worker's reply out of the endpoint it came in on.
-func (b *Bridge) forwardReply(replies *zmq.Socket, eps []*endpoint) {
+// forwardReply sends a worker's reply out of the endpoint it came in on;
+// false when there was none.
+func (b *Bridge) forwardReply(replies *zmq.Socket, eps []*endpoint) bool {
 	frames, err := replies.RecvMessageBytes(zmq.DONTWAIT)
-	if err != nil || len(frames) < 2 {
-		return
+	if err != nil {
+		return false
+	}
+	if len(frames) < 2 {
+		return true
 	}
 	for _, ep := range eps {
 		if ep.Control == string(frames[0]) {
 			ep.ctl.SendMessageDontwait(frames[1:])
-			return
+			break
 		}
 	}
+	return true
 }
