@@ -46,7 +46,7 @@ type client struct {
 }
 
 func (c *client) allowed(ns string) bool { return c.all || (ns != "" && c.ns[ns]) }
-func (c *client) sees(r Record) bool     { return c.allowed(TopicNamespace(r.Topic)) }
+func (c *client) sees(r Record) bool     { return c.allowed(recordNamespace(r)) }
 func (c *client) mayFlush(ns, _ string) bool {
 	return c.allowed(ns)
 }

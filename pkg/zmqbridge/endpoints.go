@@ -91,7 +91,7 @@ func (ep *endpoint) check(r Record) (bool, *podEvent) {
 	if sc.All {
 		return true, nil
 	}
-	if sc.Namespace == "" || TopicNamespace(r.Topic) != sc.Namespace {
+	if sc.Namespace == "" || recordNamespace(r) != sc.Namespace {
 		return false, nil
 	}
 	if sc.PodUID == "" {
@@ -107,6 +107,22 @@ func (ep *endpoint) check(r Record) (bool, *podEvent) {
 	ep.mu.Lock()
 	defer ep.mu.Unlock()
 	return ep.volumes[ev.VolumeID], nil
+}
+
+// recordNamespace is the namespace of a record's volume: its topic's, or for
+// a volume without PVC the event's namespace field (learned from the pod
+// that published it).
+func recordNamespace(r Record) string {
+	if ns := TopicNamespace(r.Topic); ns != "" {
+		return ns
+	}
+	var ev struct {
+		Namespace string `json:"namespace"`
+	}
+	if json.Unmarshal(r.Data, &ev) != nil {
+		return ""
+	}
+	return ev.Namespace
 }
 
 // observe is sees for the live stream (publish goroutine, in sequence
