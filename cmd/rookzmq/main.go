@@ -163,8 +163,8 @@ func serve(args []string) error {
 		sink.Seed() // before the bridge serves flushes
 		bridge, err := zmqbridge.New(zmqbridge.Options{
 			MaxEndpoints: f.eventsMaxEndpoints,
-			Curve: curve,
-			Dir:   f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
+			Curve:        curve,
+			Dir:          f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
 			Heartbeat: f.eventsHeartbeat, Flusher: sink, Metrics: metrics,
 			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge},
 		})
