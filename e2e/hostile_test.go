@@ -372,6 +372,15 @@ func TestHostilePod(t *testing.T) {
 	if busy.Load() == 0 {
 		t.Errorf("no replay was refused busy: the queue is not bounded")
 	}
+	acks := 0
+	for _, ev := range nodeRec.snapshot() {
+		if ev.Kind == "ack" && ev.VolumeID == mine.id {
+			acks++
+		}
+	}
+	if acks > 1 {
+		t.Errorf("%d flushes of an idle volume journaled %d acks, want at most 1", flushes.Load()/2, acks)
+	}
 
 	// A 1 GiB multipart message, streamed raw. libzmq 4.3 holds an
 	// unfinished multipart message whole before the bridge can see any of it,
