@@ -140,11 +140,17 @@ func TestSubscriptionsCapped(t *testing.T) {
 	defer b.Close()
 	podEvents, _ := addPodEndpoint(t, b, "pod", Scope{Namespace: "a"})
 	zctx := newContext(t)
-	sub := rawSocket(t, zctx, zmq.SUB, podEvents)
+	sub, _ := zctx.NewSocket(zmq.SUB)
+	sub.SetLinger(0)
+	sub.SetSndhwm(0) // unlimited: every one of the 10,000 reaches the bridge
+	if err := sub.Connect(podEvents); err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
 	for i := 0; i < 10000; i++ {
 		sub.SetSubscribe(fmt.Sprintf("attach/a/p%05d", i))
 	}
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(time.Second)
 	for _, pvc := range []string{"p00010", "p09000"} {
 		if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: pvc, PVC: pvc, Namespace: "a"}); err != nil {
 			t.Fatal(err)
