@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -193,7 +192,6 @@ type blockingFlusher struct {
 	b       *Bridge
 	calls   atomic.Int32
 	release chan struct{}
-	mu      sync.Mutex
 	started chan string
 }
 
