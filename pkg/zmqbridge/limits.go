@@ -55,7 +55,6 @@ func (b *Bridge) applySubscriptions(ep *endpoint) {
 		}
 		subscribe, topic := msg[0] == 1, string(msg[1:])
 		fromPeer := meta["Socket-Type"] != ""
-		klog.V(5).InfoS("subscription message", "endpoint", ep.Events, "subscribe", subscribe, "topic", topic, "fromPeer", fromPeer, "count", ep.nsub)
 		topics := []string{topic}
 		if ep.keys != nil && fromPeer {
 			c := ep.keys.lookup(meta["User-Id"])
