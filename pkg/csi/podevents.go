@@ -170,7 +170,7 @@ func (p *PodEvents) bind(key string, r podEndpoint) error {
 	}
 	return p.Bridge.AddEndpoint(key, zmqbridge.Endpoint{
 		Events: "ipc://" + filepath.Join(dir, "events.sock"), Control: "ipc://" + filepath.Join(dir, "control.sock"),
-		Mode: 0o666, Scope: scope, SendHWM: 1000,
+		Mode: 0o666, Scope: scope, SendHWM: 1000, Guard: true,
 	})
 }
 

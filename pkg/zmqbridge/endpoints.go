@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -27,6 +28,9 @@ type Endpoint struct {
 	// SendHWM is each subscriber's queue in messages (0: 100,000); a
 	// subscriber further behind loses live events and recovers them by replay.
 	SendHWM int
+	// Guard (ipc only) serves the endpoint through a relay that checks what
+	// clients send and bounds their connections (see guard.go).
+	Guard bool
 }
 
 // Scope is what one endpoint may see. The zero Scope sees nothing.
@@ -50,6 +54,8 @@ type endpoint struct {
 	pub, ctl *zmq.Socket
 	// keys, on the CURVE endpoint, say what each client key may see.
 	keys *keyring
+	// guards relay a guarded endpoint's sockets.
+	guards []*guard
 	// Set (under endpoints.mu) once the owning goroutine closed the socket.
 	pubClosed, ctlClosed bool
 	// subs counts the subscriptions applied on pub (publish goroutine).
@@ -265,12 +271,43 @@ func (es *endpoints) add(key string, e Endpoint) error {
 			go mon.finish()
 		}
 	}()
-	if ep.pub, err = es.socket(zmq.XPUB, e.Events, mode, hwm, watch); err != nil {
+	evAddr, ctlAddr, zmode := e.Events, e.Control, mode
+	if e.Guard {
+		if err := os.MkdirAll(filepath.Join(es.b.opts.Dir, "i"), 0o700); err != nil {
+			return err
+		}
+		evAddr, ctlAddr, zmode = "ipc://"+es.b.internalPath(e.Events), "ipc://"+es.b.internalPath(e.Control), 0o600
+	}
+	if ep.pub, err = es.socket(zmq.XPUB, evAddr, zmode, hwm, watch); err != nil {
 		return err // socket() closed it
 	}
-	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode, 0, nil); err != nil {
+	if ep.ctl, err = es.socket(zmq.ROUTER, ctlAddr, zmode, 0, nil); err != nil {
 		ep.pub.Close()
 		return err
+	}
+	if e.Guard {
+		for _, g := range []struct {
+			addr, inner string
+			frame       uint64
+			frames      int
+		}{{e.Events, evAddr, maxSubscriptionBytes, wireFramesEvents}, {e.Control, ctlAddr, maxMessageBytes, wireFramesControl}} {
+			path, ok := strings.CutPrefix(g.addr, "ipc://")
+			var gd *guard
+			if ok {
+				gd, err = startGuard(path, strings.TrimPrefix(g.inner, "ipc://"), mode, g.frame, g.frames)
+			} else {
+				err = errors.New("a guarded endpoint must be ipc")
+			}
+			if err != nil {
+				for _, gd := range ep.guards {
+					gd.close()
+				}
+				ep.pub.Close()
+				ep.ctl.Close()
+				return fmt.Errorf("zmqbridge: binding %s: %w", g.addr, err)
+			}
+			ep.guards = append(ep.guards, gd)
+		}
 	}
 	es.mu.Lock()
 	defer es.mu.Unlock()
@@ -408,6 +445,9 @@ func (es *endpoints) remove(key string) {
 		return
 	}
 	es.b.pool.drop(ep)
+	for _, g := range ep.guards {
+		g.close()
+	}
 	done := make(chan struct{}, 2)
 	closer := func(s *zmq.Socket, closed *bool) func() {
 		return func() {
@@ -448,6 +488,9 @@ func (es *endpoints) remove(key string) {
 	for _, a := range []string{ep.Events, ep.Control} {
 		if p, ok := strings.CutPrefix(a, "ipc://"); ok {
 			os.Remove(p)
+			if ep.Guard {
+				os.Remove(es.b.internalPath(a))
+			}
 		}
 	}
 }
@@ -458,6 +501,9 @@ func (es *endpoints) closeAll() {
 	es.mu.Lock()
 	defer es.mu.Unlock()
 	for k, ep := range es.byKey {
+		for _, g := range ep.guards {
+			g.close()
+		}
 		ep.pub.Close()
 		ep.ctl.Close()
 		delete(es.byKey, k)

@@ -2,7 +2,10 @@ package zmqbridge
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
+	"io"
+	"net"
 	"errors"
 	"fmt"
 	"os"
@@ -416,4 +419,113 @@ func TestSocketModeByUmask(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A guarded endpoint: a raw ZMTP client streaming one endless multipart
+// message of 1 GiB is cut at its third frame, so the process does not grow;
+// REQ and SUB clients work through the relay; at most MaxConnections
+// connections are held at once.
+func TestGuardedEndpoint(t *testing.T) {
+	dir := t.TempDir()
+	b := newBridge(t, dir)
+	defer b.Close()
+	pod := filepath.Join(t.TempDir(), "pod")
+	os.MkdirAll(pod, 0o755)
+	events, control := "ipc://"+pod+"/events.sock", "ipc://"+pod+"/control.sock"
+	if err := b.AddEndpoint("pod", Endpoint{Events: events, Control: control, Scope: Scope{All: true}, Mode: 0o666, Guard: true}); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(pod + "/control.sock"); err != nil || fi.Mode().Perm() != 0o666 {
+		t.Fatalf("guarded control.sock: %v %v", fi.Mode(), err)
+	}
+	before := rss(t)
+	err := streamEndlessMessage(pod+"/control.sock", 1<<30)
+	grown := rss(t) - before
+	t.Logf("a raw 1 GiB multipart message: %v; RSS growth %d MiB", err, grown>>20)
+	if err == nil || grown > 64<<20 {
+		t.Errorf("a 1 GiB multipart message through the guard: %v, RSS +%d MiB; want the connection cut early", err, grown>>20)
+	}
+	c, _ := Dial(events, control)
+	defer c.Close()
+	c.Timeout = 5 * time.Second
+	var got collector
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- c.Subscribe(ctx, nil, 0, got.handle) }()
+	time.Sleep(300 * time.Millisecond)
+	if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "an event through the relay", func() bool { return got.count() == 1 })
+	cancel()
+	<-errc
+	var conns []net.Conn
+	for i := 0; i < MaxConnections+10; i++ {
+		cn, err := net.Dial("unix", pod+"/events.sock")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cn.Close()
+		conns = append(conns, cn)
+	}
+	time.Sleep(300 * time.Millisecond)
+	cut := 0
+	for _, cn := range conns {
+		cn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if _, err := cn.Read(make([]byte, 1)); errors.Is(err, io.EOF) {
+			cut++
+		}
+	}
+	if cut < 10 {
+		t.Errorf("%d of %d connections refused, want at least 10 past %d", cut, len(conns), MaxConnections)
+	}
+}
+
+// rss is the process's resident set in bytes.
+func rss(t *testing.T) int64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size, res int64
+	fmt.Sscan(string(b), &size, &res)
+	return res * int64(os.Getpagesize())
+}
+
+// streamEndlessMessage connects to a unix socket as a DEALER speaking ZMTP
+// 3.0 itself and sends one multipart message of total bytes that never ends
+// (every frame has MORE set), from one reused buffer.
+func streamEndlessMessage(path string, total int) error {
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	greeting := make([]byte, 64)
+	greeting[0], greeting[9], greeting[10] = 0xff, 0x7f, 3
+	copy(greeting[12:], "NULL")
+	if _, err := c.Write(greeting); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(c, make([]byte, 64)); err != nil {
+		return err
+	}
+	ready := append([]byte{5}, "READY"...)
+	ready = append(append(ready, 11), "Socket-Type"...)
+	ready = append(binary.BigEndian.AppendUint32(ready, 6), "DEALER"...)
+	if _, err := c.Write(append([]byte{0x04, byte(len(ready))}, ready...)); err != nil {
+		return err
+	}
+	go io.Copy(io.Discard, c)
+	frame := make([]byte, 64<<10)
+	head := binary.BigEndian.AppendUint64([]byte{0x03}, uint64(len(frame))) // MORE | LONG
+	for sent := 0; sent < total; sent += len(frame) {
+		if _, err := c.Write(head); err != nil {
+			return err
+		}
+		if _, err := c.Write(frame); err != nil {
+			return err
+		}
+	}
+	return nil
 }
