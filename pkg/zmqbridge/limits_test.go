@@ -445,6 +445,15 @@ func TestGuardedEndpoint(t *testing.T) {
 	if err == nil || grown > 64<<20 {
 		t.Errorf("a 1 GiB multipart message through the guard: %v, RSS +%d MiB; want the connection cut early", err, grown>>20)
 	}
+	// Frames over the size limits, each a message of its own.
+	for _, tc := range []struct {
+		sock string
+		size int
+	}{{"/control.sock", maxMessageBytes + 1}, {"/events.sock", maxSubscriptionBytes + 1}} {
+		if err := streamFrames(pod+tc.sock, tc.size, 0, 64<<20); err == nil {
+			t.Errorf("64 MiB of %d-byte frames to %s went through", tc.size, tc.sock)
+		}
+	}
 	c, _ := Dial(events, control)
 	defer c.Close()
 	c.Timeout = 5 * time.Second
@@ -496,6 +505,12 @@ func rss(t *testing.T) int64 {
 // 3.0 itself and sends one multipart message of total bytes that never ends
 // (every frame has MORE set), from one reused buffer.
 func streamEndlessMessage(path string, total int) error {
+	return streamFrames(path, 64<<10, 0x01, total)
+}
+
+// streamFrames is streamEndlessMessage with frames of size bytes and flags
+// (0x01: MORE), until total bytes are sent or the connection is cut.
+func streamFrames(path string, size int, flags byte, total int) error {
 	c, err := net.Dial("unix", path)
 	if err != nil {
 		return err
@@ -517,8 +532,8 @@ func streamEndlessMessage(path string, total int) error {
 		return err
 	}
 	go io.Copy(io.Discard, c)
-	frame := make([]byte, 64<<10)
-	head := binary.BigEndian.AppendUint64([]byte{0x03}, uint64(len(frame))) // MORE | LONG
+	frame := make([]byte, size)
+	head := binary.BigEndian.AppendUint64([]byte{flags | 0x02}, uint64(len(frame))) // LONG
 	for sent := 0; sent < total; sent += len(frame) {
 		if _, err := c.Write(head); err != nil {
 			return err
