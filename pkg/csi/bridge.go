@@ -2,8 +2,6 @@ package csi
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"sync"
 	"time"
 
@@ -82,11 +80,12 @@ func (s *BridgeSink) Seed() {
 	}
 }
 
-// VolumeEvent journals and publishes ev; it returns once ev is durable. A
-// request-triggered ack when nothing reached the device since the volume's
-// previous one adds no record: the previous ack's sequence is returned.
-func (s *BridgeSink) VolumeEvent(ev VolumeEvent) uint64 {
-	s.observe(ev)
+// VolumeEvent journals and publishes ev; it returns once ev is durable. If
+// the journal cannot record it, the error is Unavailable: the CSI call fails
+// and kubelet retries it. A request-triggered ack when nothing reached the
+// device since the volume's previous one adds no record: the previous ack's
+// sequence is returned.
+func (s *BridgeSink) VolumeEvent(ctx context.Context, ev VolumeEvent) (uint64, error) {
 	out, iv := s.index(ev)
 	if iv != nil && ev.Kind == EventAck && ev.Trigger == TriggerRequest && ev.DeviceWrites != 0 {
 		s.mu.Lock()
@@ -95,19 +94,23 @@ func (s *BridgeSink) VolumeEvent(ev VolumeEvent) uint64 {
 		s.mu.Unlock()
 		if same {
 			klog.V(4).InfoS("flush wrote nothing since the last ack: no new ack", "volumeID", ev.VolumeID, "ackSeq", seq)
-			return seq
+			s.observe(ev)
+			return seq, nil
 		}
 	}
-	seq, err := s.Bridge.Emit(out)
+	seq, err := s.Bridge.Emit(ctx, out)
 	if err != nil {
-		klog.ErrorS(err, "event lost: the journal refused it", "kind", ev.Kind, "volumeID", ev.VolumeID)
+		klog.ErrorS(err, "the event journal cannot record an event: failing the call so that it is retried",
+			"kind", ev.Kind, "volumeID", ev.VolumeID)
+		return 0, status.Errorf(codes.Unavailable, "the node's event journal cannot record the %s event: %v", ev.Kind, err)
 	}
 	if iv != nil && ev.Kind == EventAck && seq != 0 {
 		s.mu.Lock()
 		iv.ackSeq, iv.ackWrites = seq, ev.DeviceWrites
 		s.mu.Unlock()
 	}
-	return seq
+	s.observe(ev)
+	return seq, nil
 }
 
 // index updates the index with ev and converts it, the namespace filled
@@ -139,11 +142,12 @@ func (s *BridgeSink) index(ev VolumeEvent) (zmqbridge.Event, *indexedVolume) {
 // Flush flushes the named volume, if the asker may, and emits its ack. The
 // asker is authorised from the in-memory index first: a volume it may not
 // flush is answered exactly like a missing one, without its lock or record.
+// Its errors carry the protocol's codes (zmqbridge.Error).
 func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
 	id := req.VolumeID
-	notHere := fmt.Errorf("volume %s is not staged on this node", id)
+	notHere := zmqbridge.Errorf(zmqbridge.CodeNotFound, "volume %s is not staged on this node", id)
 	if id == "" {
-		notHere = fmt.Errorf("no volume of PVC %s/%s is staged on this node", req.Namespace, req.PVC)
+		notHere = zmqbridge.Errorf(zmqbridge.CodeNotFound, "no volume of PVC %s/%s is staged on this node", req.Namespace, req.PVC)
 	}
 	s.mu.Lock()
 	var iv *indexedVolume
@@ -168,12 +172,19 @@ func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uin
 	// Checked again under the volume's lock, with the namespace indexed.
 	allowed := func(_, vid string) bool { return req.Allowed == nil || req.Allowed(ns, vid) }
 	seq, ms, err := s.Volumes.FlushVolume(ctx, id, TriggerRequest, allowed)
-	if status.Code(err) == codes.NotFound {
-		return 0, 0, notHere // the same words whether absent or out of scope
-	} else if err != nil {
-		return 0, 0, errors.New(status.Convert(err).Message())
+	if err == nil {
+		return seq, ms, nil
 	}
-	return seq, ms, nil
+	code := zmqbridge.CodeInternal
+	switch status.Code(err) {
+	case codes.NotFound:
+		return 0, 0, notHere // the same words whether absent or out of scope
+	case codes.Aborted:
+		code = zmqbridge.CodeAborted
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		code = zmqbridge.CodeUnavailable
+	}
+	return 0, 0, zmqbridge.Errorf(code, "%s", status.Convert(err).Message())
 }
 
 func (s *BridgeSink) observe(ev VolumeEvent) {
@@ -194,8 +205,8 @@ func (s *BridgeSink) convert(ev VolumeEvent) zmqbridge.Event {
 		out.Pod, out.PodNamespace, out.PodUID = vc[KeyPodName], vc[KeyPodNamespace], vc[KeyPodUID]
 	}
 	if ev.Kind == EventAck {
-		ms := ev.FlushMs
-		out.FlushMs, out.Trigger = &ms, ev.Trigger
+		ms, flushed := ev.FlushMs, !ev.NothingFlushed
+		out.FlushMs, out.Trigger, out.Flushed = &ms, ev.Trigger, &flushed
 	}
 	return out
 }

@@ -39,8 +39,9 @@ func (f *fakeVolumes) FlushVolume(ctx context.Context, id, trigger string, allow
 			if !allowed(ns, id) {
 				break
 			}
-			return f.sink.VolumeEvent(VolumeEvent{Kind: EventAck, VolumeID: id, Trigger: trigger, DeviceWrites: f.writes,
-				VolumeContext: map[string]string{KeyPVCName: v.PVC, KeyPVCNamespace: v.Namespace}}), 1, nil
+			seq, err := f.sink.VolumeEvent(ctx, VolumeEvent{Kind: EventAck, VolumeID: id, Trigger: trigger, DeviceWrites: f.writes,
+				VolumeContext: map[string]string{KeyPVCName: v.PVC, KeyPVCNamespace: v.Namespace}})
+			return seq, 1, err
 		}
 	}
 	return 0, 0, status.Error(codes.NotFound, "volume "+id+" is not staged")
@@ -99,9 +100,13 @@ func TestFlushAuthorisedBeforeLookup(t *testing.T) {
 // pod that published it, so a namespace-scoped endpoint sees and flushes it.
 func TestNamespaceLearnedFromPod(t *testing.T) {
 	sink, _ := newSink(t, nil)
-	sink.VolumeEvent(VolumeEvent{Kind: EventAttach, VolumeID: "v"})
-	sink.VolumeEvent(VolumeEvent{Kind: EventPublish, VolumeID: "v", VolumeContext: map[string]string{KeyPodNamespace: "team-a", KeyPodUID: "u", KeyPodName: "p"}})
-	seq := sink.VolumeEvent(VolumeEvent{Kind: EventAck, VolumeID: "v", Trigger: TriggerInterval})
+	ctx := context.Background()
+	sink.VolumeEvent(ctx, VolumeEvent{Kind: EventAttach, VolumeID: "v"})
+	sink.VolumeEvent(ctx, VolumeEvent{Kind: EventPublish, VolumeID: "v", VolumeContext: map[string]string{KeyPodNamespace: "team-a", KeyPodUID: "u", KeyPodName: "p"}})
+	seq, err := sink.VolumeEvent(ctx, VolumeEvent{Kind: EventAck, VolumeID: "v", Trigger: TriggerInterval})
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := filepath.Join(t.TempDir())
 	if err := sink.Bridge.AddEndpoint("a", zmqbridge.Endpoint{Events: "ipc://" + dir + "/e", Control: "ipc://" + dir + "/c",
 		Scope: zmqbridge.Scope{Namespace: "team-a"}}); err != nil {

@@ -154,7 +154,7 @@ func TestSubscriptionsCapped(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	for _, pvc := range []string{"p00010", "p09000"} {
-		if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: pvc, PVC: pvc, Namespace: "a"}); err != nil {
+		if _, err := b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: pvc, PVC: pvc, Namespace: "a"}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -167,7 +167,7 @@ func TestSubscriptionsCapped(t *testing.T) {
 	sub2 := rawSocket(t, zctx, zmq.SUB, podEvents)
 	sub2.SetSubscribe("attach/")
 	time.Sleep(500 * time.Millisecond)
-	if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: "v", PVC: "p09001", Namespace: "a"}); err != nil {
+	if _, err := b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: "v", PVC: "p09001", Namespace: "a"}); err != nil {
 		t.Fatal(err)
 	}
 	if got := recvTopics(sub2, time.Second); len(got) != 1 {
@@ -210,7 +210,7 @@ func (f *blockingFlusher) Flush(ctx context.Context, req FlushRequest) (uint64, 
 		return 0, 0, ctx.Err()
 	}
 	ms := 1.0
-	seq, err := f.b.Emit(Event{Kind: KindAck, VolumeID: req.VolumeID, FlushMs: &ms, Trigger: TriggerRequest})
+	seq, err := f.b.Emit(context.Background(), Event{Kind: KindAck, VolumeID: req.VolumeID, FlushMs: &ms, Trigger: TriggerRequest})
 	return seq, ms, err
 }
 
@@ -249,7 +249,7 @@ func TestWorkerPoolBusyAndFair(t *testing.T) {
 		if err != nil {
 			break
 		}
-		if strings.Contains(r[len(r)-1], `"error":"busy"`) {
+		if strings.Contains(r[len(r)-1], `"code":"busy"`) {
 			busy++
 		} else {
 			answered++
@@ -368,7 +368,7 @@ func TestScopes(t *testing.T) {
 		{Kind: KindPublish, VolumeID: "v1", PVC: "p", Namespace: "a", PodUID: "u2"},
 		{Kind: KindAck, VolumeID: "v1", PVC: "p", Namespace: "a"},
 	} {
-		if _, err := b.Emit(ev); err != nil {
+		if _, err := b.Emit(context.Background(), ev); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -462,7 +462,7 @@ func TestGuardedEndpoint(t *testing.T) {
 	errc := make(chan error, 1)
 	go func() { errc <- c.Subscribe(ctx, nil, 0, got.handle) }()
 	time.Sleep(300 * time.Millisecond)
-	if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: "v"}); err != nil {
+	if _, err := b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: "v"}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "an event through the relay", func() bool { return got.count() == 1 })

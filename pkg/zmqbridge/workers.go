@@ -1,18 +1,14 @@
 package zmqbridge
 
 import (
-	"context"
 	"slices"
 	"sync"
 	"time"
-
-	zmq "github.com/pebbe/zmq4"
-	"k8s.io/klog/v2"
 )
 
-// errBusy is the error reply to a request that finds its endpoint's queue
-// full, or comes faster than the endpoint's flush rate: retry later.
-const errBusy = "busy"
+// busyMessage goes with CodeBusy: the request found its endpoint's queue
+// full, or came faster than the endpoint's flush rate.
+const busyMessage = "busy: this endpoint has too many requests waiting or flushes too fast; retry later"
 
 // job is one control request waiting for, or run by, a worker.
 type job struct {
@@ -159,24 +155,10 @@ func (p *pool) stop() {
 	p.cond.Broadcast()
 }
 
-// worker answers jobs until the bridge stops. It owns a PUSH socket on which
-// it hands replies to the control goroutine.
-func (b *Bridge) worker(ctx context.Context) {
-	defer b.wg.Done()
-	push, err := b.zctx.NewSocket(zmq.PUSH)
-	if err == nil {
-		push.SetLinger(0)
-		push.SetSndhwm(10000)
-		err = push.Connect("inproc://flush-replies")
-	}
-	if err != nil {
-		klog.ErrorS(err, "event bridge worker cannot start")
-		if push != nil {
-			push.Close()
-		}
-		return
-	}
-	defer push.Close()
+// worker answers jobs until the bridge stops; flushes in progress end when
+// Close cancels b.ctx.
+func (b *Bridge) worker() {
+	defer b.workers.Done()
 	for {
 		j := b.pool.next()
 		if j == nil {
@@ -190,14 +172,9 @@ func (b *Bridge) worker(ctx context.Context) {
 				m.ReplayServed()
 			}
 		case "flush":
-			reply = b.flush(ctx, j.req, j.v)
+			reply = b.flush(j.req, j.v)
 		}
-		data := marshal(reply)
-		for _, env := range j.envelopes {
-			msg := make([][]byte, 0, len(env)+2)
-			msg = append(append(append(msg, []byte(j.ep.Control)), env...), data)
-			push.SendMessageDontwait(msg) // never block: the control loop may be gone (Close)
-		}
+		b.replyFlush(j.ep, j.envelopes, reply)
 		b.pool.finished(j)
 	}
 }
