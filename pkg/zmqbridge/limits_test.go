@@ -544,3 +544,29 @@ func streamFrames(path string, size int, flags byte, total int) error {
 	}
 	return nil
 }
+
+// Client retries a request answered with code busy (with backoff, within its
+// Timeout) instead of returning the busy reply as an error.
+func TestClientRetriesBusy(t *testing.T) {
+	b, f, _ := newBlockingBridge(t)
+	_, ctl := addPodEndpoint(t, b, "pod", Scope{All: true})
+	zctx := newContext(t)
+	d := rawSocket(t, zctx, zmq.DEALER, ctl)
+	d.SetRcvtimeo(5 * time.Second)
+	// Spend the endpoint's flush burst until one is refused busy.
+	refused := false
+	for i := 0; i < 4*DefaultFlushBurst && !refused; i++ {
+		r, err := dealerCall(t, d, fmt.Sprintf(`{"op":"flush","volume_id":"b%d"}`, i), 50*time.Millisecond)
+		refused = err == nil && strings.Contains(r, `"code":"busy"`)
+	}
+	if !refused {
+		t.Fatal("no flush refused busy: cannot test the client's retry")
+	}
+	go func() { time.Sleep(time.Second); close(f.release) }()
+	c, _ := Dial("ipc://unused", ctl)
+	defer c.Close()
+	c.Timeout = 10 * time.Second
+	if _, _, err := c.Flush("x", "", ""); err != nil {
+		t.Fatalf("flush through a busy endpoint: %v, want the client to retry until it is answered", err)
+	}
+}
