@@ -117,6 +117,10 @@ func TestPodEndpointScopes(t *testing.T) {
 	if _, _, err := pc.Flush(other.id, "", ""); err == nil {
 		t.Errorf("a pod-scoped endpoint flushed another pod's volume")
 	}
+	// Something written: the flush journals a new ack (an idle one would not).
+	if err := os.WriteFile(filepath.Join(a.target, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, _, err := pc.Flush(a.id, "", ""); err != nil {
 		t.Errorf("pod-scoped flush of its own volume: %v", err)
 	}

@@ -75,6 +75,8 @@ type serveFlags struct {
 	metricsAddress                                     string
 	eventsTCP, eventsServerKey, eventsClients          string
 	eventsJournalBytes                                 int64
+	kubeconfig                                         string
+	eventsMaxEndpoints, eventsMaxPodEndpoints          int
 }
 
 func parseServeFlags(args []string) (*serveFlags, error) {
@@ -102,6 +104,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
 	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
 	fs.DurationVar(&f.eventsJournalAge, "events-journal-age", 7*24*time.Hour, "event journal age limit")
+	fs.IntVar(&f.eventsMaxEndpoints, "events-max-endpoints", zmqbridge.DefaultMaxEndpoints, "most per-pod event endpoints (events.rookzmq.io volumes) on this node")
+	fs.IntVar(&f.eventsMaxPodEndpoints, "events-max-pod-endpoints", rcsi.DefaultMaxPodEndpoints, "most event endpoints (events.rookzmq.io volumes) of one pod")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -133,6 +138,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if _, err := strconv.ParseUint(f.eventsMode, 8, 32); err != nil {
 		return nil, fmt.Errorf("--events-mode=%s is not an octal mode", f.eventsMode)
+	}
+	if f.eventsMaxEndpoints < 1 || f.eventsMaxPodEndpoints < 1 {
+		return nil, errors.New("--events-max-endpoints and --events-max-pod-endpoints must be at least 1")
 	}
 	if f.eventsTCP != "" && (f.eventsServerKey == "" || f.eventsClients == "") {
 		return nil, errors.New("--events-tcp needs --events-curve-server-key and --events-curve-clients")
@@ -191,9 +199,12 @@ func serve(args []string) error {
 		if err != nil {
 			return err
 		}
+		sink.Volumes = node
+		sink.Seed() // before the bridge serves flushes
 		bridge, err := zmqbridge.New(zmqbridge.Options{
-			Curve: curve,
-			Dir:   f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
+			MaxEndpoints: f.eventsMaxEndpoints,
+			Curve:        curve,
+			Dir:          f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
 			Heartbeat: f.eventsHeartbeat, Flusher: sink, Metrics: metrics,
 			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge},
 		})
@@ -202,10 +213,21 @@ func serve(args []string) error {
 		}
 		defer bridge.Close()
 		healthy = bridge.Healthy
-		sink.Bridge, sink.Volumes = bridge, node
+		sink.Bridge = bridge
 		node.ResumeAckTimers()
 		if f.eventsEndpoint != "" {
-			podEvents := &rcsi.PodEvents{NodeID: f.nodeID, Bridge: bridge, Dir: filepath.Join(f.eventsDir, "p"), PodVolumes: node.PodVolumes}
+			pods, err := rcsi.NewAPIPods(f.kubeconfig, f.nodeID)
+			if err != nil {
+				return err
+			}
+			if pods == nil {
+				klog.InfoS("not in a cluster and no --kubeconfig: pods are not verified with the API server before their event endpoints are served")
+			}
+			podEvents := &rcsi.PodEvents{NodeID: f.nodeID, Bridge: bridge, Dir: filepath.Join(f.eventsDir, "p"), PodVolumes: node.PodVolumes,
+				MaxPerPod: f.eventsMaxPodEndpoints}
+			if pods != nil {
+				podEvents.Pods = pods
+			}
 			if err := podEvents.Start(); err != nil {
 				return err
 			}

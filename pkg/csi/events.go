@@ -34,6 +34,10 @@ type VolumeEvent struct {
 	SizeBytes     int64
 	FlushMs       float64 // ack only
 	Trigger       string  // ack only
+	// DeviceWrites (ack only, 0 if unknown): the device's sectors written
+	// since boot, read after the flush. An equal count at the next
+	// request-triggered ack means nothing was written in between.
+	DeviceWrites uint64
 	// NothingFlushed, on an ack: the mount or device was already gone, so
 	// nothing was flushed (the event says "flushed": false).
 	NothingFlushed bool

@@ -25,6 +25,8 @@ type Metrics struct {
 	journal     prometheus.Gauge
 	fsync       prometheus.Histogram
 	flush       prometheus.Histogram
+	curveFile   prometheus.Counter
+	curveRefuse prometheus.Counter
 }
 
 // NewMetrics registers the metrics.
@@ -46,8 +48,12 @@ func NewMetrics() *Metrics {
 			Help: "Event journal group-commit fsync latency.", Buckets: prometheus.ExponentialBuckets(0.00005, 2, 14)}),
 		flush: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rookzmq_volume_flush_seconds",
 			Help: "Volume flush (write acknowledgement) latency.", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10)}),
+		curveFile: prometheus.NewCounter(prometheus.CounterOpts{Name: "rookzmq_event_curve_clients_file_failures_total",
+			Help: "Times the CURVE clients file could not be read or parsed (every client key was revoked)."}),
+		curveRefuse: prometheus.NewCounter(prometheus.CounterOpts{Name: "rookzmq_event_curve_refused_total",
+			Help: "CURVE handshakes refused (unknown client key)."}),
 	}
-	m.reg.MustRegister(m.calls, m.published, m.subscribers, m.replays, m.journal, m.fsync, m.flush,
+	m.reg.MustRegister(m.calls, m.published, m.subscribers, m.replays, m.journal, m.fsync, m.flush, m.curveFile, m.curveRefuse,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -68,6 +74,12 @@ func (m *Metrics) JournalSynced(d time.Duration, bytes int64) {
 	m.fsync.Observe(d.Seconds())
 	m.journal.Set(float64(bytes))
 }
+
+// CurveClientsFileFailed counts a clients file that revoked every key.
+func (m *Metrics) CurveClientsFileFailed() { m.curveFile.Inc() }
+
+// CurveRefused counts a refused CURVE handshake.
+func (m *Metrics) CurveRefused() { m.curveRefuse.Inc() }
 
 // Subscribers adds delta to the subscriber count.
 func (m *Metrics) Subscribers(delta int) { m.subscribers.Add(float64(delta)) }

@@ -5,9 +5,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -43,9 +46,30 @@ type PodEvents struct {
 	Dir string
 	// PodVolumes lists volume IDs already published to a pod (pod scope).
 	PodVolumes func(podUID string) []string
+	// MaxPerPod bounds one pod's endpoints (its events volumes); 0: 4.
+	MaxPerPod int
+	// Pods, if set, checks each pod against the API server before serving it.
+	Pods PodVerifier
 
 	mounts mount.Interface
 	locks  KeyLocks
+	mu     sync.Mutex
+	byPod  map[string]map[string]bool // pod UID -> its endpoints' keys
+}
+
+// Flags that set the endpoint caps, named in the errors past them.
+const (
+	FlagMaxPodEndpoints = "--events-max-pod-endpoints"
+	FlagMaxEndpoints    = "--events-max-endpoints"
+)
+
+// DefaultMaxPodEndpoints is PodEvents.MaxPerPod's default.
+const DefaultMaxPodEndpoints = 4
+
+// PodVerifier checks that a pod of that namespace, name and UID exists on
+// this node.
+type PodVerifier interface {
+	VerifyPod(ctx context.Context, namespace, name, uid string) error
 }
 
 // podEndpoint is the on-disk record of one pod endpoint.
@@ -57,6 +81,7 @@ type podEndpoint struct {
 // restart (their bind mounts outlive the process).
 func (p *PodEvents) Start() error {
 	p.mounts = mount.New("")
+	p.byPod = map[string]map[string]bool{}
 	if err := os.MkdirAll(p.Dir, 0o700); err != nil {
 		return err
 	}
@@ -72,6 +97,7 @@ func (p *PodEvents) Start() error {
 			p.forget(key) // unpublished while we were down
 			continue
 		}
+		p.count(r.PodUID, key, true)
 		if err := p.bind(key, r); err != nil {
 			klog.ErrorS(err, "re-binding a pod's event endpoint", "target", r.Target)
 		}
@@ -79,17 +105,62 @@ func (p *PodEvents) Start() error {
 	return nil
 }
 
+// count adds or removes one of a pod's endpoints.
+func (p *PodEvents) count(podUID, key string, add bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if add {
+		if p.byPod[podUID] == nil {
+			p.byPod[podUID] = map[string]bool{}
+		}
+		p.byPod[podUID][key] = true
+		return
+	}
+	delete(p.byPod[podUID], key)
+	if len(p.byPod[podUID]) == 0 {
+		delete(p.byPod, podUID)
+	}
+}
+
+// reserve counts a new endpoint of a pod unless the pod has MaxPerPod.
+func (p *PodEvents) reserve(podUID, key string) error {
+	max := p.MaxPerPod
+	if max <= 0 {
+		max = DefaultMaxPodEndpoints
+	}
+	p.mu.Lock()
+	n := len(p.byPod[podUID])
+	p.mu.Unlock()
+	if n >= max {
+		return status.Errorf(codes.ResourceExhausted, "pod %s already has %d %s volumes, the most %s=%d allows", podUID, n, PodEventsDriverName, FlagMaxPodEndpoints, max)
+	}
+	p.count(podUID, key, true)
+	return nil
+}
+
+// podUIDFromTarget is the pod UID in kubelet's target path
+// (.../pods/<uid>/volumes/...), or "".
+func podUIDFromTarget(target string) string {
+	parts := strings.Split(filepath.Clean(target), "/")
+	for i := len(parts) - 3; i >= 0; i-- {
+		if parts[i] == "pods" && parts[i+2] == "volumes" {
+			return parts[i+1]
+		}
+	}
+	return ""
+}
+
 func (p *PodEvents) key(target string) string {
 	sum := sha256.Sum256([]byte(target))
 	return hex.EncodeToString(sum[:6])
 }
 
+// bind makes the pod's socket directory and binds its endpoint there.
 func (p *PodEvents) bind(key string, r podEndpoint) error {
 	dir := filepath.Join(p.Dir, key)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := rootOnlyDir(dir); err != nil {
 		return err
 	}
-	os.Chmod(dir, 0o755) // the pod's user, whoever it is, must reach the sockets
 	scope := zmqbridge.Scope{Namespace: r.Namespace}
 	if r.Scope == "pod" {
 		scope.PodUID = r.PodUID
@@ -99,8 +170,26 @@ func (p *PodEvents) bind(key string, r podEndpoint) error {
 	}
 	return p.Bridge.AddEndpoint(key, zmqbridge.Endpoint{
 		Events: "ipc://" + filepath.Join(dir, "events.sock"), Control: "ipc://" + filepath.Join(dir, "control.sock"),
-		Mode: 0o666, Scope: scope,
+		Mode: 0o666, Scope: scope, SendHWM: 1000, Guard: true,
 	})
+}
+
+// rootOnlyDir makes dir a directory that only root may write and anyone
+// may search (the pod's user, whoever it is, must reach the sockets). Its
+// mode is set through a descriptor opened without following symlinks.
+func rootOnlyDir(dir string) error {
+	if err := os.Mkdir(dir, 0o755); err != nil && !os.IsExist(err) {
+		return err
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fchown(fd, 0, 0); err != nil {
+		return fmt.Errorf("owning %s: %w", dir, err)
+	}
+	return unix.Fchmod(fd, 0o755)
 }
 
 // NodePublishVolume binds the pod's endpoints and mounts them at the target.
@@ -112,8 +201,13 @@ func (p *PodEvents) NodePublishVolume(ctx context.Context, req *csi.NodePublishV
 	if err := Required("target_path", target); err != nil {
 		return nil, err
 	}
-	if req.GetVolumeCapability().GetMount() == nil {
+	mnt := req.GetVolumeCapability().GetMount()
+	if mnt == nil {
 		return nil, status.Error(codes.InvalidArgument, "volume_capability must be a mount volume")
+	}
+	if mnt.GetFsType() != "" || mnt.GetVolumeMountGroup() != "" {
+		return nil, status.Errorf(codes.InvalidArgument, "%s volumes take no fsType or volume_mount_group (fsType %q, volume_mount_group %q): its CSIDriver needs fsGroupPolicy: None",
+			PodEventsDriverName, mnt.GetFsType(), mnt.GetVolumeMountGroup())
 	}
 	vc := req.GetVolumeContext()
 	r := podEndpoint{VolumeID: req.GetVolumeId(), Target: target, Namespace: vc[KeyPodNamespace], PodUID: vc[KeyPodUID], Scope: vc[attrScope]}
@@ -125,8 +219,11 @@ func (p *PodEvents) NodePublishVolume(ctx context.Context, req *csi.NodePublishV
 	switch {
 	case vc[ctxEphemeral] != "true":
 		return nil, status.Errorf(codes.InvalidArgument, "%s volumes are CSI ephemeral inline volumes only", PodEventsDriverName)
-	case r.Namespace == "" || r.PodUID == "":
-		return nil, status.Errorf(codes.InvalidArgument, "pod namespace and UID missing: the CSIDriver %s needs podInfoOnMount: true", PodEventsDriverName)
+	case r.Namespace == "" || r.PodUID == "" || vc[KeyPodName] == "":
+		return nil, status.Errorf(codes.InvalidArgument, "pod name, namespace or UID missing from the volume context (%s, %s, %s): the CSIDriver %s needs podInfoOnMount: true",
+			KeyPodName, KeyPodNamespace, KeyPodUID, PodEventsDriverName)
+	case podUIDFromTarget(target) != r.PodUID:
+		return nil, status.Errorf(codes.InvalidArgument, "pod UID %q is not the one in the target path %s (kubelet's .../pods/<uid>/volumes/...)", r.PodUID, target)
 	case r.Scope == "":
 		r.Scope = "namespace"
 	case r.Scope != "namespace" && r.Scope != "pod":
@@ -143,21 +240,38 @@ func (p *PodEvents) NodePublishVolume(ctx context.Context, req *csi.NodePublishV
 	if mnt, err := p.mounts.IsMountPoint(target); err == nil && mnt {
 		return &csi.NodePublishVolumeResponse{}, nil // already published
 	}
+	if p.Pods != nil {
+		if err := p.Pods.VerifyPod(ctx, r.Namespace, vc[KeyPodName], r.PodUID); err != nil {
+			return nil, err
+		}
+	}
+	if err := p.reserve(r.PodUID, key); err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*csi.NodePublishVolumeResponse, error) {
+		p.count(r.PodUID, key, false)
+		return nil, err
+	}
 	if err := os.MkdirAll(target, 0o750); err != nil {
-		return nil, status.Errorf(codes.Internal, "creating target %s: %v", target, err)
+		return fail(status.Errorf(codes.Internal, "creating target %s: %v", target, err))
 	}
 	b, _ := json.Marshal(r)
 	if err := os.WriteFile(filepath.Join(p.Dir, key+".json"), b, 0o600); err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return fail(status.Error(codes.Internal, err.Error()))
 	}
 	if err := p.bind(key, r); err != nil {
 		p.forget(key)
-		return nil, status.Errorf(codes.Internal, "binding the pod's event sockets: %v", err)
+		if errors.Is(err, zmqbridge.ErrTooManyEndpoints) {
+			return fail(status.Errorf(codes.ResourceExhausted, "this node serves the most %s volumes %s allows: %v", PodEventsDriverName, FlagMaxEndpoints, err))
+		}
+		return fail(status.Errorf(codes.Internal, "binding the pod's event sockets: %v", err))
 	}
-	if err := p.mounts.Mount(filepath.Join(p.Dir, key), target, "", []string{"bind"}); err != nil {
+	// Read-only: the pod connects to the sockets (a connect needs no write
+	// to the mount) but cannot create, remove or replace anything there.
+	if err := p.mounts.Mount(filepath.Join(p.Dir, key), target, "", []string{"bind", "ro"}); err != nil {
 		p.Bridge.RemoveEndpoint(key)
 		p.forget(key)
-		return nil, status.Errorf(codes.Internal, "mounting the event sockets at %s: %v", target, err)
+		return fail(status.Errorf(codes.Internal, "mounting the event sockets at %s: %v", target, err))
 	}
 	klog.InfoS("pod event endpoint published", "pod", r.Namespace+"/"+r.PodUID, "scope", r.Scope, "target", target)
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -187,8 +301,23 @@ func (p *PodEvents) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpubl
 		os.Remove(target)
 	}
 	p.Bridge.RemoveEndpoint(key)
+	p.forgetCount(key)
 	p.forget(key)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// forgetCount removes an endpoint from its pod's count.
+func (p *PodEvents) forgetCount(key string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for uid, keys := range p.byPod {
+		if keys[key] {
+			delete(keys, key)
+			if len(keys) == 0 {
+				delete(p.byPod, uid)
+			}
+		}
+	}
 }
 
 // forget removes an endpoint's directory and record.

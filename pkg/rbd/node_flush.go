@@ -3,9 +3,13 @@ package rbd
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -46,7 +50,28 @@ func (n *Node) flush(ctx context.Context, rec *stageRecord) (rcsi.VolumeEvent, e
 	if err != nil {
 		return rcsi.VolumeEvent{}, err
 	}
-	return n.ackEvent(rec, time.Since(start)), nil
+	ev := n.ackEvent(rec, time.Since(start))
+	ev.DeviceWrites = sectorsWritten(rec.Device)
+	return ev, nil
+}
+
+// sectorsWritten is a block device's count of sectors written since boot
+// (0 if unknown): the bridge journals no new ack for a flush that wrote nothing.
+func sectorsWritten(dev string) uint64 {
+	var st unix.Stat_t
+	if dev == "" || unix.Stat(dev, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/stat", unix.Major(st.Rdev), unix.Minor(st.Rdev)))
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 7 {
+		return 0
+	}
+	n, _ := strconv.ParseUint(f[6], 10, 64)
+	return n
 }
 
 func (n *Node) ackEvent(rec *stageRecord, took time.Duration) rcsi.VolumeEvent {
@@ -93,6 +118,25 @@ func (n *Node) VolumeByPVC(namespace, pvc string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// StagedVolumes lists the staged volumes with their PVC and, for volumes
+// without provisioner metadata, the namespace of a pod they are published to.
+func (n *Node) StagedVolumes() []rcsi.StagedVolume {
+	recs, _ := n.state.all()
+	var out []rcsi.StagedVolume
+	for _, r := range recs {
+		if !r.Staged {
+			continue
+		}
+		v := rcsi.StagedVolume{VolumeID: r.VolumeID, PVC: r.Context[ParamPVCName], Namespace: r.Context[ParamPVCNamespace]}
+		for _, pub := range r.Targets {
+			v.PodNamespace = pub.Context[rcsi.KeyPodNamespace]
+			break
+		}
+		out = append(out, v)
+	}
+	return out
 }
 
 // PodVolumes lists the volumes published to a pod (by pod UID).

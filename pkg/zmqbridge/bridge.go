@@ -33,6 +33,31 @@ type Options struct {
 	Metrics Metrics
 	// Curve, if set, adds the authenticated TCP endpoint.
 	Curve *CurveOptions
+
+	// Limits (0: the Default... constants). MaxEndpoints bounds the
+	// endpoints added besides the node's own (and sizes the ZeroMQ
+	// context's socket limit); MaxSubscriptions the subscriptions one
+	// endpoint holds at once; Workers the replays and flushes served at
+	// once, Queue the requests one endpoint may have waiting for them; an
+	// endpoint may start FlushRate flushes a second, in bursts of FlushBurst.
+	MaxEndpoints, MaxSubscriptions, Workers, Queue int
+	FlushRate                                      float64
+	FlushBurst                                     int
+}
+
+func (o *Options) defaults() {
+	for _, d := range []struct {
+		v   *int
+		def int
+	}{{&o.MaxEndpoints, DefaultMaxEndpoints}, {&o.MaxSubscriptions, DefaultMaxSubscriptions},
+		{&o.Workers, DefaultWorkers}, {&o.Queue, DefaultQueue}, {&o.FlushBurst, DefaultFlushBurst}} {
+		if *d.v <= 0 {
+			*d.v = d.def
+		}
+	}
+	if o.FlushRate <= 0 {
+		o.FlushRate = DefaultFlushRate
+	}
 }
 
 // FlushRequest names the volume a control client wants flushed.
@@ -86,9 +111,12 @@ type Bridge struct {
 	ctx       context.Context // canceled by Close: flushes in progress end
 	cancel    context.CancelFunc
 	open      atomic.Pointer[Journal] // the journal, once OpenJournal returned
-	replays   chan struct{}           // replay workers' semaphore
+	pool      *pool                   // replay and flush workers
 	wakePub   chan struct{}           // new synced records to publish
 	endpoints *endpoints
+	// refusedSubs and refusedKeys log refused subscriptions and CURVE
+	// handshakes, rate-limited.
+	refusedSubs, refusedKeys rateLog
 	// CURVE endpoint state (nil without Options.Curve).
 	curveKeys   *keyring
 	curveSecret atomic.Value         // string: the server's Z85 secret key
@@ -117,8 +145,9 @@ func New(opts Options) (*Bridge, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{}), replays: make(chan struct{}, maxReplays),
-		pubWake: make(chan struct{})}
+	opts.defaults()
+	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{}), pubWake: make(chan struct{})}
+	b.pool = newPool(b)
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	// The journal's group committer tells the publisher directly what became
 	// durable: one hand-off from fsync to publication. Records enter the
@@ -134,7 +163,11 @@ func New(opts Options) (*Bridge, error) {
 	}
 	b.epoch = j.Epoch()
 	zctx, err := zmq.NewContext()
+	if err == nil {
+		err = zctx.SetMaxSockets(b.opts.maxSockets())
+	}
 	if err != nil {
+		b.cancel()
 		j.Close()
 		return nil, err
 	}
@@ -146,7 +179,9 @@ func New(opts Options) (*Bridge, error) {
 	if err := b.endpoints.add("", Endpoint{
 		Events:  "ipc://" + filepath.Join(opts.Dir, "events.sock"),
 		Control: "ipc://" + filepath.Join(opts.Dir, "control.sock"),
+		Scope:   Scope{All: true},
 	}); err != nil {
+		b.cancel()
 		b.endpoints.closeAll()
 		zctx.Term()
 		j.Close()
@@ -155,6 +190,7 @@ func New(opts Options) (*Bridge, error) {
 	if opts.Curve != nil {
 		if err := b.startCurve(); err != nil {
 			close(b.stop)
+			b.cancel()
 			b.wg.Wait()
 			b.endpoints.closeAll()
 			zctx.Term()
@@ -166,6 +202,10 @@ func New(opts Options) (*Bridge, error) {
 	go b.maintainLoop()
 	go b.publishLoop()
 	go b.controlLoop()
+	b.workers.Add(b.opts.Workers)
+	for i := 0; i < b.opts.Workers; i++ {
+		go b.worker()
+	}
 	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First(), "epoch", b.epoch)
 	return b, nil
 }
@@ -173,7 +213,11 @@ func New(opts Options) (*Bridge, error) {
 // startCurve loads the keys, starts the ZAP handler and binds the TCP endpoint.
 func (b *Bridge) startCurve() error {
 	c := b.opts.Curve
-	secret, _, err := readServerKey(c.ServerKeyFile)
+	server, err := os.ReadFile(c.ServerKeyFile)
+	if err != nil {
+		return fmt.Errorf("zmqbridge: %w", err)
+	}
+	secret, _, err := parseServerKey(c.ServerKeyFile, server)
 	if err != nil {
 		return fmt.Errorf("zmqbridge: %w", err)
 	}
@@ -199,7 +243,7 @@ func (b *Bridge) startCurve() error {
 		return err
 	}
 	b.wg.Add(1)
-	go b.watchCurve()
+	go b.watchCurve(clients, server) // the bytes applied: a change since is a change
 	klog.InfoS("CURVE event endpoint bound", "events", b.curveEndpoint().Events, "control", b.curveEndpoint().Control, "clients", len(keys))
 	return nil
 }
@@ -327,14 +371,11 @@ func (b *Bridge) publishLoop() {
 	published := b.journal.Last() // events before start were published by an earlier run, or are replayable
 	hb := time.NewTicker(b.opts.Heartbeat)
 	defer hb.Stop()
-	// CURVE clients' subscription requests arrive on the XPUB socket, which
-	// only this goroutine may read: look every 10 ms.
-	var subs <-chan time.Time
-	if b.curveKeys != nil {
-		t := time.NewTicker(10 * time.Millisecond)
-		defer t.Stop()
-		subs = t.C
-	}
+	// Subscription requests arrive on the XPUB sockets, which only this
+	// goroutine may read: look every 10 ms.
+	subTicker := time.NewTicker(10 * time.Millisecond)
+	defer subTicker.Stop()
+	subs := subTicker.C
 	b.endpoints.heartbeat(published)
 	for {
 		select {
@@ -345,9 +386,7 @@ func (b *Bridge) publishLoop() {
 			continue
 		case <-subs:
 			for _, ep := range b.endpoints.snapshot() {
-				if ep.keys != nil {
-					b.authorizeSubscriptions(ep)
-				}
+				b.applySubscriptions(ep)
 			}
 			continue
 		case <-b.wakePub:
@@ -459,6 +498,7 @@ func (b *Bridge) Close() error {
 		b.closing = true
 		b.closeMu.Unlock()
 		close(b.stop)
+		b.pool.stop()
 		b.cancel()
 		b.adds.Wait()
 		b.wg.Wait()

@@ -109,9 +109,24 @@ func (c *Client) Close() {
 	c.zctx.Term()
 }
 
-// call sends one control request and waits for its reply. A timed-out REQ
-// socket is replaced (REQ cannot send twice without a reply).
+// call sends one control request and waits for its reply, asking again
+// (with backoff, within Timeout) while the endpoint answers busy.
 func (c *Client) call(req any, reply any) error {
+	deadline, wait := time.Now().Add(c.Timeout), 20*time.Millisecond
+	for {
+		err := c.call1(req, reply)
+		var re *ReplyError
+		if !errors.As(err, &re) || re.Code != CodeBusy || time.Now().Add(wait).After(deadline) {
+			return err
+		}
+		time.Sleep(wait)
+		wait = min(2*wait, time.Second)
+	}
+}
+
+// call1 sends one control request and waits for its reply. A timed-out REQ
+// socket is replaced (REQ cannot send twice without a reply).
+func (c *Client) call1(req any, reply any) error {
 	if c.req == nil {
 		s, err := c.socket(zmq.REQ)
 		if err != nil {

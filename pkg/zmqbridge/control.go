@@ -18,10 +18,10 @@ import (
 )
 
 // maxRequestBytes bounds a control request; larger ones get an error reply.
-// ZeroMQ drops peers that send more than maxMessageBytes in one message.
+// ZeroMQ drops peers that send more than maxMessageBytes in one frame.
 const (
 	maxRequestBytes = 64 << 10
-	maxMessageBytes = 1 << 20
+	maxMessageBytes = 128 << 10
 )
 
 // MaxReplay is the most events one replay answer carries.
@@ -222,13 +222,14 @@ func marshal(v any) []byte {
 	return b
 }
 
-// controlLoop owns the control sockets and the inproc socket on which flush
+// controlLoop owns the control sockets and the inproc socket on which
 // workers hand back their replies.
 func (b *Bridge) controlLoop() {
 	defer b.wg.Done()
 	replies, err := b.zctx.NewSocket(zmq.PULL)
 	if err == nil {
 		replies.SetLinger(0)
+		replies.SetRcvhwm(10000)
 		err = replies.Bind("inproc://flush-replies")
 	}
 	if err != nil {
@@ -248,10 +249,13 @@ func (b *Bridge) controlLoop() {
 		eps := b.endpoints.snapshot()
 		poller := zmq.NewPoller()
 		poller.Add(replies, zmq.POLLIN)
+		now := time.Now()
 		for _, ep := range eps {
-			poller.Add(ep.ctl, zmq.POLLIN)
+			if now.After(ep.in.until) { // else mid-message and nothing came: wait a little
+				poller.Add(ep.ctl, zmq.POLLIN)
+			}
 		}
-		ready, err := poller.Poll(50 * time.Millisecond)
+		ready, err := poller.Poll(20 * time.Millisecond)
 		if err != nil {
 			if zmq.AsErrno(err) == zmq.ETERM {
 				return
@@ -260,23 +264,35 @@ func (b *Bridge) controlLoop() {
 		}
 		for _, p := range ready {
 			if p.Socket == replies {
-				b.forwardReply(replies, eps)
+				for i := 0; i < 1000 && b.forwardReply(replies, eps); i++ {
+				}
 				continue
 			}
 			for _, ep := range eps {
 				if ep.ctl == p.Socket {
-					b.serve(ep)
+					for i := 0; i < 64 && b.serve(ep); i++ { // bounded: other endpoints wait for this round
+					}
 				}
 			}
 		}
 	}
 }
 
-// serve answers one message on an endpoint's ROUTER socket.
-func (b *Bridge) serve(ep *endpoint) {
-	frames, v, err := b.receive(ep)
-	if err != nil || len(frames) == 0 {
-		return
+// serve answers or queues one message on an endpoint's ROUTER socket; false
+// when there was no whole message to read.
+func (b *Bridge) serve(ep *endpoint) bool {
+	if !ep.in.readMessage(ep.ctl, ep.keys != nil) {
+		return false
+	}
+	frames, user := ep.in.take()
+	var v viewer = ep
+	if ep.keys != nil {
+		// The User-Id (the client's key, set by our ZAP handler) is on the
+		// frames the peer sent, not on the routing-id frame ROUTER prepends.
+		v = nil
+		if c := ep.keys.lookup(user); c != nil {
+			v = c
+		}
 	}
 	// ROUTER frames: identity, then REQ's empty delimiter (DEALERs may omit it), then the request.
 	envelope, body := frames[:1], frames[1:]
@@ -290,76 +306,27 @@ func (b *Bridge) serve(ep *endpoint) {
 	}
 	if len(body) != 1 {
 		reply(b.errReply(CodeBadRequest, fmt.Sprintf("expected one JSON frame, got %d", len(body))))
-		return
+		return true
 	}
 	req, err := ParseRequest(body[0])
 	if err != nil {
 		reply(b.errReply(CodeBadRequest, err.Error()))
-		return
+		return true
 	}
 	if v == nil {
 		reply(b.errReply(CodeUnauthorized, "not authorized"))
-		return
+		return true
 	}
-	switch req.Op {
-	case "replay":
-		// Off the control loop: a scoped replay may scan much of the journal,
-		// and other endpoints must not wait for it. At most maxReplays at once.
-		b.workers.Add(1)
-		go func() {
-			defer b.workers.Done()
-			select {
-			case b.replays <- struct{}{}:
-			case <-b.stop:
-				return
-			}
-			defer func() { <-b.replays }()
-			b.replyFlush(ep, envelope, b.replay(req, v))
-			if m := b.opts.Metrics; m != nil {
-				m.ReplayServed()
-			}
-		}()
-	case "flush":
-		if b.opts.Flusher == nil {
-			reply(b.errReply(CodeUnsupported, "flush is not available on this node"))
-			return
-		}
-		b.workers.Add(1)
-		go func() {
-			defer b.workers.Done()
-			b.flush(req, ep, v, envelope)
-		}()
+	if req.Op == "flush" && b.opts.Flusher == nil {
+		reply(b.errReply(CodeUnsupported, "flush is not available on this node"))
+		return true
 	}
-}
-
-// receive reads one control message and says who may do what with it: the
-// endpoint's scope, or for the CURVE endpoint the client key's namespaces.
-func (b *Bridge) receive(ep *endpoint) ([][]byte, viewer, error) {
-	if ep.keys == nil {
-		frames, err := ep.ctl.RecvMessageBytes(zmq.DONTWAIT)
-		return frames, ep, err
+	// A worker answers: a scoped replay may scan much of the journal and a
+	// flush may take seconds, and other endpoints must not wait for them.
+	if !b.pool.submit(ep, envelope, req, v) {
+		reply(b.errReply(CodeBusy, busyMessage))
 	}
-	// The User-Id (the client's key, set by our ZAP handler) is on the frames
-	// the peer sent, not on the routing-id frame ROUTER prepends.
-	var frames [][]byte
-	user := ""
-	for flags := zmq.DONTWAIT; ; flags = 0 {
-		f, meta, err := ep.ctl.RecvBytesWithMetadata(flags, "User-Id")
-		if err != nil {
-			return nil, nil, err
-		}
-		frames = append(frames, f)
-		if u := meta["User-Id"]; u != "" {
-			user = u
-		}
-		if more, err := ep.ctl.GetRcvmore(); err != nil || !more {
-			break
-		}
-	}
-	if c := ep.keys.lookup(user); c != nil {
-		return frames, c, nil
-	}
-	return frames, nil, nil
+	return true
 }
 
 func (b *Bridge) replay(req Request, v viewer) any {
@@ -402,13 +369,11 @@ func (b *Bridge) replay(req Request, v viewer) any {
 // FlushTimeout bounds one flush request on the node.
 const FlushTimeout = 2 * time.Minute
 
-// flush runs on its own goroutine (a flush may take seconds) and hands the
-// reply to the control loop through an inproc socket of its own, once the
-// ack event has been published.
-func (b *Bridge) flush(req Request, ep *endpoint, v viewer, envelope [][]byte) {
+// flush asks the Flusher (on a worker) and returns the reply, once the ack
+// event has been published.
+func (b *Bridge) flush(req Request, v viewer) any {
 	ctx, cancel := context.WithTimeout(b.ctx, FlushTimeout)
 	defer cancel()
-	var reply any
 	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace,
 		Allowed: v.mayFlush})
 	if err == nil && seq == 0 {
@@ -418,19 +383,14 @@ func (b *Bridge) flush(req Request, ep *endpoint, v viewer, envelope [][]byte) {
 		err = b.waitPublished(ctx, seq)
 	}
 	if err != nil {
-		reply = b.errReplyOf(err)
-	} else {
-		reply = flushReply{Seq: seq, FlushMs: ms, Epoch: b.epoch}
+		return b.errReplyOf(err)
 	}
-	b.replyFlush(ep, envelope, reply)
+	return flushReply{Seq: seq, FlushMs: ms, Epoch: b.epoch}
 }
 
-// maxReplays bounds concurrent replay scans.
-const maxReplays = 4
-
-// replyFlush hands a worker's reply (flush or replay) to the control loop
-// through an inproc socket of the worker's own.
-func (b *Bridge) replyFlush(ep *endpoint, envelope [][]byte, reply any) {
+// replyFlush hands a worker's reply (flush or replay) to the control loop,
+// once for each requester it answers, through an inproc socket of its own.
+func (b *Bridge) replyFlush(ep *endpoint, envelopes [][][]byte, reply any) {
 	b.zmu.RLock() // Close terminates the context only once no worker uses it
 	defer b.zmu.RUnlock()
 	if b.zdead {
@@ -442,24 +402,33 @@ func (b *Bridge) replyFlush(ep *endpoint, envelope [][]byte, reply any) {
 	}
 	defer push.Close()
 	push.SetLinger(100 * time.Millisecond)
+	push.SetSndhwm(10000)
 	if err := push.Connect("inproc://flush-replies"); err != nil {
 		return
 	}
-	msg := [][]byte{[]byte(ep.Control)}
-	msg = append(append(msg, envelope...), marshal(reply))
-	push.SendMessageDontwait(msg) // never block: the control loop may be gone (Close)
+	data := marshal(reply)
+	for _, env := range envelopes {
+		msg := make([][]byte, 0, len(env)+2)
+		msg = append(append(append(msg, []byte(ep.Control)), env...), data)
+		push.SendMessageDontwait(msg) // never block: the control loop may be gone (Close)
+	}
 }
 
-// forwardReply sends a flush worker's reply out of the endpoint it came in on.
-func (b *Bridge) forwardReply(replies *zmq.Socket, eps []*endpoint) {
+// forwardReply sends a worker's reply out of the endpoint it came in on;
+// false when there was none.
+func (b *Bridge) forwardReply(replies *zmq.Socket, eps []*endpoint) bool {
 	frames, err := replies.RecvMessageBytes(zmq.DONTWAIT)
-	if err != nil || len(frames) < 2 {
-		return
+	if err != nil {
+		return false
+	}
+	if len(frames) < 2 {
+		return true
 	}
 	for _, ep := range eps {
 		if ep.Control == string(frames[0]) {
 			ep.ctl.SendMessageDontwait(frames[1:])
-			return
+			break
 		}
 	}
+	return true
 }

@@ -46,7 +46,7 @@ type client struct {
 }
 
 func (c *client) allowed(ns string) bool { return c.all || (ns != "" && c.ns[ns]) }
-func (c *client) sees(r Record) bool     { return c.allowed(TopicNamespace(r.Topic)) }
+func (c *client) sees(r Record) bool     { return c.allowed(recordNamespace(r)) }
 func (c *client) mayFlush(ns, _ string) bool {
 	return c.allowed(ns)
 }
@@ -88,11 +88,8 @@ func parseClients(b []byte) (map[string]*client, error) {
 	return out, nil
 }
 
-func readServerKey(path string) (secret, public string, err error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", "", err
-	}
+// parseServerKey reads the server's secret key from the bytes of path.
+func parseServerKey(path string, b []byte) (secret, public string, err error) {
 	secret = strings.TrimSpace(string(b))
 	public, err = zmq.AuthCurvePublic(secret)
 	if err != nil || len(secret) != 40 {
@@ -186,8 +183,12 @@ func (b *Bridge) authenticate(req [][]byte, mons []*monitor) []any {
 					m.conns.admitted(address, key)
 				}
 			}
-		} else {
-			klog.InfoS("event client refused: unknown CURVE key", "address", address)
+		}
+	}
+	if code != "200" {
+		b.refusedKeys.log("event client refused: unknown CURVE key", "address", address, "domain", domain)
+		if m, ok := b.opts.Metrics.(CurveMetrics); ok {
+			m.CurveRefused()
 		}
 	}
 	return []any{version, id, code, text, user, ""}
@@ -209,6 +210,7 @@ func (b *Bridge) curveEndpoint() Endpoint {
 	return Endpoint{
 		Events:  fmt.Sprintf("tcp://%s:%d", c.Host, c.Port),
 		Control: fmt.Sprintf("tcp://%s:%d", c.Host, c.Port+1),
+		Scope:   Scope{All: true}, // each key's subscriptions are narrowed to its grants
 	}
 }
 
@@ -230,68 +232,114 @@ func (b *Bridge) secureSocket(s *zmq.Socket, t zmq.Type) error {
 	return s.SetCurveSecretkey(b.curveSecret.Load().(string))
 }
 
-// watchCurve reloads the key files. New client keys are admitted at once (ZAP
-// asks on every connection). The connections of a removed or narrowed key are
-// cut (see curveConns), so the key is refused, or reconnects with its new
-// grants, while every other client stays connected. A new server key rebinds
-// the TCP endpoint: every client must handshake with it again.
-func (b *Bridge) watchCurve() {
+// CurveMetrics, if the Options.Metrics implement it, counts CURVE key
+// trouble: a clients file that could not be read or parsed (every key is
+// then refused), and refused handshakes.
+type CurveMetrics interface {
+	CurveClientsFileFailed()
+	CurveRefused()
+}
+
+// watchCurve reloads the key files, starting from the bytes startCurve
+// applied. New client keys are admitted at once (ZAP asks on every
+// connection). The connections of a removed or narrowed key are cut (see
+// curveConns), so the key is refused, or reconnects with its new grants,
+// while every other client stays connected. A clients file that cannot be
+// read or parsed revokes every key (fails closed) until it is fixed. A new
+// server key rebinds the TCP endpoint: every client must handshake with it
+// again.
+func (b *Bridge) watchCurve(lastClients, lastServer []byte) {
 	defer b.wg.Done()
 	c := b.opts.Curve
 	every := c.Reload
 	if every <= 0 {
 		every = 2 * time.Second
 	}
-	lastClients, _ := os.ReadFile(c.ClientsFile)
-	lastServer, _ := os.ReadFile(c.ServerKeyFile)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	failed := false // the keys are revoked because the clients file is bad
 	for {
 		select {
 		case <-b.stop:
 			return
 		case <-t.C:
 		}
-		clients, err1 := os.ReadFile(c.ClientsFile)
-		server, err2 := os.ReadFile(c.ServerKeyFile)
-		if err1 != nil || err2 != nil || (bytes.Equal(clients, lastClients) && bytes.Equal(server, lastServer)) {
-			continue
-		}
-		keys, err := parseClients(clients)
-		if err != nil {
-			klog.ErrorS(err, "keeping the previous event client keys")
-			continue
-		}
-		secret, _, err := readServerKey(c.ServerKeyFile)
-		if err != nil {
-			klog.ErrorS(err, "keeping the previous event server key")
-			continue
-		}
-		old := b.curveKeys.keys.Load()
-		b.curveKeys.keys.Store(&keys)
-		rebind := !bytes.Equal(server, lastServer)
-		revoked := map[string]bool{}
-		for k, was := range *old {
-			if now := keys[k]; now == nil || narrower(was, now) {
-				revoked[k] = true // live subscriptions granted before must go
+		clients, err := os.ReadFile(c.ClientsFile)
+		var keys map[string]*client
+		if err == nil {
+			if bytes.Equal(clients, lastClients) && !failed {
+				keys = *b.curveKeys.keys.Load()
+			} else {
+				keys, err = parseClients(clients)
 			}
 		}
-		lastClients, lastServer = clients, server
-		b.curveSecret.Store(secret)
-		klog.InfoS("event client keys reloaded", "clients", len(keys), "revoked", len(revoked), "newServerKey", rebind)
-		switch {
-		case rebind:
+		if err != nil {
+			if !failed {
+				klog.ErrorS(err, "EVENT CLIENT KEYS REVOKED: the clients file cannot be used; every CURVE client is refused until it is fixed",
+					"file", c.ClientsFile)
+				if m, ok := b.opts.Metrics.(CurveMetrics); ok {
+					m.CurveClientsFileFailed()
+				}
+				failed, lastClients = true, nil
+				if !b.applyKeys(map[string]*client{}) {
+					return
+				}
+			}
+			continue
+		}
+		server, serr := os.ReadFile(c.ServerKeyFile)
+		rebind := serr == nil && !bytes.Equal(server, lastServer)
+		if rebind {
+			secret, _, err := parseServerKey(c.ServerKeyFile, server)
+			if err != nil {
+				klog.ErrorS(err, "keeping the previous event server key")
+				rebind = false
+			} else {
+				b.curveSecret.Store(secret)
+				lastServer = server
+			}
+		} else if serr != nil {
+			klog.ErrorS(serr, "keeping the previous event server key")
+		}
+		if !bytes.Equal(clients, lastClients) {
+			if failed {
+				klog.InfoS("event client keys restored", "file", c.ClientsFile)
+			}
+			failed, lastClients = false, clients
+			if !b.applyKeys(keys) {
+				return
+			}
+		}
+		if rebind {
+			klog.InfoS("new event server key: rebinding the CURVE endpoint")
 			b.endpoints.remove(curveKey)
 			if err := b.addCurveEndpoint(); err != nil {
 				klog.ErrorS(err, "rebinding the CURVE event endpoint")
 			}
-		case len(revoked) > 0:
-			select {
-			case b.curveCuts <- revoked:
-			case <-b.stop:
-				return
-			}
 		}
+	}
+}
+
+// applyKeys makes keys the authorised ones and cuts the connections of keys
+// removed or narrowed; false if the bridge is stopping.
+func (b *Bridge) applyKeys(keys map[string]*client) bool {
+	old := b.curveKeys.keys.Load()
+	b.curveKeys.keys.Store(&keys)
+	revoked := map[string]bool{}
+	for k, was := range *old {
+		if now := keys[k]; now == nil || narrower(was, now) {
+			revoked[k] = true // live subscriptions granted before must go
+		}
+	}
+	klog.InfoS("event client keys applied", "clients", len(keys), "revoked", len(revoked))
+	if len(revoked) == 0 {
+		return true
+	}
+	select {
+	case b.curveCuts <- revoked:
+		return true
+	case <-b.stop:
+		return false
 	}
 }
 
@@ -328,29 +376,6 @@ func (b *Bridge) addCurveEndpoint() error {
 		}
 	}
 	return err
-}
-
-// authorizeSubscriptions applies the subscriptions CURVE clients ask for on
-// the XPUB socket (manual mode) within their namespaces. Publish goroutine.
-func (b *Bridge) authorizeSubscriptions(ep *endpoint) {
-	for {
-		msg, meta, err := ep.pub.RecvMessageWithMetadata(zmq.DONTWAIT, "User-Id")
-		if err != nil || len(msg) != 1 || len(msg[0]) == 0 {
-			return
-		}
-		subscribe, topic := msg[0][0] == 1, msg[0][1:]
-		c := ep.keys.lookup(meta["User-Id"])
-		if c == nil {
-			continue
-		}
-		for _, p := range grants(c, topic, b.opts.Node) {
-			if subscribe {
-				ep.pub.SetSubscribe(p)
-			} else {
-				ep.pub.SetUnsubscribe(p)
-			}
-		}
-	}
 }
 
 var eventKinds = []string{KindAttach, KindPublish, KindUnpublish, KindExpand, KindAck, KindDetach}

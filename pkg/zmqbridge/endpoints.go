@@ -5,30 +5,43 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
 
 	zmq "github.com/pebbe/zmq4"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
-// Endpoint is a pair of sockets: PUB for events and ROUTER for control.
+// Endpoint is a pair of sockets: XPUB for events and ROUTER for control.
 type Endpoint struct {
 	Events, Control string // ZeroMQ addresses (ipc://path or tcp://host:port)
-	// Mode of ipc socket files (0: the bridge's SocketMode).
+	// Mode of ipc socket files (0: the bridge's SocketMode). It is applied
+	// by the umask of the binding thread, never by a chmod of the path.
 	Mode os.FileMode
 	// Scope limits what the endpoint delivers, replays and flushes; the zero
-	// Scope sees everything (node agents).
+	// Scope sees nothing.
 	Scope Scope
+	// SendHWM is each subscriber's queue in messages (0: 100,000); a
+	// subscriber further behind loses live events and recovers them by replay.
+	SendHWM int
+	// Guard (ipc only) serves the endpoint through a relay that checks what
+	// clients send and bounds their connections (see guard.go).
+	Guard bool
 }
 
-// Scope is what one endpoint may see.
+// Scope is what one endpoint may see. The zero Scope sees nothing.
 type Scope struct {
-	// Namespace: only events of PVCs in this namespace ("" = all).
+	// All: every event of the node (node agents).
+	All bool
+	// Namespace: only events of PVCs in this namespace.
 	Namespace string
 	// PodUID, with Namespace: only events of volumes published to this pod
-	// (its publish/unpublish events and, from then on, its volumes' others).
+	// (its publish/unpublish events and, from then on until the pod
+	// unpublishes the volume, the volume's other events).
 	PodUID string
 	// Volumes seeds the pod's volumes that were published before the endpoint.
 	Volumes []string
@@ -41,51 +54,111 @@ type endpoint struct {
 	pub, ctl *zmq.Socket
 	// keys, on the CURVE endpoint, say what each client key may see.
 	keys *keyring
+	// guards relay a guarded endpoint's sockets.
+	guards []*guard
 	// Set (under endpoints.mu) once the owning goroutine closed the socket.
 	pubClosed, ctlClosed bool
+	// subs counts the subscriptions applied on pub (publish goroutine).
+	subs map[string]int
+	nsub int
+	// in is the control message being received (control goroutine).
+	in inbound
+	// queue holds its control requests waiting for a worker (pool.mu).
+	queue   []*job
+	queued  bool // in pool.ready
+	running int  // jobs on workers
+	// flushes are its flush jobs not started yet, by viewer and volume (pool.mu).
+	flushes  map[flushKey]*job
+	flushing map[flushKey]bool // flushes running (pool.mu)
+	bucket   tokenBucket       // flush rate (pool.mu)
 
 	mu      sync.Mutex
 	volumes map[string]bool // pod scope: the pod's volumes
 }
 
-// sees reports whether the endpoint may see a record, learning the pod's
-// volumes from its publish events.
+// podEvent is what pod scope reads from an event.
+type podEvent struct {
+	Kind     string `json:"kind"`
+	VolumeID string `json:"volume_id"`
+	PodUID   string `json:"pod_uid"`
+}
+
+// sees reports whether the endpoint may see a record (replay: it learns
+// nothing from old records).
 func (ep *endpoint) sees(r Record) bool {
+	ok, _ := ep.check(r)
+	return ok
+}
+
+// check decides whether the endpoint sees a record and, in pod scope, what
+// the record says about the pod's volumes.
+func (ep *endpoint) check(r Record) (bool, *podEvent) {
 	sc := ep.Scope
-	if sc.Namespace == "" {
-		return true
+	if sc.All {
+		return true, nil
 	}
-	if TopicNamespace(r.Topic) != sc.Namespace {
-		return false
+	if sc.Namespace == "" || recordNamespace(r) != sc.Namespace {
+		return false, nil
 	}
 	if sc.PodUID == "" {
-		return true
+		return true, nil
 	}
-	var ev struct {
-		Kind     string `json:"kind"`
-		VolumeID string `json:"volume_id"`
-		PodUID   string `json:"pod_uid"`
-	}
+	var ev podEvent
 	if json.Unmarshal(r.Data, &ev) != nil {
-		return false
+		return false, nil
+	}
+	if ev.PodUID == sc.PodUID {
+		return true, &ev
 	}
 	ep.mu.Lock()
 	defer ep.mu.Unlock()
-	if ev.PodUID == sc.PodUID {
-		if ev.Kind == KindPublish {
-			ep.volumes[ev.VolumeID] = true
-		}
-		return true
+	return ep.volumes[ev.VolumeID], nil
+}
+
+// recordNamespace is the namespace of a record's volume: its topic's, or for
+// a volume without PVC the event's namespace field (learned from the pod
+// that published it).
+func recordNamespace(r Record) string {
+	if ns := TopicNamespace(r.Topic); ns != "" {
+		return ns
 	}
-	return ep.volumes[ev.VolumeID]
+	var ev struct {
+		Namespace string `json:"namespace"`
+	}
+	if json.Unmarshal(r.Data, &ev) != nil {
+		return ""
+	}
+	return ev.Namespace
+}
+
+// observe is sees for the live stream (publish goroutine, in sequence
+// order): a pod-scoped endpoint learns the pod's volumes from its publish
+// events and forgets them at its unpublish events.
+func (ep *endpoint) observe(r Record) bool {
+	ok, ev := ep.check(r)
+	if ev != nil && ev.VolumeID != "" {
+		ep.mu.Lock()
+		switch ev.Kind {
+		case KindPublish:
+			ep.volumes[ev.VolumeID] = true
+		case KindUnpublish:
+			delete(ep.volumes, ev.VolumeID)
+		}
+		ep.mu.Unlock()
+	}
+	return ok
 }
 
 // mayFlush reports whether the endpoint may flush a volume.
 func (ep *endpoint) mayFlush(namespace, volumeID string) bool {
-	if ep.Scope.Namespace != "" && namespace != ep.Scope.Namespace {
+	sc := ep.Scope
+	if sc.All {
+		return true
+	}
+	if sc.Namespace == "" || namespace != sc.Namespace {
 		return false
 	}
-	if ep.Scope.PodUID == "" {
+	if sc.PodUID == "" {
 		return true
 	}
 	ep.mu.Lock()
@@ -117,6 +190,10 @@ func newEndpoints(b *Bridge) *endpoints {
 	return &endpoints{b: b, byKey: map[string]*endpoint{}, adding: map[string]bool{}, pubCmds: make(chan func(), 16), ctlCmds: make(chan func(), 16)}
 }
 
+// ErrTooManyEndpoints: the bridge already serves Options.MaxEndpoints
+// endpoints besides its own.
+var ErrTooManyEndpoints = errors.New("zmqbridge: too many endpoints")
+
 // add binds e under key (before the loops start, or from any goroutine after).
 func (es *endpoints) add(key string, e Endpoint) error {
 	// Reserve the key first: binding removes a stale socket file, which must
@@ -126,6 +203,23 @@ func (es *endpoints) add(key string, e Endpoint) error {
 		es.mu.Unlock()
 		return fmt.Errorf("zmqbridge: endpoint %q exists", key)
 	}
+	if key != "" && key != curveKey {
+		n := 0
+		for k := range es.byKey {
+			if k != "" && k != curveKey {
+				n++
+			}
+		}
+		for k := range es.adding {
+			if k != "" && k != curveKey {
+				n++
+			}
+		}
+		if n >= es.b.opts.MaxEndpoints {
+			es.mu.Unlock()
+			return fmt.Errorf("%w: %d of %d in use", ErrTooManyEndpoints, n, es.b.opts.MaxEndpoints)
+		}
+	}
 	es.adding[key] = true
 	es.mu.Unlock()
 	defer func() {
@@ -133,7 +227,8 @@ func (es *endpoints) add(key string, e Endpoint) error {
 		delete(es.adding, key)
 		es.mu.Unlock()
 	}()
-	ep := &endpoint{Endpoint: e, volumes: map[string]bool{}}
+	ep := &endpoint{Endpoint: e, volumes: map[string]bool{}, subs: map[string]int{}, flushes: map[flushKey]*job{}, flushing: map[flushKey]bool{}}
+	ep.bucket = tokenBucket{rate: es.b.opts.FlushRate, burst: float64(es.b.opts.FlushBurst), tokens: float64(es.b.opts.FlushBurst)}
 	for _, v := range e.Scope.Volumes {
 		ep.volumes[v] = true
 	}
@@ -142,11 +237,14 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	if mode == 0 {
 		mode = es.b.opts.SocketMode
 	}
-	pubType := zmq.PUB
+	hwm := e.SendHWM
+	if hwm <= 0 {
+		hwm = 100000
+	}
 	if key == curveKey {
-		// XPUB in manual mode: the bridge decides which subscriptions a client
-		// key gets (its namespaces), not the client.
-		pubType, ep.keys = zmq.XPUB, es.b.curveKeys
+		// The bridge decides which subscriptions a client key gets (its
+		// namespaces), not the client.
+		ep.keys = es.b.curveKeys
 	}
 	var mon *monitor
 	watch := func(s *zmq.Socket) (err error) {
@@ -173,12 +271,43 @@ func (es *endpoints) add(key string, e Endpoint) error {
 			go mon.finish()
 		}
 	}()
-	if ep.pub, err = es.socket(pubType, e.Events, mode, watch); err != nil {
+	evAddr, ctlAddr, zmode := e.Events, e.Control, mode
+	if e.Guard {
+		if err := os.MkdirAll(filepath.Join(es.b.opts.Dir, "i"), 0o700); err != nil {
+			return err
+		}
+		evAddr, ctlAddr, zmode = "ipc://"+es.b.internalPath(e.Events), "ipc://"+es.b.internalPath(e.Control), 0o600
+	}
+	if ep.pub, err = es.socket(zmq.XPUB, evAddr, zmode, hwm, watch); err != nil {
 		return err // socket() closed it
 	}
-	if ep.ctl, err = es.socket(zmq.ROUTER, e.Control, mode, nil); err != nil {
+	if ep.ctl, err = es.socket(zmq.ROUTER, ctlAddr, zmode, 0, nil); err != nil {
 		ep.pub.Close()
 		return err
+	}
+	if e.Guard {
+		for _, g := range []struct {
+			addr, inner string
+			frame       uint64
+			frames      int
+		}{{e.Events, evAddr, maxSubscriptionBytes, wireFramesEvents}, {e.Control, ctlAddr, maxMessageBytes, wireFramesControl}} {
+			path, ok := strings.CutPrefix(g.addr, "ipc://")
+			var gd *guard
+			if ok {
+				gd, err = startGuard(path, strings.TrimPrefix(g.inner, "ipc://"), mode, g.frame, g.frames)
+			} else {
+				err = errors.New("a guarded endpoint must be ipc")
+			}
+			if err != nil {
+				for _, gd := range ep.guards {
+					gd.close()
+				}
+				ep.pub.Close()
+				ep.ctl.Close()
+				return fmt.Errorf("zmqbridge: binding %s: %w", g.addr, err)
+			}
+			ep.guards = append(ep.guards, gd)
+		}
 	}
 	es.mu.Lock()
 	defer es.mu.Unlock()
@@ -186,8 +315,15 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	return nil
 }
 
+// Socket limits. A subscription message is a topic prefix (<kind>/<namespace>/<pvc>
+// is at most ~330 bytes); a control request at most maxRequestBytes.
+const (
+	maxSubscriptionBytes = 1 << 10
+	controlRcvHWM        = 100
+)
+
 // socket makes a socket and binds it; watch, if set, runs just before the bind.
-func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode, watch func(*zmq.Socket) error) (*zmq.Socket, error) {
+func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode, hwm int, watch func(*zmq.Socket) error) (*zmq.Socket, error) {
 	s, err := es.b.zctx.NewSocket(t)
 	if err != nil {
 		return nil, err
@@ -199,15 +335,21 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode, watch fun
 			return nil, fmt.Errorf("zmqbridge: CURVE on %s: %w", addr, err)
 		}
 	}
+	// A peer sending a larger message (a frame) is disconnected by libzmq.
 	switch t {
 	case zmq.XPUB:
+		// Manual mode: the publish goroutine applies (and counts) each
+		// subscription; verboser: every subscription of a peer that leaves
+		// comes back as an unsubscription, so the count stays exact.
 		s.SetXpubManual(1)
-		s.SetSndhwm(100000)
-	case zmq.PUB:
-		s.SetSndhwm(100000) // a subscriber this far behind recovers by replay
-	case zmq.ROUTER:
-		s.SetMaxmsgsize(maxMessageBytes) // a peer sending more is disconnected
+		s.SetXpubVerboser(1)
+		s.SetSndhwm(hwm)
+		s.SetMaxmsgsize(maxSubscriptionBytes)
 		s.SetRcvhwm(1000)
+	case zmq.ROUTER:
+		s.SetMaxmsgsize(maxMessageBytes)
+		s.SetRcvhwm(controlRcvHWM)
+		s.SetSndhwm(1000) // replies to a client that does not read are dropped
 	}
 	if watch != nil {
 		if err := watch(s); err != nil {
@@ -215,21 +357,38 @@ func (es *endpoints) socket(t zmq.Type, addr string, mode os.FileMode, watch fun
 			return nil, fmt.Errorf("zmqbridge: monitoring %s: %w", addr, err)
 		}
 	}
-	path, isIPC := strings.CutPrefix(addr, "ipc://")
-	if isIPC {
-		os.Remove(path) // a stale socket file from a crashed run
-	}
-	if err := s.Bind(addr); err != nil {
+	if err := bindWithMode(s, addr, mode); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("zmqbridge: binding %s: %w", addr, err)
 	}
-	if isIPC {
-		if err := os.Chmod(path, mode); err != nil {
-			s.Close()
-			return nil, err
-		}
-	}
 	return s, nil
+}
+
+// bindWithMode binds s. An ipc socket file gets mode through the umask of
+// the binding thread (a thread of its own, with its own umask: CLONE_FS
+// unshared), never through a chmod of its path, which a symlink swapped in
+// could redirect. A stale socket file of a crashed run is removed first.
+func bindWithMode(s *zmq.Socket, addr string, mode os.FileMode) error {
+	path, isIPC := strings.CutPrefix(addr, "ipc://")
+	if !isIPC {
+		return s.Bind(addr)
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the thread, with its private umask, ends with
+		// this goroutine.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			errc <- fmt.Errorf("a private umask for the binding thread: %w", err)
+			return
+		}
+		unix.Umask(int(^mode.Perm() & 0o777))
+		errc <- s.Bind(addr)
+	}()
+	return <-errc
 }
 
 // snapshot lists the endpoints.
@@ -246,7 +405,7 @@ func (es *endpoints) snapshot() []*endpoint {
 // publish sends a record on every endpoint that may see it (publish goroutine).
 func (es *endpoints) publish(r Record) {
 	for _, ep := range es.snapshot() {
-		if !ep.sees(r) {
+		if !ep.observe(r) {
 			continue
 		}
 		// Two plain sends: SendMessage's variadic interface{} costs per event.
@@ -284,6 +443,10 @@ func (es *endpoints) remove(key string) {
 	es.mu.Unlock()
 	if ep == nil {
 		return
+	}
+	es.b.pool.drop(ep)
+	for _, g := range ep.guards {
+		g.close()
 	}
 	done := make(chan struct{}, 2)
 	closer := func(s *zmq.Socket, closed *bool) func() {
@@ -325,6 +488,9 @@ func (es *endpoints) remove(key string) {
 	for _, a := range []string{ep.Events, ep.Control} {
 		if p, ok := strings.CutPrefix(a, "ipc://"); ok {
 			os.Remove(p)
+			if ep.Guard {
+				os.Remove(es.b.internalPath(a))
+			}
 		}
 	}
 }
@@ -335,6 +501,9 @@ func (es *endpoints) closeAll() {
 	es.mu.Lock()
 	defer es.mu.Unlock()
 	for k, ep := range es.byKey {
+		for _, g := range ep.guards {
+			g.close()
+		}
 		ep.pub.Close()
 		ep.ctl.Close()
 		delete(es.byKey, k)
