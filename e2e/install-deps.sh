@@ -20,7 +20,7 @@ APT_PACKAGES=(
 CSI_SANITY_PKG=github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
 CSI_SANITY_VERSION=v5.6.0
 STATICCHECK_PKG=honnef.co/go/tools/cmd/staticcheck
-STATICCHECK_VERSION=2025.1.1
+STATICCHECK_VERSION=v0.6.1 # = release 2025.1.1; the proxy serves only the vX.Y.Z name
 
 export DEBIAN_FRONTEND="${DEBIAN_FRONTEND:-noninteractive}"
 

@@ -28,6 +28,10 @@ type connEntry struct {
 
 	mu     sync.Mutex
 	ioctxs map[[2]string]*rados.IOContext
+
+	pingMu  sync.Mutex    // guards pinging and pingErr (health.go)
+	pinging chan struct{} // closed when the ping in flight ends
+	pingErr error         // the last ping's result
 }
 
 // Conn returns the cached connection for cluster and creds, connecting on first use.
