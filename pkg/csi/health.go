@@ -45,7 +45,7 @@ func (e *connEntry) ping(ctx context.Context) error {
 			e.pingMu.Lock()
 			e.pingErr = err
 			if err != nil {
-				e.pingErr = fmt.Errorf("Ceph monitors unreachable (%s): %w", time.Since(start).Round(time.Millisecond), err)
+				e.pingErr = fmt.Errorf("ceph monitors unreachable (%s): %w", time.Since(start).Round(time.Millisecond), err)
 			}
 			e.pinging = nil
 			e.pingMu.Unlock()
@@ -60,6 +60,6 @@ func (e *connEntry) ping(ctx context.Context) error {
 		defer e.pingMu.Unlock()
 		return e.pingErr
 	case <-ctx.Done():
-		return fmt.Errorf("Ceph monitors did not answer within the health check's deadline: %w", ctx.Err())
+		return fmt.Errorf("ceph monitors did not answer within the health check's deadline: %w", ctx.Err())
 	}
 }
