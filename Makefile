@@ -8,6 +8,7 @@ CLUSTER := e2e/ceph/cluster.sh
 FUZZTIME ?= 10s
 
 .PHONY: all deps build demo test unit sanity integration fuzz bench cluster-up cluster-down vet clean
+.PHONY: k8s-deps image sidecar-images k8s-up k8s-down chart-lint chart-apply k8s-e2e
 
 all: build
 
@@ -62,6 +63,50 @@ bench: build
 	$(GO) test -count=1 -run '^$$' -bench 'BridgeVsRaw' -benchtime 1x -timeout 10m ./pkg/zmqbridge/
 	$(MAKE) cluster-up
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/
+
+# ---- Kubernetes: image, chart, a real single-node cluster, the e2e suite ----
+IMAGE_TAG ?= $(VERSION)
+K8S_CLUSTER := e2e/k8s/cluster.sh
+HELM = $$($(GO) env GOPATH)/bin/helm
+
+k8s-deps:
+	@e2e/install-deps.sh --k8s
+
+# bin/rookzmq-image.tar (docker-save), tag rookzmq:$(IMAGE_TAG); no Docker needed.
+image:
+	@mkdir -p bin
+	@e2e/image/build.sh rookzmq bin/rookzmq-image.tar rookzmq:$(IMAGE_TAG)
+
+# bin/csi-provisioner-image.tar and bin/csi-resizer-image.tar, built from the Go module proxy.
+sidecar-images:
+	@mkdir -p bin
+	@e2e/image/build.sh sidecars bin
+
+k8s-up: k8s-deps
+	@$(K8S_CLUSTER) up
+
+k8s-down:
+	@$(K8S_CLUSTER) down
+
+chart-lint: k8s-deps
+	$(HELM) lint --strict charts/rookzmq
+	$(HELM) lint --strict charts/rookzmq --set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
+		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
+		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds
+
+# The rendered chart, applied to the local cluster with a server-side dry run.
+chart-apply: chart-lint k8s-up
+	@set -o pipefail; eval "$$($(K8S_CLUSTER) env)" && $(HELM) template rookzmq charts/rookzmq --namespace default --kube-version v1.34.4 \
+		--set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
+		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
+		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds | \
+		kubectl apply --server-side --dry-run=server -f -
+
+# The e2e suite on the real cluster (brings it up; the Ceph cluster serves it).
+k8s-e2e: k8s-deps image sidecar-images cluster-up chart-apply
+	cd e2e/k8s && PATH="$$($(GO) env GOPATH)/bin:$$PATH" ROOKZMQ_IMAGE_TAG=$(IMAGE_TAG) \
+		$(GO) test -count=1 -timeout 30m -v . 2>&1 | tee /tmp/rookzmq-k8s-e2e.log | \
+		grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go|k8s-e2e:' ; exit $${PIPESTATUS[0]}
 
 clean:
 	rm -rf bin

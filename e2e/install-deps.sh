@@ -7,9 +7,12 @@
 # missing ones are installed; `apt-get update` runs only when something is
 # missing; csi-sanity is built only when its binary is absent.
 #
-# Usage: e2e/install-deps.sh [--apt-only | --go-only]
+# Usage: e2e/install-deps.sh [--apt-only | --go-only | --k8s]
 #   --apt-only   only the Debian packages (used by e2e/ceph/cluster.sh)
 #   --go-only    only the Go tools (csi-sanity, staticcheck)
+#   --k8s        only what the Kubernetes targets add: helm (the cluster's own
+#                packages are installed by e2e/k8s/cluster.sh, the image's by
+#                e2e/image/build.sh)
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -19,6 +22,8 @@ APT_PACKAGES=(
 )
 CSI_SANITY_PKG=github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
 CSI_SANITY_VERSION=v5.6.0
+HELM_PKG=helm.sh/helm/v3/cmd/helm
+HELM_VERSION=v3.17.3
 STATICCHECK_PKG=honnef.co/go/tools/cmd/staticcheck
 STATICCHECK_VERSION=v0.6.1 # = release 2025.1.1; the proxy serves only the vX.Y.Z name
 
@@ -45,6 +50,10 @@ case "${1:-}" in
 "") ;;
 --apt-only) do_go=0 ;;
 --go-only) do_apt=0 ;;
+--k8s)
+	do_apt=0 do_go=0
+	go_install_k8s=1
+	;;
 -h | --help)
 	usage
 	exit 0
@@ -127,6 +136,13 @@ install_go_tools() {
 	go_install staticcheck "$STATICCHECK_PKG" "$STATICCHECK_VERSION"
 }
 
+if [[ ${go_install_k8s:-0} -eq 1 ]]; then
+	command -v debootstrap >/dev/null 2>&1 || {
+		as_root apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 debootstrap ||
+			die "apt-get install debootstrap failed"
+	}
+	go_install helm "$HELM_PKG" "$HELM_VERSION"
+fi
 [[ $do_apt -eq 1 ]] && install_apt
 [[ $do_go -eq 1 ]] && install_go_tools
 log "done"
