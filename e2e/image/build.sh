@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # build.sh — build the rookzmq container image without Docker or a registry.
 #
-#   1. debootstrap a minimal Debian root (trixie: Ceph Reef 18.2 client
-#      libraries; ROOKZMQ_IMAGE_SUITE=bookworm gives Pacific 16.2) and install
-#      only the runtime client packages into it;
+#   1. debootstrap a minimal Debian root and install only the runtime client
+#      packages into it. Default: bookworm, Ceph Pacific 16.2.15 (end of life).
+#      ROOKZMQ_IMAGE_SUITE=trixie gives Reef 18.2.7, and the image builds, but
+#      trixie's rbd-fuse 18.2.7 (with libfuse3 3.17) segfaults in
+#      fuse_opt_parse before it mounts anything (seen 2026-11-30), and rbd-fuse
+#      is the mounter that works without kernel modules;
 #   2. copy it to a build root, add the -dev packages and a C compiler there,
 #      and build bin/rookzmq inside that chroot (host Go toolchain and module
 #      cache bind-mounted), so the binary links the image's own libraries;
@@ -21,7 +24,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-SUITE=${ROOKZMQ_IMAGE_SUITE:-trixie}
+SUITE=${ROOKZMQ_IMAGE_SUITE:-bookworm}
 MIRROR=${ROOKZMQ_IMAGE_MIRROR:-http://deb.debian.org/debian}
 CACHE=${ROOKZMQ_IMAGE_CACHE:-/var/cache/rookzmq-image}
 RUNTIME_PACKAGES=(ceph-common rbd-nbd rbd-fuse ceph-fuse fuse3 e2fsprogs xfsprogs util-linux mount kmod libzmq5 ca-certificates)

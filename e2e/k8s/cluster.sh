@@ -312,7 +312,7 @@ up() {
 		--kubeconfig "$BASE/admin.kubeconfig" --authentication-kubeconfig "$BASE/admin.kubeconfig" \
 		--authorization-kubeconfig "$BASE/admin.kubeconfig" --bind-address 127.0.0.1 --leader-elect=false --profiling=false
 	start kubelet "$BIN/kubelet" "$BIN/kubelet" --config "$BASE/kubelet.yaml" --kubeconfig "$BASE/kubelet.kubeconfig" \
-		--hostname-override "$NODE" --node-ip 127.0.0.1 --root-dir "$KUBELET_DIR"
+		--hostname-override "$NODE" --root-dir "$KUBELET_DIR"
 	wait_for "node $NODE" 90 node_ready
 	wait_for "default service account" 60 kubectl_ -n default get serviceaccount default
 	log "cluster up: node $NODE Ready ($K8S_VERSION); export KUBECONFIG=$BASE/admin.kubeconfig"

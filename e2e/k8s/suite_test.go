@@ -35,6 +35,7 @@ const (
 	namespace   = "rookzmq-e2e"
 	release     = "rookzmq"
 	scFS        = "rookzmq-e2e-fuse"
+	scXFS       = "rookzmq-e2e-fuse-xfs"
 	namePrefix  = "k8se2e-"
 	secretName  = "rookzmq-e2e-ceph"
 	provisioner = "rbd.rookzmq.io"
@@ -225,7 +226,15 @@ clusters:
 storageClasses:
   - {name: %s, clusterID: e2e, pool: %q, mounter: rbd-fuse, secretName: %s,
      parameters: {volumeNamePrefix: %q}}
+  # Online growth of ext4 needs CAP_SYS_RESOURCE, which root lacks on the CI
+  # machine (the driver says so with FailedPrecondition); XFS grows without it.
+  - {name: %s, clusterID: e2e, pool: %q, mounter: rbd-fuse, fsType: xfs, secretName: %s,
+     parameters: {volumeNamePrefix: %q}}
 controller:
+  # The API listens on loopback only, so the controller runs in the host
+  # network; there every replica has the node's hostname, which the sidecars
+  # use as leader-election identity: one replica per node.
+  replicas: 1
   hostNetwork: true
   metrics: {enabled: false}
   provisioner: {image: "rookzmq.local/csi-provisioner:v6.3.0", pullPolicy: Never}
@@ -233,7 +242,8 @@ controller:
 node:
   defaultMounter: rbd-fuse
   metrics: {host: 127.0.0.1, port: 19091, probeHost: 127.0.0.1}
-`, tag, cephEnv["ROOKZMQ_CEPH_MONITORS"], scFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix)
+`, tag, cephEnv["ROOKZMQ_CEPH_MONITORS"], scFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix,
+		scXFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix)
 	if err := os.WriteFile(values, []byte(v), 0o600); err != nil {
 		return err
 	}
@@ -270,10 +280,21 @@ func uninstallChart() {
 func dumpDiagnostics() {
 	out, _ := sh("kubectl", "get", "pods,pvc,pv,csinode", "-A", "-o", "wide")
 	logf("state at failure:\n%s", out)
-	out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component=node", "--tail", "60", "--all-containers")
-	logf("node plugin log tail:\n%s", out)
-	out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component=controller", "--tail", "30", "--all-containers", "--prefix")
-	logf("controller log tail:\n%s", out)
+	out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component=node", "--tail", "40", "--all-containers")
+	logf("node plugin log tail:\n%s", clip(out))
+	out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component=controller", "--tail", "20", "-c", "rookzmq")
+	logf("controller log tail:\n%s", clip(out))
+}
+
+// clip shortens each line to 300 bytes: sidecars log whole objects.
+func clip(s string) string {
+	lines := strings.Split(s, "\n")
+	for i, l := range lines {
+		if len(l) > 300 {
+			lines[i] = l[:300] + "..."
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 // poll calls f every 500ms until it returns true, an error, or d passes.

@@ -16,7 +16,10 @@ import (
 )
 
 func pvc(name string, size string, mode corev1.PersistentVolumeMode) *corev1.PersistentVolumeClaim {
-	sc := scFS
+	return pvcOf(scFS, name, size, mode)
+}
+
+func pvcOf(sc, name string, size string, mode corev1.PersistentVolumeMode) *corev1.PersistentVolumeClaim {
 	return &corev1.PersistentVolumeClaim{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: corev1.PersistentVolumeClaimSpec{
@@ -139,12 +142,13 @@ func deleteAndCheckGone(ctx context.Context, t *testing.T, ns, pod, claim, pvNam
 	t.Logf("pod, PVC, PV and image %s gone in %s", image, time.Since(start).Round(100*time.Millisecond))
 }
 
-// A filesystem PVC on rbd-fuse: bound, written and read by a pod, expanded
-// online (the pod sees the new size), deleted with its image.
+// A filesystem PVC on rbd-fuse (XFS: see the StorageClass): bound, written
+// and read by a pod, expanded online (the pod sees the new size), deleted with
+// its image.
 func TestFilesystemVolume(t *testing.T) {
 	ctx := testCtx(t, 10*time.Minute)
 	ns := makeNamespace(t, "e2e-fs")
-	if _, err := client.CoreV1().PersistentVolumeClaims(ns).Create(ctx, pvc("data", "64Mi", corev1.PersistentVolumeFilesystem), metav1.CreateOptions{}); err != nil {
+	if _, err := client.CoreV1().PersistentVolumeClaims(ns).Create(ctx, pvcOf(scXFS, "data", "512Mi", corev1.PersistentVolumeFilesystem), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	pvName, image := boundImage(ctx, t, ns, "data")
@@ -164,17 +168,17 @@ func TestFilesystemVolume(t *testing.T) {
 	// Online expansion: csi-resizer, ControllerExpandVolume, then kubelet's
 	// NodeExpandVolume while the pod runs.
 	start := time.Now()
-	patch := []byte(`{"spec":{"resources":{"requests":{"storage":"160Mi"}}}}`)
+	patch := []byte(`{"spec":{"resources":{"requests":{"storage":"768Mi"}}}}`)
 	if _, err := client.CoreV1().PersistentVolumeClaims(ns).Patch(ctx, "data", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	var after int64
 	err := poll(ctx, 3*time.Minute, func() (bool, error) {
 		after = dfKB(ctx, t, ns, "app", "/data")
-		return after > before+64*1024, nil
+		return after > before+200*1024, nil
 	})
 	if err != nil {
-		t.Fatalf("the pod still sees %d KiB (was %d) after expanding to 160Mi: %v", after, before, err)
+		t.Fatalf("the pod still sees %d KiB (was %d) after expanding to 768Mi: %v", after, before, err)
 	}
 	c, err := client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, "data", metav1.GetOptions{})
 	if err != nil {
