@@ -100,7 +100,7 @@ chart-apply: chart-lint k8s-up
 		--set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
 		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
 		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds | \
-		kubectl apply --server-side --dry-run=server -f -
+		kubectl apply --server-side --force-conflicts --dry-run=server --field-manager=rookzmq-chart-check -f -
 
 # The e2e suite on the real cluster (brings it up; the Ceph cluster serves it).
 k8s-e2e: k8s-deps image sidecar-images cluster-up chart-apply
