@@ -11,6 +11,7 @@
 #   status   which parts run; exit 1 if any does not
 #   down     stop everything and remove all it created (never what it did not)
 #   import   import docker-save tarballs into the cluster's containerd
+#   restart-kubelet   stop and start kubelet (its pods keep running)
 # Env: K8S_VERSION (v1.34.4), ROOKZMQ_K8S_DIR (/var/tmp/rookzmq-k8s),
 #      ROOKZMQ_K8S_CACHE (/var/cache/rookzmq-k8s), ROOKZMQ_K8S_NODE (hostname;
 #      must resolve to 127.0.0.1)
@@ -31,6 +32,12 @@ PAUSE_IMAGE=rookzmq.local/pause:1
 ETCD_PORT=12379
 CNI_BRIDGE=rzk8s0
 APT_PACKAGES=(containerd runc containernetworking-plugins etcd-server openssl iproute2)
+# What identifies each component's process in /proc/PID/cmdline: our own
+# files, never the binary's path (it depends on the build cache's location).
+M_APISERVER="--tls-cert-file $PKI/apiserver.crt"
+M_CONTROLLER="kube-controller-manager --kubeconfig $BASE/admin.kubeconfig"
+M_SCHEDULER="kube-scheduler --kubeconfig $BASE/admin.kubeconfig"
+M_KUBELET="kubelet --config $BASE/kubelet.yaml"
 # Kernel settings kubelet changes at start: saved on first up, restored on down.
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 
@@ -44,7 +51,7 @@ die() {
 	log "ERROR: $*"
 	exit 1
 }
-usage() { sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 kubectl_() { "$BIN/kubectl" --kubeconfig "$BASE/admin.kubeconfig" "$@"; }
 ctr_() { ctr --address "$SOCK" -n k8s.io "$@"; }
@@ -66,8 +73,11 @@ start() {
 		return 0
 	fi
 	setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-	echo $! >"$(pidfile "$name")"
-	log "$name started (pid $!, log $LOGS/$name.log)"
+	local pid=$!
+	echo $pid >"$(pidfile "$name")"
+	sleep 0.3
+	kill -0 $pid 2>/dev/null || die "$name exited at once: $(tail -3 "$LOGS/$name.log")"
+	log "$name started (pid $pid, log $LOGS/$name.log)"
 }
 stop() {
 	local name=$1 match=$2 p i
@@ -289,7 +299,7 @@ up() {
 		--listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
 		--initial-cluster "rookzmq-e2e=http://127.0.0.1:$((ETCD_PORT + 1))" --listen-metrics-urls "" --log-level warn
 	start containerd "$BASE/containerd/config.toml" containerd --config "$BASE/containerd/config.toml"
-	start kube-apiserver "$BIN/kube-apiserver" "$BIN/kube-apiserver" \
+	start kube-apiserver "$M_APISERVER" "$BIN/kube-apiserver" \
 		--etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port 6443 \
 		--endpoint-reconciler-type none --authorization-mode Node,RBAC --allow-privileged=true \
 		--enable-admission-plugins NodeRestriction \
@@ -303,15 +313,15 @@ up() {
 	pause_image
 	wait_for kube-apiserver 60 kubectl_ get --raw /readyz
 	log "kube-apiserver ready"
-	start kube-controller-manager "$BIN/kube-controller-manager" "$BIN/kube-controller-manager" \
+	start kube-controller-manager "$M_CONTROLLER" "$BIN/kube-controller-manager" \
 		--kubeconfig "$BASE/admin.kubeconfig" --authentication-kubeconfig "$BASE/admin.kubeconfig" \
 		--authorization-kubeconfig "$BASE/admin.kubeconfig" --bind-address 127.0.0.1 --leader-elect=false \
 		--service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" --use-service-account-credentials \
 		--cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" --profiling=false
-	start kube-scheduler "$BIN/kube-scheduler" "$BIN/kube-scheduler" \
+	start kube-scheduler "$M_SCHEDULER" "$BIN/kube-scheduler" \
 		--kubeconfig "$BASE/admin.kubeconfig" --authentication-kubeconfig "$BASE/admin.kubeconfig" \
 		--authorization-kubeconfig "$BASE/admin.kubeconfig" --bind-address 127.0.0.1 --leader-elect=false --profiling=false
-	start kubelet "$BIN/kubelet" "$BIN/kubelet" --config "$BASE/kubelet.yaml" --kubeconfig "$BASE/kubelet.kubeconfig" \
+	start kubelet "$M_KUBELET" "$BIN/kubelet" --config "$BASE/kubelet.yaml" --kubeconfig "$BASE/kubelet.kubeconfig" \
 		--hostname-override "$NODE" --root-dir "$KUBELET_DIR"
 	wait_for "node $NODE" 90 node_ready
 	wait_for "default service account" 60 kubectl_ -n default get serviceaccount default
@@ -324,8 +334,8 @@ node_ready() {
 
 # ---------- status / env ----------
 
-COMPONENTS=(etcd:"$BASE/etcd" containerd:"$BASE/containerd/config.toml" kube-apiserver:kube-apiserver
-	kube-controller-manager:kube-controller-manager kube-scheduler:kube-scheduler kubelet:kubelet)
+COMPONENTS=(etcd:"$BASE/etcd" containerd:"$BASE/containerd/config.toml" kube-apiserver:"$M_APISERVER"
+	kube-controller-manager:"$M_CONTROLLER" kube-scheduler:"$M_SCHEDULER" kubelet:"$M_KUBELET")
 status() {
 	local c bad=0
 	for c in "${COMPONENTS[@]}"; do
@@ -370,13 +380,16 @@ down() {
 		return 0
 	}
 	bin_if_built
-	if running kube-apiserver kube-apiserver && running kubelet kubelet; then
+	if running kube-apiserver "$M_APISERVER" && running kubelet "$M_KUBELET"; then
 		log "deleting all pods (kubelet tears their mounts and networks down) ..."
 		kubectl_ delete daemonsets,deployments,statefulsets,replicasets,jobs --all --all-namespaces --wait=false >/dev/null 2>&1 || true
 		kubectl_ delete pods --all --all-namespaces --grace-period=5 --timeout=60s >/dev/null 2>&1 || true
 	fi
 	local c
-	for c in kube-scheduler kube-controller-manager kubelet kube-apiserver; do stop "$c" "$c"; done
+	stop kube-scheduler "$M_SCHEDULER"
+	stop kube-controller-manager "$M_CONTROLLER"
+	stop kubelet "$M_KUBELET"
+	stop kube-apiserver "$M_APISERVER"
 	if running containerd "$BASE/containerd/config.toml"; then
 		local id
 		for id in $(ctr_ tasks ls -q 2>/dev/null); do
@@ -431,6 +444,11 @@ main() {
 	import)
 		shift
 		import "$@"
+		;;
+	restart-kubelet)
+		running kubelet "$M_KUBELET" || die "kubelet is not running (up first)"
+		stop kubelet "$M_KUBELET"
+		up
 		;;
 	-h | --help) usage ;;
 	*)
