@@ -90,6 +90,12 @@ func run(m *testing.M) int {
 	}
 	logf("cluster, images and chart ready in %s", time.Since(start).Round(100*time.Millisecond))
 	code := m.Run()
+	if code == 0 {
+		if err := checkNoOrphans(); err != nil {
+			logf("ERROR: %v", err)
+			code = 1
+		}
+	}
 	if code != 0 {
 		dumpDiagnostics()
 	}
@@ -269,6 +275,39 @@ node:
 		}
 		return len(nodes.Items) > 0, nil
 	})
+}
+
+// checkNoOrphans waits until every PV is gone and then wants no RBD image
+// with the suite's prefix left in the pool: a second image made for one PVC
+// (e.g. two provisioners acting at once) would remain there.
+func checkNoOrphans() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var left []string
+	err := poll(ctx, 3*time.Minute, func() (bool, error) {
+		pvs, err := client.CoreV1().PersistentVolumes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err
+		}
+		if len(pvs.Items) > 0 {
+			return false, nil
+		}
+		names, err := rbd.GetImageNames(pool)
+		if err != nil {
+			return false, err
+		}
+		left = left[:0]
+		for _, n := range names {
+			if strings.HasPrefix(n, namePrefix) {
+				left = append(left, n)
+			}
+		}
+		return len(left) == 0, nil
+	})
+	if err != nil {
+		return fmt.Errorf("after the suite, PVs or images are left (images %v): %w", left, err)
+	}
+	return nil
 }
 
 func uninstallChart() {
