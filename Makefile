@@ -1,4 +1,6 @@
-# rookzmq — see README.md. Everything a target needs is installed by e2e/install-deps.sh.
+# rookzmq — see README.md. Everything a target needs is installed by e2e/install-deps.sh:
+# `make build` and `make demo` only the Debian packages; `make test` also the
+# pinned Go tools, fetched afresh into bin/tools on every run (see tools).
 SHELL := /bin/bash
 GO ?= go
 export GOFLAGS := -tags=pacific
@@ -6,14 +8,20 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 CLUSTER := e2e/ceph/cluster.sh
 FUZZTIME ?= 10s
+TOOLS := $(CURDIR)/bin/tools
 
-.PHONY: all deps build demo test unit sanity integration fuzz bench cluster-up cluster-down vet clean
+.PHONY: all deps tools build demo test unit sanity integration fuzz bench cluster-up cluster-down vet clean
 .PHONY: k8s-deps image sidecar-images k8s-up k8s-down chart-lint chart-apply k8s-e2e
 
 all: build
 
 deps:
-	@e2e/install-deps.sh
+	@e2e/install-deps.sh --apt-only
+
+# The pinned linters and csi-sanity, installed from a throwaway module cache so
+# that a pin the module proxy refuses fails here, not on a newcomer's machine.
+tools:
+	@e2e/install-deps.sh --tools $(TOOLS)
 
 build: deps
 	@mkdir -p bin
@@ -30,13 +38,14 @@ cluster-down:
 demo: build cluster-up
 	@e2e/demo.sh
 
-vet: deps
+vet: tools
+	@e2e/check-install.sh
 	$(GO) vet ./...
-	$$($(GO) env GOPATH)/bin/staticcheck ./...
+	$(TOOLS)/staticcheck ./...
 	@# The nested modules (Kubernetes suite, image builder) keep client-go and
 	@# go-containerregistry out of the driver's go.mod.
-	cd e2e/k8s && $(GO) vet ./... && $$($(GO) env GOPATH)/bin/staticcheck ./...
-	cd e2e/image && $(GO) vet ./... && $$($(GO) env GOPATH)/bin/staticcheck ./...
+	cd e2e/k8s && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
+	cd e2e/image && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
 	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
 
 unit: deps
@@ -44,8 +53,9 @@ unit: deps
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
 
 sanity: build cluster-up
-	@e2e/sanity.sh mount
-	@e2e/sanity.sh block
+	@test -x $(TOOLS)/csi-sanity || $(MAKE) --no-print-directory tools
+	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity.sh mount
+	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity.sh block
 
 integration: build cluster-up
 	$(GO) test -count=1 -timeout 20m -v ./e2e/... 2>&1 | tee /tmp/rookzmq-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit $${PIPESTATUS[0]}
@@ -55,6 +65,7 @@ test: vet unit sanity integration k8s-e2e
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
+	$(GO) test -run '^$$' -fuzz '^FuzzParseCephCSIVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
 	$(GO) test -run '^$$' -fuzz '^FuzzJournalRecover$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
@@ -71,10 +82,11 @@ bench: build
 # ---- Kubernetes: image, chart, a real single-node cluster, the e2e suite ----
 IMAGE_TAG ?= $(VERSION)
 K8S_CLUSTER := e2e/k8s/cluster.sh
-HELM = $$($(GO) env GOPATH)/bin/helm
+HELM := $(TOOLS)/helm
 
+# debootstrap and helm (K8S_GO_TOOLS), fetched afresh into bin/tools like tools.
 k8s-deps:
-	@e2e/install-deps.sh --k8s
+	@e2e/install-deps.sh --k8s $(TOOLS)
 
 # bin/rookzmq-image.tar (docker-save), tag rookzmq:$(IMAGE_TAG); no Docker needed.
 image:
@@ -108,7 +120,7 @@ chart-apply: chart-lint k8s-up
 
 # The e2e suite on the real cluster (brings it up; the Ceph cluster serves it).
 k8s-e2e: k8s-deps image sidecar-images cluster-up chart-apply
-	cd e2e/k8s && PATH="$$($(GO) env GOPATH)/bin:$$PATH" ROOKZMQ_IMAGE_TAG=$(IMAGE_TAG) \
+	cd e2e/k8s && PATH="$(TOOLS):$$PATH" ROOKZMQ_IMAGE_TAG=$(IMAGE_TAG) \
 		$(GO) test -count=1 -timeout 30m -v . 2>&1 | tee /tmp/rookzmq-k8s-e2e.log | \
 		grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go|k8s-e2e:' ; exit $${PIPESTATUS[0]}
 

@@ -41,51 +41,106 @@ func TestCrashDuringCreateAndDelete(t *testing.T) {
 			d.stop()
 		})
 	}
-	t.Run("delete-before-image", func(t *testing.T) {
-		d := startDriver(t, dir, nil)
-		r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"delb", prefix, 64<<20))
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.stop()
-		d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-before-image"})
-		id := r.GetVolume().GetVolumeId()
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
-			t.Fatal("DeleteVolume succeeded through its crash point")
-		}
-		waitDead(t, d)
-		if len(images(t, prefix)) == 0 {
-			t.Fatal("the image is gone before its crash point: the test proves nothing")
-		}
-		d = startDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
-			t.Fatalf("retry after crash: %v", err)
-		}
-		d.stop()
-	})
-	t.Run("delete-after-image", func(t *testing.T) {
-		d := startDriver(t, dir, nil)
-		r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"del", prefix, 64<<20))
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.stop()
-		d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-after-image"})
-		id := r.GetVolume().GetVolumeId()
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err == nil {
-			t.Fatal("DeleteVolume succeeded through its crash point")
-		}
-		waitDead(t, d)
-		if len(journal(t, prefix+"del")) == 0 {
-			t.Fatal("the crash point came after the journal release: the test proves nothing")
-		}
-		d = startDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
-			t.Fatalf("retry after crash: %v", err)
-		}
-		d.stop()
-	})
+	// What each delete crash point must have left, so the test proves something.
+	deleteLeft := map[string]func(t *testing.T, name string) string{
+		"delete-before-image": func(t *testing.T, name string) string {
+			if len(images(t, prefix+"del-")) == 0 {
+				return "the image is gone before its crash point"
+			}
+			return ""
+		},
+		"delete-after-trash": func(t *testing.T, name string) string {
+			if len(images(t, prefix+"del-")) != 0 || len(trashed(t, prefix+"del-")) == 0 || len(journal(t, name)) == 0 {
+				return "the image is not (only) in the trash with its journal entry kept"
+			}
+			return ""
+		},
+		"delete-after-release": func(t *testing.T, name string) string {
+			if len(journal(t, name)) != 0 || len(trashed(t, prefix+"del-")) == 0 || len(journal(t, prefix+"del-")) != 1 {
+				return "the image is not in the trash with only its purge record in the journal"
+			}
+			return ""
+		},
+	}
+	for _, point := range []string{"delete-before-image", "delete-after-trash", "delete-after-release"} {
+		t.Run(point, func(t *testing.T) {
+			d := startDriver(t, dir, nil)
+			name := prefix + point
+			r, err := d.ctrl.CreateVolume(ctx(t), createReq(name, prefix+"del-", 64<<20))
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.stop()
+			d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
+			id := r.GetVolume().GetVolumeId()
+			_, err = d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+			if err == nil {
+				t.Fatal("DeleteVolume succeeded through its crash point")
+			}
+			t.Logf("DeleteVolume through its crash point: %v", err)
+			waitDead(t, d)
+			if why := deleteLeft[point](t, name); why != "" {
+				t.Fatalf("%s: the test proves nothing", why)
+			}
+			d = startDriver(t, dir, nil)
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()}); err != nil {
+				t.Fatalf("retry after crash: %v", err)
+			}
+			d.stop()
+			assertNoOrphans(t, prefix+"del-")
+		})
+	}
+	// Crashes after the name is released: the CO may never retry (the second
+	// one even told it the delete succeeded). The restarted driver finds the
+	// purge in the journal the first time a call opens the pool.
+	for _, point := range []string{"delete-after-release", "purge-after-task"} {
+		t.Run(point+"-no-retry", func(t *testing.T) {
+			d := startDriver(t, dir, nil)
+			r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+point+"-nr", prefix+"nr-", 64<<20))
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.stop()
+			d = startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
+			d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: secrets()})
+			waitDead(t, d)
+			if len(journal(t, prefix+"nr-")) != 1 {
+				t.Fatalf("journal entries %v, want the purge record alone: the test proves nothing", journal(t, prefix+"nr-"))
+			}
+			d = startDriver(t, dir, nil)
+			if _, err := d.ctrl.ValidateVolumeCapabilities(ctx(t), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: r.GetVolume().GetVolumeId(),
+				VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: secrets()}); status.Code(err) != codes.NotFound {
+				t.Errorf("ValidateVolumeCapabilities of the deleted volume: %v, want NotFound", err)
+			}
+			assertNoOrphans(t, prefix+"nr-")
+			d.stop()
+		})
+	}
 	assertNoOrphans(t, prefix)
+}
+
+// A driver with a credentials directory resumes the purges a killed process
+// left at start, with no call at all.
+func TestPurgeResumedAtStart(t *testing.T) {
+	dir := newDriverDir(t)
+	creds := filepath.Join(dir, "creds", "c1")
+	os.MkdirAll(creds, 0o700)
+	os.WriteFile(filepath.Join(creds, "userID"), []byte(env["ROOKZMQ_CEPH_RBD_USER"]), 0o600)
+	os.WriteFile(filepath.Join(creds, "userKey"), []byte(env["ROOKZMQ_CEPH_RBD_KEY"]), 0o600)
+	prefix := uniquePrefix(t)
+	d := startDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=delete-after-release"}, "--credentials-dir", filepath.Join(dir, "creds"))
+	r, err := d.ctrl.CreateVolume(ctx(t), createReq(prefix+"s", prefix, 64<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: secrets()})
+	waitDead(t, d)
+	if len(journal(t, prefix)) != 1 || len(trashed(t, prefix)) != 1 {
+		t.Fatalf("journal %v, trash %v: want the purge record and the trashed image", journal(t, prefix), trashed(t, prefix))
+	}
+	d = startDriver(t, dir, nil, "--credentials-dir", filepath.Join(dir, "creds"))
+	assertNoOrphans(t, prefix)
+	d.stop()
 }
 
 // SIGKILL at random moments of CreateVolume: every retry completes and

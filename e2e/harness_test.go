@@ -28,6 +28,8 @@ var (
 	env     = map[string]string{} // the cluster's exports
 	binPath string
 	admin   *rados.IOContext // pool rbd, as client.admin
+	// adminConn is admin's connection, for monitor and mgr commands.
+	adminConn *rados.Conn
 )
 
 func TestMain(m *testing.M) {
@@ -63,6 +65,7 @@ func run(m *testing.M) int {
 	}
 	if err == nil {
 		admin, err = conn.OpenIOContext("rbd")
+		adminConn = conn
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: admin connection: %v\n", err)
@@ -269,11 +272,36 @@ func uniquePrefix(t *testing.T) string {
 	return fmt.Sprintf("e2e-%d-", time.Now().UnixNano()%1e9)
 }
 
-// assertNoOrphans fails t if any image or journal entry with prefix is left.
+// trashed lists the pool's trash entries whose image name has prefix.
+func trashed(t testing.TB, prefix string) []string {
+	t.Helper()
+	entries, err := rbd.GetTrashList(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name, prefix) {
+			out = append(out, e.Name+" (id "+e.Id+")")
+		}
+	}
+	return out
+}
+
+// assertNoOrphans fails t if any image, trash entry or journal entry with
+// prefix is left. The driver hands deleted images to the mgr, and the mgr
+// purges them from the trash, in the background: that gets a minute.
 func assertNoOrphans(t *testing.T, prefix string) {
 	t.Helper()
 	if got := images(t, prefix); len(got) != 0 {
 		t.Errorf("orphan images: %v", got)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for (len(trashed(t, prefix)) != 0 || len(journal(t, prefix)) != 0) && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+	}
+	if got := trashed(t, prefix); len(got) != 0 {
+		t.Errorf("orphan trash entries a minute after the deletes: %v", got)
 	}
 	if keys := journal(t, prefix); len(keys) != 0 {
 		t.Errorf("orphan journal entries: %v", keys)

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# install-deps.sh — install what the rookzmq end-to-end tests need on a fresh
-# Debian 12 machine: Ceph Pacific (16.2.x) daemons, clients and development
-# libraries, ZeroMQ, filesystem tools, FUSE, and csi-sanity.
+# install-deps.sh — install what rookzmq's make targets need on a fresh Debian 12
+# machine: Ceph Pacific (16.2.x) daemons, clients and development libraries,
+# ZeroMQ, filesystem tools and FUSE from apt; the pinned Go tools (csi-sanity,
+# staticcheck; helm for the Kubernetes targets) with `go install`.
 #
 # Idempotent: every package is checked with dpkg-query first and only the
 # missing ones are installed; `apt-get update` runs only when something is
-# missing; csi-sanity is built only when its binary is absent.
+# missing.
 #
-# Usage: e2e/install-deps.sh [--apt-only | --go-only | --k8s]
-#   --apt-only   only the Debian packages (used by e2e/ceph/cluster.sh)
-#   --go-only    only the Go tools (csi-sanity, staticcheck)
-#   --k8s        only what the Kubernetes targets add: helm (the cluster's own
-#                packages are installed by e2e/k8s/cluster.sh, the image's by
-#                e2e/image/build.sh)
+# Usage: e2e/install-deps.sh --apt-only | --tools DIR | --k8s DIR
+#   --apt-only   only the Debian packages (make build, make demo, cluster.sh)
+#   --tools DIR  the Debian packages, then every pinned Go tool built into DIR
+#                from a throwaway module cache: each pin is fetched from the
+#                module proxy on every run, so a pin the proxy refuses fails
+#                here (in CI) rather than on a newcomer's machine. Only the
+#                build cache is shared, so unchanged tools do not recompile.
+#   --k8s DIR    only what the Kubernetes targets add: debootstrap, and the
+#                K8S_GO_TOOLS (helm) built into DIR the same way (the cluster's
+#                own packages are installed by e2e/k8s/cluster.sh)
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -20,12 +25,16 @@ APT_PACKAGES=(
 	librbd-dev librados-dev libcephfs-dev libzmq3-dev
 	e2fsprogs xfsprogs uuid-runtime util-linux python3-zmq fuse3
 )
-CSI_SANITY_PKG=github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
-CSI_SANITY_VERSION=v5.6.0
-HELM_PKG=helm.sh/helm/v3/cmd/helm
-HELM_VERSION=v3.17.3
-STATICCHECK_PKG=honnef.co/go/tools/cmd/staticcheck
-STATICCHECK_VERSION=v0.6.1 # = release 2025.1.1; the proxy serves only the vX.Y.Z name
+# Pinned Go tools: NAME PACKAGE VERSION. Versions are exact semantic versions,
+# the only form the module proxy serves (not a project's own release names).
+GO_TOOLS=(
+	"csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity v5.6.0"
+	"staticcheck honnef.co/go/tools/cmd/staticcheck v0.6.1"
+)
+# Pinned Go tools only the Kubernetes targets need (make k8s-deps), same format.
+K8S_GO_TOOLS=(
+	"helm helm.sh/helm/v3/cmd/helm v3.17.3"
+)
 
 export DEBIAN_FRONTEND="${DEBIAN_FRONTEND:-noninteractive}"
 
@@ -42,17 +51,16 @@ die() {
 	exit 1
 }
 
-usage() { sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,21s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
-do_apt=1
-do_go=1
+tools_dir=
+k8s=0
 case "${1:-}" in
-"") ;;
---apt-only) do_go=0 ;;
---go-only) do_apt=0 ;;
---k8s)
-	do_apt=0 do_go=0
-	go_install_k8s=1
+--apt-only) ;;
+--tools | --k8s)
+	tools_dir=${2:-}
+	[[ -n $tools_dir ]] || die "$1 needs a directory"
+	[[ $1 == --k8s ]] && k8s=1
 	;;
 -h | --help)
 	usage
@@ -60,7 +68,7 @@ case "${1:-}" in
 	;;
 *)
 	usage >&2
-	die "unknown argument: $1"
+	die "unknown argument: ${1:-(none)}"
 	;;
 esac
 
@@ -111,38 +119,43 @@ install_apt() {
 	log "apt: installed ${#missing[@]} package(s)"
 }
 
-# go_install NAME PKG VERSION: a pinned `go install`, skipped when NAME exists.
-go_install() {
-	local name=$1 pkg=$2 version=$3 gopath bindir
-	command -v go >/dev/null 2>&1 ||
-		die "go not found in PATH: install Go first (needed to build $name)"
-	gopath=$(go env GOPATH) || die "go env GOPATH failed"
-	bindir="${gopath%%:*}/bin"
-	if [[ -x "$bindir/$name" ]]; then
-		log "go: $bindir/$name already present"
-		return 0
-	fi
-	log "go: go install $pkg@$version ..."
-	# GOFLAGS is cleared so that project-wide flags (e.g. -mod=vendor) do not
-	# apply; GOBIN is pinned so the binary lands where we check for it.
-	GOFLAGS='' GOBIN="$bindir" go install "$pkg@$version" ||
-		die "go install of $name failed (is the Go module proxy reachable?)"
-	[[ -x "$bindir/$name" ]] || die "go install succeeded but $bindir/$name is missing"
-	log "go: installed $bindir/$name"
-}
-
+# install_go_tools DIR TOOL...: `go install PACKAGE@VERSION` of every pinned
+# tool ("NAME PACKAGE VERSION") into DIR, through a module cache made for this
+# run and removed afterwards.
 install_go_tools() {
-	go_install csi-sanity "$CSI_SANITY_PKG" "$CSI_SANITY_VERSION"
-	go_install staticcheck "$STATICCHECK_PKG" "$STATICCHECK_VERSION"
+	local dir=$1 modcache line name pkg version t
+	shift
+	command -v go >/dev/null 2>&1 || die "go not found in PATH: install Go first"
+	mkdir -p "$dir"
+	dir=$(cd "$dir" && pwd)
+	# The cache is emptied before and after, but its path is fixed: the build
+	# cache keys on source paths, so a new path each run would recompile all.
+	modcache=$dir/.modcache
+	rm -rf "$modcache"
+	# shellcheck disable=SC2064
+	trap "rm -rf '$modcache'" EXIT
+	for line in "$@"; do
+		read -r name pkg version <<<"$line"
+		t=${EPOCHREALTIME/./}
+		log "go: go install $pkg@$version (fresh module cache) ..."
+		# GOFLAGS is replaced so project-wide flags (-tags) do not apply;
+		# -modcacherw lets the throwaway cache be removed.
+		rm -f "$dir/$name"
+		GOFLAGS=-modcacherw GOMODCACHE="$modcache" GOBIN="$dir" go install "$pkg@$version" ||
+			die "go install $pkg@$version failed: is the pin an exact version the module proxy serves?"
+		[[ -x "$dir/$name" ]] || die "go install succeeded but $dir/$name is missing"
+		log "go: $dir/$name ($version) in $(((${EPOCHREALTIME/./} - t) / 1000)) ms"
+	done
 }
 
-if [[ ${go_install_k8s:-0} -eq 1 ]]; then
+if [[ $k8s -eq 1 ]]; then
 	command -v debootstrap >/dev/null 2>&1 || {
 		as_root apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 debootstrap ||
 			die "apt-get install debootstrap failed"
 	}
-	go_install helm "$HELM_PKG" "$HELM_VERSION"
+	install_go_tools "$tools_dir" "${K8S_GO_TOOLS[@]}"
+else
+	install_apt
+	[[ -n $tools_dir ]] && install_go_tools "$tools_dir" "${GO_TOOLS[@]}"
 fi
-[[ $do_apt -eq 1 ]] && install_apt
-[[ $do_go -eq 1 ]] && install_go_tools
 log "done"

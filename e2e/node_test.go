@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -30,6 +32,7 @@ func createStagePublish(t *testing.T, d *driver, prefix string, size int64, vc *
 	if err != nil {
 		t.Fatal(err)
 	}
+	dropOnFailure(t, d, r.GetVolume().GetVolumeId())
 	dir := t.TempDir()
 	s := staged{id: r.GetVolume().GetVolumeId(), staging: filepath.Join(dir, "staging"), target: filepath.Join(dir, "pod", "mount"),
 		capability: vc, context: r.GetVolume().GetVolumeContext()}
@@ -57,6 +60,22 @@ func unpublishUnstageDelete(t *testing.T, d *driver, s staged) {
 	if _, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: s.id, Secrets: secrets()}); err != nil {
 		t.Fatalf("delete: %v", err)
 	}
+}
+
+// dropOnFailure deletes the volume at the end of a failed test (best effort;
+// a passing test deletes its volumes itself).
+func dropOnFailure(t *testing.T, d *driver, id string) {
+	t.Cleanup(func() {
+		if !t.Failed() || !d.alive() {
+			return
+		}
+		c, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if recs, _ := filepath.Glob(filepath.Join(d.dir, "state", "volumes", "*.json")); len(recs) > 0 {
+			return // still staged: deleting would fail; leave it for inspection
+		}
+		d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: id, Secrets: secrets()})
+	})
 }
 
 // nodeLeftovers lists mounts, loop devices and rbd-fuse processes under dir.
@@ -309,10 +328,16 @@ func TestStaleStageIsRestaged(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The mapping dies (as in a reboot, or an OOM kill of rbd-fuse).
-	for _, l := range nodeLeftovers(dir) {
-		if strings.HasPrefix(l, "process: ") {
-			pid := fuseProcessPid(dir)
-			syscall.Kill(pid, syscall.SIGKILL)
+	// Wait for it to be gone: the kernel aborts the FUSE connection only when
+	// the daemon's /dev/fuse descriptor closes, at its exit.
+	pid := fuseProcessPid(dir)
+	if pid <= 0 {
+		t.Fatalf("no rbd-fuse process found for %s", dir)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+	for deadline := time.Now().Add(10 * time.Second); fuseProcessPid(dir) != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("rbd-fuse %d still running 10 s after SIGKILL", pid)
 		}
 	}
 	pub := &csi.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, TargetPath: s.target, VolumeCapability: s.capability}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -30,7 +31,9 @@ func runDemo(args []string) int {
 	fsType := fs.String("fstype", "xfs", "filesystem (ext4 grows online only where the plugin has CAP_SYS_RESOURCE)")
 	workDir := fs.String("workdir", "/tmp/rookzmq-demo", "where staging and target paths are made")
 	eventsDir := fs.String("events-dir", "", "the driver's --events-dir: also ask for a write acknowledgement (flush -> ack event)")
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		return 0
+	} else if err != nil {
 		return 2
 	}
 	key, err := os.ReadFile(*keyFile)

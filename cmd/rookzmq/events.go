@@ -3,11 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -19,8 +21,11 @@ import (
 const eventsUsage = `usage: rookzmq events [--dir DIR | --events ADDR --control ADDR] COMMAND [flags]
 
 commands:
-  subscribe [--kind K] [--namespace NS] [--pvc NAME] [--since N] [-o json]
-            every matching event after N, exactly once, in order (subscribe, then replay)
+  subscribe [--kind K] [--namespace NS] [--pvc NAME] [--since N|now] [--strict] [-o json]
+            every matching event after N (now: from the node's last event on),
+            exactly once, in order (subscribe, then replay). Events the journal
+            no longer holds, or a journal made anew (another epoch), are warned
+            about on stderr and skipped; --strict fails instead.
   replay    [--since N] [--max M] [-o json]
   flush     --volume-id ID | --pvc NAME --namespace NS
   keygen    print a new CURVE keypair (Z85) for the TCP endpoint
@@ -38,7 +43,9 @@ func runEvents(args []string) int {
 	controlAddr := fs.String("control", "", "control address (default ipc://DIR/control.sock)")
 	serverKey := fs.String("server-key", "", "TCP endpoint: the server's Z85 public key")
 	keyFile := fs.String("key-file", "", "TCP endpoint: file holding this client's Z85 secret key")
-	if err := fs.Parse(args); err != nil || fs.NArg() == 0 {
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		return 0
+	} else if err != nil || fs.NArg() == 0 {
 		fs.Usage()
 		return 2
 	}
@@ -79,19 +86,38 @@ func runEvents(args []string) int {
 	}
 	cmd, rest := fs.Arg(0), fs.Args()[1:]
 	sub := flag.NewFlagSet("rookzmq events "+cmd, flag.ContinueOnError)
-	since := sub.Uint64("since", 0, "deliver events after this sequence number")
+	var since sinceFlag
+	sub.Var(&since, "since", "deliver events after this sequence number (subscribe: or now)")
 	output := sub.String("o", "text", "output: text or json")
 	switch cmd {
 	case "subscribe":
 		kind := sub.String("kind", "", "event kind (attach, publish, unpublish, expand, ack, detach)")
 		ns := sub.String("namespace", "", "PVC namespace")
 		pvc := sub.String("pvc", "", "PVC name (with --namespace)")
-		if sub.Parse(rest) != nil {
-			return 2
+		strict := sub.Bool("strict", false, "fail when events are gone (truncated journal, or a journal made anew) instead of warning")
+		if code, ok := parsed(sub.Parse(rest)); !ok {
+			return code
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 		defer stop()
-		err = c.Subscribe(ctx, nil, *since, func(ev zmqbridge.Event, raw []byte) error {
+		from := since.n
+		if since.now {
+			if from, c.Epoch, err = c.Last(); err != nil {
+				fmt.Fprintln(os.Stderr, "events:", err)
+				return 1
+			}
+		}
+		if !*strict {
+			c.OnTruncated = func(e zmqbridge.ErrTruncatedReplay) error {
+				fmt.Fprintf(os.Stderr, "WARNING: the node's journal no longer holds the events before %d (retention): skipping to it\n", e.First)
+				return nil
+			}
+			c.OnEpochChange = func(e zmqbridge.ErrEpochChanged) error {
+				fmt.Fprintf(os.Stderr, "WARNING: %v; the old journal's events not yet seen are lost; starting again from its first event\n", e)
+				return nil
+			}
+		}
+		err = c.Subscribe(ctx, nil, from, func(ev zmqbridge.Event, raw []byte) error {
 			if (*kind == "" || ev.Kind == *kind) && (*ns == "" || ev.Namespace == *ns) && (*pvc == "" || ev.PVC == *pvc) {
 				printEvent(*output, ev, raw)
 			}
@@ -102,12 +128,16 @@ func runEvents(args []string) int {
 		}
 	case "replay":
 		max := sub.Int("max", zmqbridge.MaxReplay, "at most this many events")
-		if sub.Parse(rest) != nil {
-			return 2
+		if code, ok := parsed(sub.Parse(rest)); !ok {
+			return code
 		}
 		var events []json.RawMessage
 		var last uint64
-		events, last, err = c.Replay(*since, *max)
+		if since.now {
+			fmt.Fprintln(os.Stderr, "events: replay --since takes a number")
+			return 2
+		}
+		events, last, err = c.Replay(since.n, *max)
 		for _, raw := range events {
 			var ev zmqbridge.Event
 			json.Unmarshal(raw, &ev)
@@ -120,8 +150,8 @@ func runEvents(args []string) int {
 		id := sub.String("volume-id", "", "volume ID")
 		pvc := sub.String("pvc", "", "PVC name")
 		ns := sub.String("namespace", "", "PVC namespace")
-		if sub.Parse(rest) != nil {
-			return 2
+		if code, ok := parsed(sub.Parse(rest)); !ok {
+			return code
 		}
 		var seq uint64
 		var ms float64
@@ -141,6 +171,44 @@ func runEvents(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// parsed says whether flags parsed, and if not the exit status: 0 for
+// --help (the usage was printed), 2 for an error.
+func parsed(err error) (int, bool) {
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, flag.ErrHelp):
+		return 0, false
+	}
+	return 2, false
+}
+
+// sinceFlag is --since: a sequence number, or "now".
+type sinceFlag struct {
+	n   uint64
+	now bool
+}
+
+func (f *sinceFlag) String() string {
+	if f.now {
+		return "now"
+	}
+	return strconv.FormatUint(f.n, 10)
+}
+
+func (f *sinceFlag) Set(s string) error {
+	if s == "now" {
+		f.now = true
+		return nil
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return errors.New(`want a sequence number or "now"`)
+	}
+	f.n, f.now = n, false
+	return nil
 }
 
 func printEvent(output string, ev zmqbridge.Event, raw []byte) {

@@ -32,28 +32,39 @@ import (
 // version is set at build time (-ldflags -X main.version=...).
 var version = "dev"
 
-func main() {
-	if len(os.Args) > 1 {
-		switch os.Args[1] {
+func main() { os.Exit(run(os.Args[1:])) }
+
+// run is the command line; it returns the exit status (0 for --help).
+func run(args []string) int {
+	if err := harden(); err != nil {
+		fmt.Fprintf(os.Stderr, "rookzmq: %v\n", err)
+		return 1
+	}
+	if len(args) > 0 {
+		switch args[0] {
 		case "demo":
-			os.Exit(runDemo(os.Args[2:]))
+			return runDemo(args[1:])
 		case "events":
-			os.Exit(runEvents(os.Args[2:]))
+			return runEvents(args[1:])
 		case "version", "--version":
 			fmt.Println(version)
-			return
+			return 0
 		}
 	}
-	if err := serve(os.Args[1:]); err != nil {
+	if err := serve(args); errors.Is(err, flag.ErrHelp) {
+		return 0
+	} else if err != nil {
 		klog.ErrorS(err, "rookzmq failed")
 		klog.Flush()
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 type serveFlags struct {
 	driverType, driverName, endpoint, nodeID, clusters string
 	defaultMounter, stateDir, credentialsDir           string
+	cephCSIInstance                                    string
 	controller, node                                   bool
 	eventsDir, eventsMode, eventsEndpoint              string
 	eventsHeartbeat, eventsJournalAge                  time.Duration
@@ -70,12 +81,13 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name")
 	fs.BoolVar(&f.controller, "controller", false, "serve the CSI Controller service")
 	fs.BoolVar(&f.node, "node", false, "serve the CSI Node service")
-	fs.StringVar(&f.endpoint, "endpoint", "unix:///var/lib/kubelet/plugins/rbd.rookzmq.io/csi.sock", "CSI endpoint (unix:///path.sock or tcp://host:port)")
+	fs.StringVar(&f.endpoint, "endpoint", "", "CSI endpoint (unix:///path.sock or tcp://host:port; default unix:///var/lib/kubelet/plugins/<drivername>/csi.sock)")
 	fs.StringVar(&f.nodeID, "nodeid", "", "this node's name (required with --node)")
 	fs.StringVar(&f.clusters, "clusters", "/etc/rookzmq/config.json", "clusters file (ceph-csi config.json format)")
 	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
 	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
+	fs.StringVar(&f.cephCSIInstance, "cephcsi-instance-id", rbd.DefaultCephCSIInstance, "--instanceid of the ceph-csi whose volumes are adopted (its journal is csi.volumes.<ID>)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
 	fs.StringVar(&f.registrationDir, "registration-dir", rcsi.DefaultRegistrationDir, "kubelet's plugin registration directory, where the node plugin registers its drivers; empty disables")
@@ -83,7 +95,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.eventsTCP, "events-tcp", "", "HOST:PORT of the CURVE-encrypted TCP event endpoint (events on PORT, control on PORT+1); empty disables")
 	fs.StringVar(&f.eventsServerKey, "events-curve-server-key", "", "file holding the TCP endpoint's Z85 CURVE secret key (a mounted Secret)")
 	fs.StringVar(&f.eventsClients, "events-curve-clients", "", "file listing authorised client keys and their namespaces (a mounted Secret; reloaded on change)")
-	fs.StringVar(&f.eventsMode, "events-mode", "0600", "mode of the event socket files")
+	fs.StringVar(&f.eventsMode, "events-mode", "0600", "mode of the node-wide event socket files (a pod's sockets are always 0666)")
 	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
 	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
 	fs.DurationVar(&f.eventsJournalAge, "events-journal-age", 7*24*time.Hour, "event journal age limit")
@@ -102,6 +114,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if f.node && f.nodeID == "" {
 		return nil, errors.New("--nodeid is required with --node")
 	}
+	if f.endpoint == "" {
+		f.endpoint = "unix://" + filepath.Join("/var/lib/kubelet/plugins", f.driverName, "csi.sock")
+	}
 	if f.eventsDir == "" {
 		f.eventsDir = filepath.Join("/var/lib/kubelet/plugins", f.driverName, "events")
 	}
@@ -113,6 +128,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if f.stateDir == "" {
 		f.stateDir = filepath.Join("/var/lib/rookzmq", f.driverName)
+	}
+	if err := rbd.CheckCephCSIInstance(f.cephCSIInstance); err != nil {
+		return nil, fmt.Errorf("--cephcsi-instance-id: %w", err)
 	}
 	if _, err := rbd.ParseMounterName(f.defaultMounter); err != nil {
 		return nil, fmt.Errorf("--default-mounter: %w", err)
@@ -137,13 +155,14 @@ func serve(args []string) error {
 
 	var controller *rbd.Controller
 	if f.controller {
-		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
+			CephCSIInstance: f.cephCSIInstance}
 	}
 	var node *rbd.Node
 	healthy := func() error { return nil }
 	if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
-		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink})
+		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink, Conns: conns})
 		if err != nil {
 			return err
 		}
@@ -198,6 +217,9 @@ func serve(args []string) error {
 		srv.Stop(0)
 		return err
 	}
+	if controller != nil {
+		controller.ScanAtStart()
+	}
 	klog.InfoS("rookzmq serving", "version", version, "driver", f.driverName, "endpoint", f.endpoint,
 		"controller", f.controller, "node", f.node, "nodeID", f.nodeID, "defaultMounter", f.defaultMounter)
 
@@ -227,6 +249,9 @@ func serve(args []string) error {
 	case <-ctx.Done():
 		klog.InfoS("shutting down")
 		srv.Stop(10 * time.Second)
+		if controller != nil {
+			controller.Drain(5 * time.Second)
+		}
 		return nil
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -109,15 +108,20 @@ type flusher struct{ b *zmqbridge.Bridge }
 
 func (f *flusher) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
 	if req.VolumeID != "v" && (req.PVC != "p" || req.Namespace != "ns") {
-		return 0, 0, fmt.Errorf("volume %s is not staged on this node", req.VolumeID)
+		return 0, 0, zmqbridge.Errorf(zmqbridge.CodeNotFound, "volume %s is not staged on this node", req.VolumeID)
 	}
 	ms := 1.5
-	seq, err := f.b.Emit(zmqbridge.Event{Kind: zmqbridge.KindAck, VolumeID: "v", FlushMs: &ms, Trigger: zmqbridge.TriggerRequest})
+	seq, err := f.b.Emit(ctx, zmqbridge.Event{Kind: zmqbridge.KindAck, VolumeID: "v", FlushMs: &ms, Trigger: zmqbridge.TriggerRequest})
 	return seq, ms, err
 }
 
 func newBridge(t *testing.T, jo zmqbridge.JournalOptions) (string, *zmqbridge.Bridge) {
 	dir := t.TempDir()
+	return dir, newBridgeIn(t, dir, jo)
+}
+
+// newBridgeIn starts a bridge in dir (again, after a Close).
+func newBridgeIn(t *testing.T, dir string, jo zmqbridge.JournalOptions) *zmqbridge.Bridge {
 	f := &flusher{}
 	b, err := zmqbridge.New(zmqbridge.Options{Dir: dir, Node: "n1", Driver: "d", Heartbeat: 100 * time.Millisecond, Journal: jo, Flusher: f})
 	if err != nil {
@@ -125,7 +129,7 @@ func newBridge(t *testing.T, jo zmqbridge.JournalOptions) (string, *zmqbridge.Br
 	}
 	f.b = b
 	t.Cleanup(func() { b.Close() })
-	return dir, b
+	return b
 }
 
 // emit emits total attach events, 3 ms apart, in namespaces ns (in turn;

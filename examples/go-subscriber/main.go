@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -158,10 +159,11 @@ func flush(ctx context.Context, cfg config, req map[string]any, out io.Writer) e
 	return nil
 }
 
-// writeState replaces the state file atomically: temporary file, fsync, rename.
-func writeState(path string, seq uint64) error {
+// writeState replaces the state file ("<seq> <epoch>") atomically:
+// temporary file, fsync, rename.
+func writeState(path string, seq uint64, epoch string) error {
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(tmp, []byte(strings.TrimSpace(strconv.FormatUint(seq, 10)+" "+epoch)+"\n"), 0o644); err != nil {
 		return err
 	}
 	f, err := os.Open(tmp)

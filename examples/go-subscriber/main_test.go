@@ -36,7 +36,7 @@ func TestStateRestart(t *testing.T) {
 			time.Sleep(300 * time.Millisecond)
 			stop(t, s2)
 			checkSeqs(t, append(first, s2.stdout.seqs(t)...), 1)
-			if b, err := os.ReadFile(state); err != nil || strings.TrimSpace(string(b)) != fmt.Sprint(total) {
+			if b, err := os.ReadFile(state); err != nil || strings.Fields(string(b))[0] != fmt.Sprint(total) {
 				t.Errorf("state file holds %q (%v), want %d", b, err, total)
 			}
 		})
@@ -75,7 +75,7 @@ func TestTruncated(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir, b := newBridge(t, zmqbridge.JournalOptions{SegmentBytes: 4 << 10, MaxBytes: 16 << 10})
 			for i := 0; i < total; i++ {
-				if _, err := b.Emit(zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: "ns"}); err != nil {
+				if _, err := b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: "ns"}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -103,9 +103,9 @@ func TestFlush(t *testing.T) {
 		}
 		var o out
 		err = flush(context.Background(), cfg, req, &o)
-		want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5}`, b.Last())
+		want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5,"epoch":"%s"}`, b.Last(), b.Epoch())
 		if args[1] == "w" {
-			want = `{"error":"volume w is not staged on this node"}`
+			want = fmt.Sprintf(`{"error":"volume w is not staged on this node","code":"not_found","epoch":"%s"}`, b.Epoch())
 			if err == nil {
 				t.Errorf("flush %q did not fail", args)
 			}
@@ -121,7 +121,7 @@ func TestFlush(t *testing.T) {
 		before := b.Last()
 		py, err := exec.Command("/usr/bin/python3", append([]string{"../python-subscriber/subscriber.py", "--dir", dir}, args...)...).Output()
 		if args[1] != "w" {
-			want = fmt.Sprintf(`{"seq":%d,"flush_ms":1.5}`, before+1)
+			want = fmt.Sprintf(`{"seq":%d,"flush_ms":1.5,"epoch":"%s"}`, before+1, b.Epoch())
 		}
 		if got := strings.TrimSpace(string(py)); got != want || (err == nil) != (args[1] != "w") {
 			t.Errorf("python flush %q printed %q (%v), want %q", args, got, err, want)
@@ -139,7 +139,7 @@ func TestTopic(t *testing.T) {
 			dir, b := newBridge(t, zmqbridge.JournalOptions{})
 			for i := 1; i <= 20; i++ {
 				ns := map[bool]string{true: "a", false: "ab"}[i%2 == 1] // "attach/a/" is not a prefix of "attach/ab/"
-				if _, err := b.Emit(zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: ns}); err != nil {
+				if _, err := b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: ns}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -169,7 +169,8 @@ func TestScoped(t *testing.T) {
 			<-done
 			waitFor(t, "the state file to reach the last event", func() bool {
 				b, _ := os.ReadFile(state)
-				return strings.TrimSpace(string(b)) == fmt.Sprint(total)
+				f := strings.Fields(string(b))
+				return len(f) > 0 && f[0] == fmt.Sprint(total)
 			})
 			stop(t, s)
 			var want []uint64
@@ -178,6 +179,71 @@ func TestScoped(t *testing.T) {
 			}
 			if got := s.stdout.seqs(t); fmt.Sprint(got) != fmt.Sprint(want) {
 				t.Errorf("printed seqs %v, want the odd ones 1..%d", got, total-1)
+			}
+		})
+	}
+}
+
+// TestTopicVolumeID: events of volumes without a PVC have the topic
+// <kind>/<volume_id>; --topic selects by it.
+func TestTopicVolumeID(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name, func(t *testing.T) {
+			dir, b := newBridge(t, zmqbridge.JournalOptions{})
+			for i := 1; i <= 10; i++ {
+				vol := map[bool]string{true: "vol-x", false: "vol-y"}[i%3 == 0]
+				if _, err := b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: vol}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s := start(t, dir, "--topic", "attach/vol-x")
+			waitFor(t, "event 9 to be printed", func() bool { return last(t, s) >= 9 })
+			time.Sleep(300 * time.Millisecond)
+			stop(t, s)
+			if got, want := fmt.Sprint(s.stdout.seqs(t)), "[3 6 9]"; got != want {
+				t.Errorf("printed seqs %s, want %s", got, want)
+			}
+		})
+	}
+}
+
+// TestEpochChange: the node's journal is lost and made anew (seqs start again
+// at 1, with another epoch). A subscriber resuming from its state file warns
+// and prints the new journal's events instead of taking them for seen ones.
+func TestEpochChange(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			b := newBridgeIn(t, dir, zmqbridge.JournalOptions{})
+			state := filepath.Join(t.TempDir(), "last-seq")
+			for i := 0; i < 5; i++ {
+				b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v"})
+			}
+			s := start(t, dir, "--state", state)
+			waitFor(t, "5 events", func() bool { return last(t, s) >= 5 })
+			stop(t, s)
+			b.Close()
+			if err := os.RemoveAll(filepath.Join(dir, "journal")); err != nil {
+				t.Fatal(err)
+			}
+			b = newBridgeIn(t, dir, zmqbridge.JournalOptions{})
+			for i := 0; i < 3; i++ {
+				b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v"})
+			}
+			s = start(t, dir, "--state", state)
+			waitFor(t, "the new journal's 3 events", func() bool { return len(s.stdout.seqs(t)) >= 3 })
+			b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v"})
+			waitFor(t, "a live event", func() bool { return last(t, s) >= 4 })
+			time.Sleep(300 * time.Millisecond)
+			stop(t, s)
+			if got := fmt.Sprint(s.stdout.seqs(t)); got != "[1 2 3 4]" {
+				t.Errorf("printed %s after the new journal, want [1 2 3 4]; stderr %q", got, s.stderr.String())
+			}
+			if !strings.Contains(s.stderr.String(), "WARNING") {
+				t.Errorf("no warning about the new journal: %q", s.stderr.String())
+			}
+			if st, _ := os.ReadFile(state); !strings.Contains(string(st), b.Epoch()) {
+				t.Errorf("state file %q lacks the new epoch %s", st, b.Epoch())
 			}
 		})
 	}

@@ -18,8 +18,12 @@ import (
 
 // head is what the subscriber needs from an event or a heartbeat.
 type head struct {
-	Seq                            uint64
-	Kind, Namespace, PVC, VolumeID string
+	Seq       uint64 `json:"seq"`
+	Kind      string `json:"kind"`
+	Namespace string `json:"namespace"`
+	PVC       string `json:"pvc"`
+	VolumeID  string `json:"volume_id"`
+	Epoch     string `json:"epoch"`
 }
 
 func (h head) topic() string { // as the bridge builds it (docs/events.md)
@@ -32,11 +36,19 @@ func (h head) topic() string { // as the bridge builds it (docs/events.md)
 // subscribe prints every event after the last one seen, once and in order,
 // until ctx ends. One goroutine (this one) owns both sockets.
 func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
-	last := cfg.Since
+	last, epoch := cfg.Since, ""
 	if cfg.State != "" {
 		if b, err := os.ReadFile(cfg.State); err == nil {
-			if last, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
+			// "<seq> <epoch>" (the epoch may be missing)
+			f := strings.Fields(string(b))
+			if len(f) == 0 {
+				return fmt.Errorf("state file %s is empty", cfg.State)
+			}
+			if last, err = strconv.ParseUint(f[0], 10, 64); err != nil {
 				return fmt.Errorf("state file %s: %w", cfg.State, err)
+			}
+			if len(f) > 1 {
+				epoch = f[1]
 			}
 		} else if !os.IsNotExist(err) {
 			return err
@@ -70,7 +82,23 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 		if cfg.State == "" {
 			return nil
 		}
-		return writeState(cfg.State, seq)
+		return writeState(cfg.State, seq, epoch)
+	}
+	// newEpoch checks a message's journal epoch: another one than before
+	// means the node's journal was made anew, its seqs starting again at 1,
+	// so the position is reset to 0 (reset is true).
+	newEpoch := func(e string) (reset bool, err error) {
+		switch {
+		case e == "" || e == epoch:
+			return false, nil
+		case epoch == "":
+			epoch = e
+			return false, nil
+		}
+		fmt.Fprintf(log, "WARNING: the node's event journal was made anew (epoch %s, was %s): "+
+			"events of the old one not yet seen are lost; starting again from its first event\n", e, epoch)
+		epoch = e
+		return true, advance(0)
 	}
 	deliver := func(raw []byte) error {
 		var h head
@@ -102,10 +130,15 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 			var rep struct {
 				Events            []json.RawMessage
 				Last, First, Next uint64
-				Error             string
+				Error, Epoch      string
 			}
 			if err := json.Unmarshal(raw, &rep); err != nil {
 				return fmt.Errorf("bad replay reply: %w", err)
+			}
+			if reset, err := newEpoch(rep.Epoch); err != nil {
+				return err
+			} else if reset {
+				continue // ask the new journal from 0
 			}
 			switch {
 			case rep.Error == "truncated" && rep.First > last+1:
@@ -162,7 +195,11 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 		if json.Unmarshal(frames[1], &h) != nil {
 			continue
 		}
+		reset, err := newEpoch(h.Epoch)
 		switch {
+		case err != nil:
+		case reset:
+			err = replay() // the new journal from its start
 		case h.Kind == "hb" && strings.HasPrefix(string(frames[0]), "hb/"):
 			if h.Seq > last {
 				err = replay() // silence was loss

@@ -59,11 +59,11 @@ def topic_of(ev):
     return "%s/%s" % (ev["kind"], ev.get("volume_id", ""))
 
 
-def write_state(path, seq):
-    """Atomically replace the state file: temporary file, fsync, rename."""
+def write_state(path, seq, epoch):
+    """Atomically replace the state file ("<seq> <epoch>"): temporary file, fsync, rename."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write("%d\n" % seq)
+        f.write(("%d %s" % (seq, epoch or "")).strip() + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -72,16 +72,33 @@ def write_state(path, seq):
 class Subscriber:
     def __init__(self, args, zctx, stopping):
         self.args, self.stopping = args, stopping
-        self.last = args.since
+        self.last, self.epoch = args.since, ""
         if args.state and os.path.exists(args.state):
             with open(args.state) as f:
-                self.last = int(f.read().strip())
+                fields = f.read().split()  # "<seq> <epoch>" (the epoch may be missing)
+            self.last = int(fields[0])
+            if len(fields) > 1:
+                self.epoch = fields[1]
         self.req = Requester(zctx, args.control, args.timeout, stopping)
 
     def advance(self, seq):
         self.last = seq
         if self.args.state:
-            write_state(self.args.state, seq)
+            write_state(self.args.state, seq, self.epoch)
+
+    def new_epoch(self, epoch):
+        """Check a message's journal epoch; True if it changed (position reset to 0)."""
+        if not epoch or epoch == self.epoch:
+            return False
+        if not self.epoch:
+            self.epoch = epoch
+            return False
+        print("WARNING: the node's event journal was made anew (epoch %s, was %s): events of the "
+              "old one not yet seen are lost; starting again from its first event" % (epoch, self.epoch),
+              file=sys.stderr)
+        self.epoch = epoch
+        self.advance(0)
+        return True
 
     def deliver(self, ev, line):
         """Print ev (as the one-line JSON line) if it is new and matches --topic."""
@@ -103,6 +120,8 @@ class Subscriber:
                 print("replay: %s; retrying" % e, file=sys.stderr)
                 time.sleep(1)
                 continue
+            if self.new_epoch(rep.get("epoch")):
+                continue  # ask the new journal from 0
             if rep.get("error") == "truncated" and rep["first"] > self.last + 1:
                 print("WARNING: journal truncated: events %d..%d are gone; continuing from %d"
                       % (self.last + 1, rep["first"] - 1, rep["first"]), file=sys.stderr)
@@ -135,7 +154,9 @@ class Subscriber:
             except ValueError:
                 continue
             seq = ev.get("seq", 0)
-            if ev.get("kind") == "hb" and frames[0].startswith(b"hb/"):
+            if self.new_epoch(ev.get("epoch")):
+                self.replay()  # the new journal from its start
+            elif ev.get("kind") == "hb" and frames[0].startswith(b"hb/"):
                 if seq > self.last:
                     self.replay()  # silence was loss
             elif seq <= self.last:

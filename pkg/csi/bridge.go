@@ -2,8 +2,6 @@ package csi
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -46,34 +44,46 @@ type BridgeSink struct {
 	Metrics *Metrics // optional
 }
 
-// VolumeEvent journals and publishes ev; it returns once ev is durable.
-func (s *BridgeSink) VolumeEvent(ev VolumeEvent) uint64 {
-	s.observe(ev)
-	seq, err := s.Bridge.Emit(s.convert(ev))
+// VolumeEvent journals and publishes ev; it returns once ev is durable. If
+// the journal cannot record it, the error is Unavailable: the CSI call fails
+// and kubelet retries it.
+func (s *BridgeSink) VolumeEvent(ctx context.Context, ev VolumeEvent) (uint64, error) {
+	seq, err := s.Bridge.Emit(ctx, s.convert(ev))
 	if err != nil {
-		klog.ErrorS(err, "event lost: the journal refused it", "kind", ev.Kind, "volumeID", ev.VolumeID)
+		klog.ErrorS(err, "the event journal cannot record an event: failing the call so that it is retried",
+			"kind", ev.Kind, "volumeID", ev.VolumeID)
+		return 0, status.Errorf(codes.Unavailable, "the node's event journal cannot record the %s event: %v", ev.Kind, err)
 	}
-	return seq
+	s.observe(ev)
+	return seq, nil
 }
 
-// Flush flushes the named volume, if the asker may, and emits its ack.
+// Flush flushes the named volume, if the asker may, and emits its ack. Its
+// errors carry the protocol's codes (zmqbridge.Error).
 func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
 	id := req.VolumeID
-	notHere := fmt.Errorf("volume %s is not staged on this node", id)
+	notHere := zmqbridge.Errorf(zmqbridge.CodeNotFound, "volume %s is not staged on this node", id)
 	if id == "" {
-		notHere = fmt.Errorf("no volume of PVC %s/%s is staged on this node", req.Namespace, req.PVC)
+		notHere = zmqbridge.Errorf(zmqbridge.CodeNotFound, "no volume of PVC %s/%s is staged on this node", req.Namespace, req.PVC)
 		var ok bool
 		if id, ok = s.Volumes.VolumeByPVC(req.Namespace, req.PVC); !ok {
 			return 0, 0, notHere
 		}
 	}
 	seq, ms, err := s.Volumes.FlushVolume(ctx, id, TriggerRequest, req.Allowed)
-	if status.Code(err) == codes.NotFound {
-		return 0, 0, notHere // the same words whether absent or out of scope
-	} else if err != nil {
-		return 0, 0, errors.New(status.Convert(err).Message())
+	if err == nil {
+		return seq, ms, nil
 	}
-	return seq, ms, nil
+	code := zmqbridge.CodeInternal
+	switch status.Code(err) {
+	case codes.NotFound:
+		return 0, 0, notHere // the same words whether absent or out of scope
+	case codes.Aborted:
+		code = zmqbridge.CodeAborted
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		code = zmqbridge.CodeUnavailable
+	}
+	return 0, 0, zmqbridge.Errorf(code, "%s", status.Convert(err).Message())
 }
 
 func (s *BridgeSink) observe(ev VolumeEvent) {
@@ -94,8 +104,8 @@ func (s *BridgeSink) convert(ev VolumeEvent) zmqbridge.Event {
 		out.Pod, out.PodNamespace, out.PodUID = vc[KeyPodName], vc[KeyPodNamespace], vc[KeyPodUID]
 	}
 	if ev.Kind == EventAck {
-		ms := ev.FlushMs
-		out.FlushMs, out.Trigger = &ms, ev.Trigger
+		ms, flushed := ev.FlushMs, !ev.NothingFlushed
+		out.FlushMs, out.Trigger, out.Flushed = &ms, ev.Trigger, &flushed
 	}
 	return out
 }

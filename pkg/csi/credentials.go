@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Credentials are a cephx user and key taken from a CSI request's secrets. The
@@ -40,8 +42,27 @@ func CredentialsFromSecrets(secrets map[string]string, idName, keyName string) (
 	return c, nil
 }
 
+// KeyMemfd puts the key alone (the format of Ceph's --keyfile option) in an
+// anonymous memory file (memfd, close-on-exec): it never touches a disk and
+// vanishes with its last descriptor. Pass it to a tool as an exec.Cmd
+// ExtraFiles entry and name it /proc/self/fd/<3+index> in --keyfile=.
+func (c Credentials) KeyMemfd() (*os.File, error) {
+	fd, err := unix.MemfdCreate("rookzmq-key", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("creating a memfd for the key: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "rookzmq-key")
+	if _, err := f.WriteString(c.Key + "\n"); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("writing the key to a memfd: %w", err)
+	}
+	return f, nil
+}
+
 // WriteKeyFile writes the key alone (the format of Ceph's --keyfile option) to a
 // new file of mode 0600 in dir and returns its path.
+//
+// Deprecated: a key file can outlive a crash on persistent disk; use KeyMemfd.
 func (c Credentials) WriteKeyFile(dir string) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", err

@@ -1,6 +1,10 @@
 package csi
 
-import "github.com/rookzmq/rookzmq/pkg/zmqbridge"
+import (
+	"context"
+
+	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
+)
 
 // Kinds of volume events on a node: the protocol's (docs/events.md).
 const (
@@ -30,17 +34,23 @@ type VolumeEvent struct {
 	SizeBytes     int64
 	FlushMs       float64 // ack only
 	Trigger       string  // ack only
+	// NothingFlushed, on an ack: the mount or device was already gone, so
+	// nothing was flushed (the event says "flushed": false).
+	NothingFlushed bool
 }
 
 // EventSink receives volume events from the node services and returns the
 // event's sequence number (0 if none). It may wait for the event to be durable
-// (an fsync), never for its subscribers.
+// (an fsync), never for its subscribers. An error (a gRPC status: Unavailable
+// when the journal cannot record it) means the event was not recorded: the
+// CSI call that caused it must fail with that error, so that it is retried
+// and emits the event then.
 type EventSink interface {
-	VolumeEvent(VolumeEvent) uint64
+	VolumeEvent(ctx context.Context, ev VolumeEvent) (uint64, error)
 }
 
 // NoEvents discards events.
 type NoEvents struct{}
 
 // VolumeEvent does nothing.
-func (NoEvents) VolumeEvent(VolumeEvent) uint64 { return 0 }
+func (NoEvents) VolumeEvent(context.Context, VolumeEvent) (uint64, error) { return 0, nil }

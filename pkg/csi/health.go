@@ -8,7 +8,9 @@ import (
 
 // Check reports whether every cached Ceph connection still reaches its
 // monitors: each asks for the latest OSD map, with ctx bounding the wait. No
-// connection yet is healthy (connections are made on first use).
+// connection yet is healthy (connections are made on first use). A connection
+// the ping finds broken is dropped (see Lease.Check), so the next call
+// reconnects.
 func (c *Conns) Check(ctx context.Context) error {
 	c.mu.Lock()
 	var entries []*connEntry
@@ -25,7 +27,7 @@ func (c *Conns) Check(ctx context.Context) error {
 		if e.conn == nil {
 			continue
 		}
-		if err := e.ping(ctx); err != nil {
+		if err := c.ping(ctx, e); err != nil {
 			return err
 		}
 	}
@@ -33,15 +35,28 @@ func (c *Conns) Check(ctx context.Context) error {
 }
 
 // ping runs one monitor round trip at a time per connection; a check that
-// finds one in flight waits for its result instead of adding another.
-func (e *connEntry) ping(ctx context.Context) error {
+// finds one in flight waits for its result instead of adding another. The
+// round trip holds a lease, so the connection is not shut down under it.
+func (c *Conns) ping(ctx context.Context, e *connEntry) error {
 	e.pingMu.Lock()
 	if e.pinging == nil {
+		e.mu.Lock()
+		if e.dropped {
+			// Dropped (and maybe closed) since the snapshot: the next
+			// call makes a new connection, nothing to check here.
+			e.mu.Unlock()
+			e.pingMu.Unlock()
+			return nil
+		}
+		e.leases++
+		e.mu.Unlock()
+		lease := &Lease{c: c, e: e}
 		done := make(chan struct{})
 		e.pinging = done
 		go func() {
+			defer lease.Release()
 			start := time.Now()
-			err := e.conn.WaitForLatestOSDMap()
+			err := lease.Check(e.conn.WaitForLatestOSDMap())
 			e.pingMu.Lock()
 			e.pingErr = err
 			if err != nil {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
@@ -25,6 +26,7 @@ type Server struct {
 	grpc     *grpc.Server
 	listener net.Listener
 	path     string
+	calls    sync.WaitGroup // handlers running
 }
 
 // ParseEndpoint splits unix:///path.sock or tcp://host:port into network and address.
@@ -80,7 +82,7 @@ func Listen(endpoint string, observe CallObserver, register func(*grpc.Server)) 
 			return nil, err
 		}
 	}
-	s.grpc = grpc.NewServer(grpc.UnaryInterceptor(interceptor(observe)))
+	s.grpc = grpc.NewServer(grpc.UnaryInterceptor(s.track(interceptor(observe))))
 	register(s.grpc)
 	return s, nil
 }
@@ -88,17 +90,36 @@ func Listen(endpoint string, observe CallObserver, register func(*grpc.Server)) 
 // Serve answers calls until Stop.
 func (s *Server) Serve() error { return s.grpc.Serve(s.listener) }
 
-// Stop finishes running calls (at most grace long) and removes the socket.
+// Stop finishes running calls (at most grace long), then cancels the calls
+// still running and waits for their handlers to return (at most grace
+// again: what they use, e.g. the event bridge, is closed after Stop), and
+// removes the socket.
 func (s *Server) Stop(grace time.Duration) {
 	done := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(grace):
-		s.grpc.Stop()
+		s.grpc.Stop() // cancels the calls' contexts; does not wait for handlers
+	}
+	handlers := make(chan struct{})
+	go func() { s.calls.Wait(); close(handlers) }()
+	select {
+	case <-handlers:
+	case <-time.After(grace):
+		klog.InfoS("stopping with CSI calls still running", "waited", 2*grace)
 	}
 	if s.path != "" {
 		os.Remove(s.path)
+	}
+}
+
+// track counts the handlers running, for Stop.
+func (s *Server) track(next grpc.UnaryServerInterceptor) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		s.calls.Add(1)
+		defer s.calls.Done()
+		return next(ctx, req, info, handler)
 	}
 }
 

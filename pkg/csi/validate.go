@@ -2,6 +2,7 @@ package csi
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -113,4 +114,21 @@ func capabilityProblem(c *csi.VolumeCapability, check CapabilityCheck) string {
 // ModeName is the access mode's name, for messages.
 func ModeName(c *csi.VolumeCapability) string {
 	return fmt.Sprint(c.GetAccessMode().GetMode())
+}
+
+// CheckName refuses a cluster ID, pool, RADOS namespace or image name that is
+// not made of [A-Za-z0-9._-] or that starts with '-': such names reach Ceph
+// tools' command lines, where a leading '-' would be read as an option.
+func CheckName(what, val string) error {
+	if strings.HasPrefix(val, "-") {
+		return fmt.Errorf("%s %q starts with '-'", what, val)
+	}
+	for _, r := range val {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '_', r == '-':
+		default:
+			return fmt.Errorf("%s %q has %q, outside [A-Za-z0-9._-]", what, val, r)
+		}
+	}
+	return nil
 }

@@ -50,14 +50,9 @@ func (v VolumeID) Validate() error {
 		if len(f.val) > 0xff {
 			return fmt.Errorf("volume ID: %s longer than 255 bytes", f.what)
 		}
-		for _, r := range f.val {
-			if r < 0x20 || r == 0x7f {
-				return fmt.Errorf("volume ID: %s contains a control character", f.what)
-			}
+		if err := CheckName(f.what, f.val); err != nil {
+			return fmt.Errorf("volume ID: %w", err)
 		}
-	}
-	if strings.ContainsAny(v.Name, "/@") {
-		return fmt.Errorf("volume ID: name %q contains '/' or '@'", v.Name)
 	}
 	if n := len(v.String()); n > MaxVolumeIDLength {
 		return fmt.Errorf("volume ID would be %d bytes, over the CSI limit of %d: shorten the clusterID, pool or volumeNamePrefix", n, MaxVolumeIDLength)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"syscall"
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
@@ -33,16 +34,22 @@ type Controller struct {
 	Conns    *rcsi.Conns
 	// Known remembers credentials per cluster for calls that carry none.
 	Known *rcsi.KnownCredentials
+	// CephCSIInstance is the --instanceid of the ceph-csi whose volumes are
+	// adopted ("" means DefaultCephCSIInstance); see cephcsi.go.
+	CephCSIInstance string
 
-	locks rcsi.KeyLocks
+	locks  rcsi.KeyLocks
+	purger purger
 }
 
-// target is a pool (and RADOS namespace) of a cluster, with the credentials to reach it.
+// target is a pool (and RADOS namespace) of a cluster, with the credentials to
+// reach it and a lease on the connection (release it when done).
 type target struct {
 	cluster rcsi.ClusterConfig
 	creds   rcsi.Credentials
 	pool    string
 	io      *rados.IOContext
+	lease   *rcsi.Lease
 }
 
 func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets map[string]string) (*target, error) {
@@ -56,14 +63,53 @@ func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets m
 	} else if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	io, err := c.Conns.IOContext(cluster, creds, pool, cluster.RBD.RadosNamespace)
+	lease, err := c.Conns.Acquire(ctx, cluster, creds)
 	if err != nil {
-		return nil, cephStatus(err, "reaching pool %q of cluster %q", pool, clusterID)
+		return nil, cephStatus(err, "reaching cluster %q", clusterID)
+	}
+	t := &target{cluster: cluster, creds: creds, pool: pool, lease: lease}
+	t.io, err = lease.IOContext(pool, cluster.RBD.RadosNamespace)
+	if err != nil {
+		err = t.status(err, "reaching pool %q of cluster %q", pool, clusterID)
+		lease.Release()
+		return nil, err
 	}
 	if c.Known != nil {
 		c.Known.Remember(clusterID, creds)
 	}
-	return &target{cluster: cluster, creds: creds, pool: pool, io: io}, nil
+	c.scanPurges(t)
+	return t, nil
+}
+
+// release ends the target's lease on its connection.
+func (t *target) release() { t.lease.Release() }
+
+// status is cephStatus for an error of an operation on t: an error that says
+// the connection is broken drops it (the next call reconnects) and, like a
+// Ceph timeout, is Unavailable naming the monitors.
+func (t *target) status(err error, format string, args ...any) error {
+	t.lease.Check(err)
+	switch rcsi.Errno(err) {
+	case syscall.ESHUTDOWN, syscall.ENOTCONN:
+		return status.Errorf(codes.Unavailable, "%s: the connection to cluster %q (monitors %s) was blocklisted or shut down; the next call reconnects: %v",
+			fmt.Sprintf(format, args...), t.cluster.ClusterID, t.cluster.MonHost(), err)
+	case syscall.ETIMEDOUT:
+		return status.Errorf(codes.Unavailable, "%s: cluster %q (monitors %s) did not answer in time: %v",
+			fmt.Sprintf(format, args...), t.cluster.ClusterID, t.cluster.MonHost(), err)
+	}
+	return cephStatus(err, format, args...)
+}
+
+// bounded runs f (see rcsi.Bounded): a call that reaches its deadline answers
+// Unavailable naming the cluster's monitors, before the deadline.
+func (c *Controller) bounded(ctx context.Context, clusterID string, f func(ctx context.Context) error) error {
+	return rcsi.Bounded(ctx, f, func(waited time.Duration) error {
+		mons := "(unknown cluster)"
+		if cluster, err := c.Clusters.Get(clusterID); err == nil {
+			mons = cluster.MonHost()
+		}
+		return &rcsi.UnreachableError{Cluster: clusterID, Monitors: mons, Waited: waited}
+	})
 }
 
 // CreateVolume makes an image for a request name, or returns the one the
@@ -86,6 +132,18 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err != nil {
 		return nil, err
 	}
+	var resp *csi.CreateVolumeResponse
+	err = c.bounded(ctx, p.ClusterID, func(ctx context.Context) (err error) {
+		resp, err = c.createVolume(ctx, req, p, size)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequest, p Params, size int64) (*csi.CreateVolumeResponse, error) {
 	t, err := c.open(ctx, p.ClusterID, p.Pool, req.GetSecrets())
 	if status.Code(err) == codes.NotFound {
 		// NotFound is for a missing content source: a missing pool is a bad parameter.
@@ -93,6 +151,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	} else if err != nil {
 		return nil, err
 	}
+	defer t.release()
 	unlock, err := c.locks.Lock(ctx, "create\x00"+p.ClusterID+"\x00"+p.Pool+"\x00"+req.GetName())
 	if err != nil {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume name %q is already in progress", req.GetName())
@@ -102,7 +161,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	j := NewJournal(t.io)
 	image, err := j.Lookup(req.GetName())
 	if err != nil {
-		return nil, cephStatus(err, "reading the journal")
+		return nil, t.status(err, "reading the journal")
 	}
 	fresh := image == ""
 	if fresh {
@@ -114,7 +173,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	}
 	if fresh {
 		if err := j.Reserve(req.GetName(), image); err != nil {
-			return nil, cephStatus(err, "reserving name %q", req.GetName())
+			return nil, t.status(err, "reserving name %q", req.GetName())
 		}
 		rcsi.CrashPoint("create-after-reserve")
 	}
@@ -125,7 +184,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	rcsi.CrashPoint("create-after-image")
 	meta := map[string]string{rcsi.KeyPVCName: p.PVCName, rcsi.KeyPVCNamespace: p.PVCNamespace, rcsi.KeyPVName: p.PVName}
 	if err := setImageMetadata(t.io, image, meta); err != nil {
-		return nil, cephStatus(err, "storing PVC names on image %s", image)
+		return nil, t.status(err, "storing PVC names on image %s", image)
 	}
 	klog.V(3).InfoS("volume ready", "name", req.GetName(), "volumeID", id.String(), "bytes", actual, "new", fresh)
 	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
@@ -142,11 +201,11 @@ func (c *Controller) ensureImage(t *target, image string, size, features uint64,
 		return size, nil
 	}
 	if !errors.Is(err, rbd.ErrExist) {
-		return 0, cephStatus(err, "creating image %s", image)
+		return 0, t.status(err, "creating image %s", image)
 	}
 	actual, err := imageSize(t.io, image)
 	if err != nil {
-		return 0, cephStatus(err, "reading image %s", image)
+		return 0, t.status(err, "reading image %s", image)
 	}
 	if actual < uint64(r.GetRequiredBytes()) || (r.GetLimitBytes() > 0 && actual > uint64(r.GetLimitBytes())) {
 		return 0, status.Errorf(codes.AlreadyExists,
@@ -173,61 +232,102 @@ func volumeContext(p Params, cluster rcsi.ClusterConfig, image string) map[strin
 	return vc
 }
 
-// DeleteVolume removes the image and then its journal entry, so a crash at any
-// point leaves something a retry completes.
+// DeleteVolume moves the image to the RBD trash, queues its removal (see
+// trashImage) and then releases its journal entry, so a crash at any point
+// leaves something a retry completes.
 func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
+	if rcsi.LooksLikeCephCSIVolumeID(req.GetVolumeId()) {
+		return c.deleteCephCSIVolume(ctx, req)
+	}
 	id, err := rcsi.ParseVolumeID(req.GetVolumeId())
 	if err != nil {
-		// No volume of ours can have this ID: it is already gone.
-		klog.InfoS("DeleteVolume of an ID that is not ours: nothing to do", "volumeID", req.GetVolumeId(), "reason", err)
+		// No volume can have this ID, so it does not exist: the CSI spec wants OK.
+		klog.Warningf("DeleteVolume: volume ID %q is neither rookzmq's nor ceph-csi's, so no such volume exists: answering OK: %v", req.GetVolumeId(), err)
 		return &csi.DeleteVolumeResponse{}, nil
 	}
-	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
-	if status.Code(err) == codes.NotFound {
-		return &csi.DeleteVolumeResponse{}, nil // the pool is gone, and the image with it
-	} else if err != nil {
+	err = c.bounded(ctx, id.ClusterID, func(ctx context.Context) error {
+		t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+		if status.Code(err) == codes.NotFound {
+			return nil // the pool is gone, and the image with it
+		} else if err != nil {
+			return err
+		}
+		defer t.release()
+		unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
+		if err != nil {
+			return status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
+		}
+		defer unlock()
+		return c.deleteVolume(t, id.Name)
+	})
+	if err != nil {
 		return nil, err
 	}
-	unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
-	if err != nil {
-		return nil, status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
-	}
-	defer unlock()
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// deleteVolume deletes image and its journal entry: the image goes to the
+// trash, the release of its name records the purge, which is handed to the
+// mgr after the call answered.
+func (c *Controller) deleteVolume(t *target, image string) error {
+	start := time.Now()
 	j := NewJournal(t.io)
-	name, err := j.RequestName(id.Name)
+	name, err := j.RequestName(image)
 	if err != nil {
-		return nil, cephStatus(err, "reading the journal")
+		return t.status(err, "reading the journal")
 	}
 	rcsi.CrashPoint("delete-before-image")
-	if err := removeImage(t.io, id.Name); err != nil {
-		return nil, cephStatus(err, "deleting volume %s", req.GetVolumeId())
+	id, err := c.trash(t, image)
+	if err != nil {
+		return err
 	}
-	rcsi.CrashPoint("delete-after-image")
-	if err := j.Release(name, id.Name); err != nil {
-		return nil, cephStatus(err, "releasing name %q", name)
+	if err := j.Release(name, image, id); err != nil {
+		return t.status(err, "releasing name %q", name)
 	}
-	klog.V(3).InfoS("volume deleted", "volumeID", req.GetVolumeId(), "name", name)
-	return &csi.DeleteVolumeResponse{}, nil
+	rcsi.CrashPoint("delete-after-release")
+	if id != "" {
+		c.purgeLater(t, image, id)
+	}
+	klog.V(3).InfoS("volume deleted", "image", image, "name", name, "trashID", id, "duration", time.Since(start))
+	return nil
+}
+
+// trash moves image of t's pool to the trash and returns its trash id ("" if
+// it is gone already); see trashImage. Callers hold the volume's lock, then
+// record the id in the journal (Journal.Release) and call purgeLater.
+func (c *Controller) trash(t *target, image string) (string, error) {
+	id, err := trashImage(t.io, image)
+	if err != nil {
+		return "", t.status(err, "deleting image %s", image)
+	}
+	return id, nil
 }
 
 // ValidateVolumeCapabilities confirms the capabilities an existing volume supports.
 func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), true)
+	id, cephID, err := parseHandle(req.GetVolumeId(), true)
 	if err != nil {
 		return nil, err
 	}
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "volume_capabilities are required")
 	}
-	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	err = c.bounded(ctx, id.ClusterID, func(ctx context.Context) error {
+		id, t, err := c.openVolume(ctx, id, cephID, req.GetSecrets())
+		if err != nil {
+			return err
+		}
+		defer t.release()
+		if _, err := imageSize(t.io, id.Name); err != nil {
+			return t.status(err, "volume %s", req.GetVolumeId())
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	if _, err := imageSize(t.io, id.Name); err != nil {
-		return nil, cephStatus(err, "volume %s", req.GetVolumeId())
 	}
 	if err := rcsi.Capabilities(req.GetVolumeCapabilities(), checkCapability); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
@@ -241,7 +341,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 
 // ControllerExpandVolume grows the image; filesystems then grow on the node.
 func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), true)
+	id, cephID, err := parseHandle(req.GetVolumeId(), true)
 	if err != nil {
 		return nil, err
 	}
@@ -260,19 +360,27 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 			return nil, err
 		}
 	}
-	t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
+	var got uint64
+	start := time.Now()
+	err = c.bounded(ctx, id.ClusterID, func(ctx context.Context) error {
+		id, t, err := c.openVolume(ctx, id, cephID, req.GetSecrets())
+		if err != nil {
+			return err
+		}
+		defer t.release()
+		unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
+		if err != nil {
+			return status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
+		}
+		defer unlock()
+		got, err = growImage(t.io, id.Name, uint64(size))
+		if err != nil {
+			return t.status(err, "expanding volume %s", req.GetVolumeId())
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
-	if err != nil {
-		return nil, status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
-	}
-	defer unlock()
-	start := time.Now()
-	got, err := growImage(t.io, id.Name, uint64(size))
-	if err != nil {
-		return nil, cephStatus(err, "expanding volume %s", req.GetVolumeId())
 	}
 	klog.V(3).InfoS("volume expanded", "volumeID", req.GetVolumeId(), "bytes", got, "duration", time.Since(start))
 	return &csi.ControllerExpandVolumeResponse{

@@ -32,13 +32,21 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csi.GetCapacityReques
 			return &csi.GetCapacityResponse{}, nil // no capacity for what cannot be made
 		}
 	}
-	conn, _, _, err := c.knownConn(clusterID)
+	var avail int64
+	err := c.bounded(ctx, clusterID, func(ctx context.Context) error {
+		lease, cluster, err := c.knownConn(ctx, clusterID)
+		if err != nil {
+			return err
+		}
+		defer lease.Release()
+		avail, err = poolAvailable(lease.Conn(), pool)
+		if err != nil {
+			return (&target{cluster: cluster, lease: lease}).status(err, "reading free space of pool %q", pool)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	avail, err := poolAvailable(conn, pool)
-	if err != nil {
-		return nil, cephStatus(err, "reading free space of pool %q", pool)
 	}
 	return &csi.GetCapacityResponse{AvailableCapacity: avail}, nil
 }
@@ -67,22 +75,22 @@ func poolAvailable(conn *rados.Conn, pool string) (int64, error) {
 	return 0, status.Errorf(codes.NotFound, "pool %q does not exist", pool)
 }
 
-// knownConn connects to a cluster with its known credentials (see
-// KnownCredentials); FailedPrecondition if there are none.
-func (c *Controller) knownConn(clusterID string) (*rados.Conn, rcsi.ClusterConfig, rcsi.Credentials, error) {
+// knownConn leases the connection to a cluster with its known credentials
+// (see KnownCredentials); FailedPrecondition if there are none.
+func (c *Controller) knownConn(ctx context.Context, clusterID string) (*rcsi.Lease, rcsi.ClusterConfig, error) {
 	cluster, err := c.Clusters.Get(clusterID)
 	if err != nil {
-		return nil, cluster, rcsi.Credentials{}, status.Error(codes.InvalidArgument, err.Error())
+		return nil, cluster, status.Error(codes.InvalidArgument, err.Error())
 	}
 	creds, ok := c.Known.For(clusterID)
 	if !ok {
-		return nil, cluster, creds, status.Errorf(codes.FailedPrecondition, "no credentials known for cluster %q yet: mount its secret under the credentials directory", clusterID)
+		return nil, cluster, status.Errorf(codes.FailedPrecondition, "no credentials known for cluster %q yet: mount its secret under the credentials directory", clusterID)
 	}
-	conn, err := c.Conns.Conn(cluster, creds)
+	lease, err := c.Conns.Acquire(ctx, cluster, creds)
 	if err != nil {
-		return nil, cluster, creds, cephStatus(err, "connecting to cluster %q", clusterID)
+		return nil, cluster, cephStatus(err, "connecting to cluster %q", clusterID)
 	}
-	return conn, cluster, creds, nil
+	return lease, cluster, nil
 }
 
 // ListVolumes pages through the volumes in the journals of every pool of every
@@ -92,7 +100,7 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesReques
 	if req.GetMaxEntries() < 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "max_entries is negative (%d)", req.GetMaxEntries())
 	}
-	ids, err := c.allVolumes()
+	ids, err := c.allVolumes(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -117,37 +125,53 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesReques
 	return resp, nil
 }
 
-func (c *Controller) allVolumes() ([]string, error) {
+func (c *Controller) allVolumes(ctx context.Context) ([]string, error) {
 	var ids []string
 	for _, clusterID := range c.Clusters.IDs() {
-		conn, cluster, creds, err := c.knownConn(clusterID)
+		var more []string
+		err := c.bounded(ctx, clusterID, func(ctx context.Context) (err error) {
+			more, err = c.clusterVolumes(ctx, clusterID)
+			return err
+		})
 		if status.Code(err) == codes.FailedPrecondition {
 			klog.InfoS("ListVolumes: skipping cluster with no known credentials", "cluster", clusterID)
 			continue
 		} else if err != nil {
 			return nil, err
 		}
-		pools, err := conn.ListPools()
-		if err != nil {
-			return nil, cephStatus(err, "listing pools of cluster %q", clusterID)
-		}
-		for _, pool := range pools {
-			io, err := c.Conns.IOContext(cluster, creds, pool, cluster.RBD.RadosNamespace)
-			if err != nil {
-				continue // a pool these credentials may not read is not ours
-			}
-			images, err := NewJournal(io).Images("", 0)
-			if err != nil {
-				if rcsi.Code(err) == codes.PermissionDenied {
-					continue
-				}
-				return nil, cephStatus(err, "listing volumes in pool %q", pool)
-			}
-			for _, img := range images {
-				ids = append(ids, rcsi.VolumeID{ClusterID: clusterID, Pool: pool, Namespace: cluster.RBD.RadosNamespace, Name: img}.String())
-			}
-		}
+		ids = append(ids, more...)
 	}
 	sort.Strings(ids)
+	return ids, nil
+}
+
+func (c *Controller) clusterVolumes(ctx context.Context, clusterID string) ([]string, error) {
+	lease, cluster, err := c.knownConn(ctx, clusterID)
+	if err != nil {
+		return nil, err
+	}
+	defer lease.Release()
+	t := &target{cluster: cluster, lease: lease}
+	pools, err := lease.Conn().ListPools()
+	if err != nil {
+		return nil, t.status(err, "listing pools of cluster %q", clusterID)
+	}
+	var ids []string
+	for _, pool := range pools {
+		io, err := lease.IOContext(pool, cluster.RBD.RadosNamespace)
+		if err != nil {
+			continue // a pool these credentials may not read is not ours
+		}
+		images, err := NewJournal(io).Images("", 0)
+		if err != nil {
+			if rcsi.Code(err) == codes.PermissionDenied {
+				continue
+			}
+			return nil, t.status(err, "listing volumes in pool %q", pool)
+		}
+		for _, img := range images {
+			ids = append(ids, rcsi.VolumeID{ClusterID: clusterID, Pool: pool, Namespace: cluster.RBD.RadosNamespace, Name: img}.String())
+		}
+	}
 	return ids, nil
 }

@@ -3,13 +3,9 @@ package rbd
 import (
 	"errors"
 	"fmt"
-	"syscall"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
-	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // createImage makes image name. An image left half-made by a crash (its id
@@ -71,19 +67,6 @@ func setImageMetadata(io *rados.IOContext, name string, kv map[string]string) er
 		}
 	}
 	return nil
-}
-
-// removeImage deletes image name; absent is fine, an image still in use is
-// FailedPrecondition.
-func removeImage(io *rados.IOContext, name string) error {
-	err := rbd.RemoveImage(io, name)
-	switch {
-	case err == nil, errors.Is(err, rbd.ErrNotFound):
-		return nil
-	case rcsi.Errno(err) == syscall.EBUSY:
-		return status.Errorf(codes.FailedPrecondition, "image %s is still in use (mapped on a node?): %v", name, err)
-	}
-	return fmt.Errorf("removing image %s: %w", name, err)
 }
 
 // growImage resizes image name to at least size and returns the resulting size.

@@ -17,6 +17,7 @@ const journalObject = "rookzmq.volumes"
 const (
 	nameKeyPrefix  = "n:" // n:<request name> -> image name
 	imageKeyPrefix = "i:" // i:<image name>   -> request name
+	purgeKeyPrefix = "t:" // t:<image name>   -> trash id of a deleted image not yet handed to the mgr
 )
 
 // Journal records which image serves which request name, so that retried and
@@ -53,19 +54,64 @@ func (j *Journal) Reserve(name, image string) error {
 	return nil
 }
 
-// Release removes both keys of a reservation; a missing object is fine.
-func (j *Journal) Release(name, image string) error {
+// Release removes both keys of a reservation; a missing object is fine. With
+// a trash id, the same operation records that the image waits in the trash
+// for its purge to be queued (see Purges).
+func (j *Journal) Release(name, image, trashID string) error {
 	keys := []string{imageKeyPrefix + image}
 	if name != "" {
 		keys = append(keys, nameKeyPrefix+name)
 	}
 	op := rados.CreateWriteOp()
 	defer op.Release()
-	op.AssertExists()
+	if trashID == "" {
+		op.AssertExists()
+	} else {
+		op.SetOmap(map[string][]byte{purgeKeyPrefix + image: []byte(trashID)})
+	}
 	op.RmOmapKeys(keys)
 	err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
 	if err != nil && rcsi.Errno(err) != syscall.ENOENT {
 		return fmt.Errorf("journal: releasing %q: %w", image, err)
+	}
+	return nil
+}
+
+// Purges returns up to max images (with their trash ids) whose purge is yet
+// to be queued.
+func (j *Journal) Purges(max int) (map[string]string, error) {
+	op := rados.CreateReadOp()
+	defer op.Release()
+	step := op.GetOmapValues("", purgeKeyPrefix, uint64(max))
+	err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
+	if rcsi.Errno(err) == syscall.ENOENT {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("journal: listing purges: %w", err)
+	}
+	out := map[string]string{}
+	for {
+		kv, err := step.Next()
+		if err != nil {
+			return nil, fmt.Errorf("journal: listing purges: %w", err)
+		}
+		if kv == nil {
+			return out, nil
+		}
+		out[strings.TrimPrefix(kv.Key, purgeKeyPrefix)] = string(kv.Value)
+	}
+}
+
+// Purged removes the record Release made for image.
+func (j *Journal) Purged(image string) error {
+	op := rados.CreateWriteOp()
+	defer op.Release()
+	op.AssertExists()
+	op.RmOmapKeys([]string{purgeKeyPrefix + image})
+	err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
+	if err != nil && rcsi.Errno(err) != syscall.ENOENT {
+		return fmt.Errorf("journal: removing the purge record of %q: %w", image, err)
 	}
 	return nil
 }

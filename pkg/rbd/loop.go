@@ -80,25 +80,39 @@ func openLoopDevice(dev string, flags int) (*os.File, error) {
 	}
 }
 
-// loopBackingFile returns the file behind loop device dev ("" if detached).
-func loopBackingFile(dev string) string {
+// loopBackingFile returns the file behind loop device dev ("" if sysfs says
+// it is detached); a sysfs read that fails otherwise is an error.
+func loopBackingFile(dev string) (string, error) {
 	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
-	if err != nil {
-		return ""
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
 	}
-	return strings.TrimSpace(string(b))
+	if err != nil {
+		return "", fmt.Errorf("reading the backing file of %s: %w", dev, err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
-// findLoop returns the loop device backed by file, or "".
-func findLoop(file string) string {
-	matches, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+// findLoop returns the loop device backed by file, or "" when none is; a
+// lookup that fails is an error.
+func findLoop(file string) (string, error) {
+	matches, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	if err != nil {
+		return "", err
+	}
 	for _, m := range matches {
 		b, err := os.ReadFile(m)
-		if err == nil && strings.TrimSpace(string(b)) == file {
-			return "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(m)))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // detached meanwhile
+		}
+		if err != nil {
+			return "", fmt.Errorf("looking for the loop device of %s: %w", file, err)
+		}
+		if strings.TrimSpace(string(b)) == file {
+			return "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(m))), nil
 		}
 	}
-	return ""
+	return "", nil
 }
 
 // refreshLoop makes dev re-read its backing file's size.

@@ -58,11 +58,13 @@ type Mounter interface {
 	Available() error
 	// Map attaches the image; workDir is a private directory for this volume's stage.
 	Map(ctx context.Context, spec ImageSpec, workDir string) (Mapping, error)
-	// Unmap detaches what Map made; it succeeds if that is already gone.
+	// Unmap detaches what Map made; it succeeds if that is already gone, and
+	// fails (never succeeds) when it cannot tell.
 	Unmap(ctx context.Context, m Mapping) error
 	// Refresh makes the device pick up a grown image of at least minSize bytes
 	// (0: whatever size the image has now).
 	Refresh(ctx context.Context, m Mapping, minSize int64) error
-	// Check says why a mapping no longer works, or nil.
-	Check(m Mapping) error
+	// Check returns nil for a working mapping, a goneError on positive
+	// evidence that it is lost, and any other error when it cannot tell.
+	Check(ctx context.Context, m Mapping) error
 }

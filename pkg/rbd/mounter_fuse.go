@@ -3,6 +3,7 @@ package rbd
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 )
@@ -20,7 +22,6 @@ import (
 // on top of it. rbd-fuse daemonizes into its own session, so it outlives a
 // restart of the driver.
 type fuseMounter struct {
-	keyDir string // private directory for short-lived key files
 	mounts mount.Interface
 }
 
@@ -43,11 +44,26 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 	dir := filepath.Join(workDir, "fuse")
 	m := Mapping{Mounter: MounterFuse, FuseDir: dir}
 	file := filepath.Join(dir, spec.Image)
-	if pid := fusePid(dir); pid > 0 && isFuseMounted(dir) {
+	pid, err := fusePid(dir)
+	if err != nil {
+		return m, err
+	}
+	mounted, err := isFuseMounted(dir)
+	if err != nil {
+		return m, err
+	}
+	if pid > 0 && mounted {
 		m.Pid = pid // a retry after a crash: the image is already exposed
 	} else {
-		if isFuseMounted(dir) { // its rbd-fuse died: the mount is dead
-			if dev := findLoop(file); dev != "" {
+		if mounted { // its rbd-fuse died: the mount must answer as dead
+			if err := statPath(ctx, dir); !fuseDead(err) {
+				return m, fmt.Errorf("rbd-fuse mount %s has no rbd-fuse process but does not answer as dead (%v): not replacing it", dir, err)
+			}
+			dev, err := findLoop(file)
+			if err != nil {
+				return m, err
+			}
+			if dev != "" {
 				detachLoop(dev)
 			}
 			if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
@@ -60,69 +76,87 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 		if err := f.startFuse(ctx, spec, dir); err != nil {
 			return m, err
 		}
-		m.Pid = fusePid(dir)
+		if m.Pid, err = fusePid(dir); err != nil {
+			return m, err
+		}
 	}
-	if dev := findLoop(file); dev != "" {
+	dev, err := findLoop(file)
+	if err != nil {
+		return m, err // never attach a second loop device because the lookup failed
+	}
+	if dev != "" {
 		m.Device = dev
 		return m, nil
 	}
-	dev, err := attachLoop(file, spec.ReadOnly)
-	if err != nil {
+	if dev, err = attachLoop(file, spec.ReadOnly); err != nil {
 		return m, err
 	}
 	m.Device = dev
 	return m, nil
 }
 
-func (f *fuseMounter) startFuse(ctx context.Context, spec ImageSpec, dir string) error {
-	keyFile, err := spec.Creds.WriteKeyFile(f.keyDir)
-	if err != nil {
-		return err
-	}
-	// rbd-fuse reads the key before it daemonizes: remove it once it returns.
-	defer os.Remove(keyFile)
+// fuseArgs is rbd-fuse's command line: every value joined to its option with
+// '=', so none can be read as an option of its own; the key by memfd.
+func fuseArgs(spec ImageSpec, dir string) []string {
 	args := []string{
-		"-p", spec.Pool, "-r", spec.Image,
-		"--id", spec.Creds.ID, "--keyfile", keyFile, "-m", spec.Monitors,
-		"--admin-socket=", "--log-file=", "--no-mon-config", "--client-mount-timeout=30",
+		"--poolname=" + spec.Pool, "--image=" + spec.Image,
+		"--id=" + spec.Creds.ID, keyFileArg, "--mon-host=" + spec.Monitors,
+		"--no-mon-config", "--client-mount-timeout=30",
 		// Sizes must follow resizes at once, not after FUSE's attribute cache expires.
 		"-o", "attr_timeout=0,entry_timeout=0",
 	}
+	args = append(args, quietArgs...)
 	if spec.Namespace != "" {
-		args = append(args, "--namespace", spec.Namespace)
+		// rbd-fuse's option table knows only the --namespace=NS form.
+		args = append(args, "--namespace="+spec.Namespace)
 	}
 	if spec.ReadOnly {
 		args = append(args, "-o", "ro")
 	}
-	args = append(args, dir)
-	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "rbd-fuse", args...)
-	cmd.Env = toolEnv()
+	return append(args, dir)
+}
+
+func (f *fuseMounter) startFuse(ctx context.Context, spec ImageSpec, dir string) error {
+	// rbd-fuse reads the key before it daemonizes; the memfd goes with it.
 	start := time.Now()
-	o, err := cmd.CombinedOutput()
-	out := []byte(spec.Creds.Redact(string(o))) // Ceph tools may echo a key they cannot decode
+	if _, err := (toolRun{name: "rbd-fuse", args: fuseArgs(spec, dir), creds: &spec.Creds, timeout: 60 * time.Second}).run(ctx); err != nil {
+		return fmt.Errorf("rbd-fuse for %s: %w", imageName(spec), err)
+	}
+	mounted, err := isFuseMounted(dir)
 	if err != nil {
-		return fmt.Errorf("rbd-fuse for %s/%s failed: %v: %s", spec.Pool, spec.Image, err, lastLine(out))
+		return err
 	}
-	if !isFuseMounted(dir) {
-		return fmt.Errorf("rbd-fuse for %s/%s exited without mounting: %s", spec.Pool, spec.Image, lastLine(out))
+	if !mounted {
+		return fmt.Errorf("rbd-fuse for %s exited without mounting %s", imageName(spec), dir)
 	}
-	klog.V(3).InfoS("rbd-fuse started", "image", spec.Pool+"/"+spec.Image, "dir", dir, "duration", time.Since(start))
+	klog.V(3).InfoS("rbd-fuse started", "image", imageName(spec), "dir", dir, "duration", time.Since(start))
 	return nil
 }
 
 func (f *fuseMounter) Unmap(ctx context.Context, m Mapping) error {
-	if m.Device != "" && loopBackingFile(m.Device) != "" && strings.HasPrefix(loopBackingFile(m.Device), m.FuseDir+"/") {
-		if err := detachLoop(m.Device); err != nil {
+	if m.Device != "" {
+		backing, err := loopBackingFile(m.Device)
+		if err != nil {
 			return err
+		}
+		if strings.HasPrefix(backing, m.FuseDir+"/") {
+			if err := detachLoop(m.Device); err != nil {
+				return err
+			}
 		}
 	}
 	if m.FuseDir == "" {
 		return nil
 	}
-	pid := fusePid(m.FuseDir)
-	if isFuseMounted(m.FuseDir) {
+	pid, err := fusePid(m.FuseDir)
+	if err != nil {
+		return err
+	}
+	mounted, err := isFuseMounted(m.FuseDir)
+	if err != nil {
+		return err
+	}
+	if mounted {
 		if err := f.mounts.Unmount(m.FuseDir); err != nil {
 			return fmt.Errorf("unmounting rbd-fuse at %s: %w", m.FuseDir, err)
 		}
@@ -142,7 +176,10 @@ func (f *fuseMounter) Unmap(ctx context.Context, m Mapping) error {
 // Refresh waits for rbd-fuse to report the grown size (librbd learns of the
 // resize by a watch notification), then resizes the loop device.
 func (f *fuseMounter) Refresh(ctx context.Context, m Mapping, minSize int64) error {
-	file := loopBackingFile(m.Device)
+	file, err := loopBackingFile(m.Device)
+	if err != nil {
+		return err
+	}
 	if file == "" {
 		return fmt.Errorf("loop device %s is detached", m.Device)
 	}
@@ -167,36 +204,63 @@ func (f *fuseMounter) Refresh(ctx context.Context, m Mapping, minSize int64) err
 	return refreshLoop(m.Device)
 }
 
-func (f *fuseMounter) Check(m Mapping) error {
-	if fusePid(m.FuseDir) == 0 {
-		return fmt.Errorf("rbd-fuse serving %s is not running", m.Device)
+// Check judges the mapping lost only on positive evidence: the FUSE mount is
+// missing from the mount table, answers ENOTCONN or ECONNABORTED (its
+// rbd-fuse died), or the
+// loop device is detached or backed by another file.
+func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
+	mounted, err := isFuseMounted(m.FuseDir)
+	if err != nil {
+		return err
 	}
-	if !isFuseMounted(m.FuseDir) {
-		return fmt.Errorf("rbd-fuse mount %s is gone", m.FuseDir)
+	if !mounted {
+		return gone("rbd-fuse mount %s is gone", m.FuseDir)
 	}
-	if b := loopBackingFile(m.Device); !strings.HasPrefix(b, m.FuseDir+"/") {
-		return fmt.Errorf("loop device %s is no longer backed by the image", m.Device)
+	switch err := statPath(ctx, m.FuseDir); {
+	case fuseDead(err):
+		return gone("rbd-fuse mount %s is dead (its rbd-fuse exited)", m.FuseDir)
+	case err != nil:
+		return probeErr(err, "checking rbd-fuse mount", m.FuseDir)
+	}
+	b, err := loopBackingFile(m.Device)
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(b, m.FuseDir+"/") {
+		return gone("loop device %s is no longer backed by the image", m.Device)
 	}
 	return nil
 }
 
-// isFuseMounted reports whether an rbd-fuse filesystem is mounted at dir.
-func isFuseMounted(dir string) bool {
+// fuseDead says whether a FUSE mount's answer shows its server gone: ENOTCONN
+// (connection down) or ECONNABORTED (connection aborted, as the kernel does
+// when the server's /dev/fuse descriptor closes at its exit).
+func fuseDead(err error) bool {
+	return errors.Is(err, unix.ENOTCONN) || errors.Is(err, unix.ECONNABORTED)
+}
+
+// isFuseMounted reports whether a FUSE filesystem is mounted at dir; a mount
+// table that cannot be read is an error, never "not mounted".
+func isFuseMounted(dir string) (bool, error) {
 	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
 	if err != nil {
-		return false
+		return false, coded(codes.Internal, "reading the mount table: %v", err)
 	}
 	for _, mi := range infos {
 		if mi.MountPoint == dir && strings.HasPrefix(mi.FsType, "fuse") {
-			return true
+			return true, nil
 		}
 	}
-	return false
+	return false, nil
 }
 
-// fusePid finds the live rbd-fuse process serving dir (0 if none).
-func fusePid(dir string) int {
-	entries, _ := os.ReadDir("/proc")
+// fusePid finds the live rbd-fuse process serving dir (0 if a full scan of
+// /proc finds none).
+func fusePid(dir string) (int, error) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, coded(codes.Internal, "listing processes: %v", err)
+	}
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -204,10 +268,10 @@ func fusePid(dir string) int {
 		}
 		args := procArgs(pid)
 		if len(args) > 1 && filepath.Base(args[0]) == "rbd-fuse" && args[len(args)-1] == dir && !isZombie(pid) {
-			return pid
+			return pid, nil
 		}
 	}
-	return 0
+	return 0, nil
 }
 
 func procArgs(pid int) []string {

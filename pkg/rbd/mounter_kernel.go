@@ -11,31 +11,46 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// cliMounter maps images with a CLI that hands the image to a kernel driver:
-// `rbd map` for krbd, `rbd-nbd map` for rbd-nbd. Only the key file (0600,
-// removed right after) carries the key; the command line names its path.
+// Tool timeouts: a listing answers at once unless something is wrong; a map
+// waits for the cluster.
+const (
+	listTimeout  = 10 * time.Second
+	mapTimeout   = 2 * time.Minute
+	unmapTimeout = time.Minute
+)
+
+// cliMounter maps images with `rbd device map`, which hands the image to a
+// kernel driver: krbd, or nbd (served by an rbd-nbd process that rbd starts).
+// The key reaches the tool as a memfd; no image name is ever a positional
+// argument.
 type cliMounter struct {
-	name   string // MounterKRBD or MounterNBD
-	binary string // rbd or rbd-nbd
-	module string // kernel module the mapping needs
-	sysfs  string // present when the module is loaded
-	keyDir string
+	name    string // MounterKRBD or MounterNBD
+	devType string // rbd device --device-type
+	tools   []string
+	module  string // kernel module the mapping needs
+	sysfs   string // present when the module is loaded
+	// tmpfsKeys: see toolRun. rbd reads the key itself for krbd (memfd);
+	// for nbd it runs rbd-nbd with every descriptor but 0-2 closed, so the
+	// key goes to a short-lived file on tmpfs.
+	tmpfsKeys string
 }
 
-func newKRBD(keyDir string) *cliMounter {
-	return &cliMounter{name: MounterKRBD, binary: "rbd", module: "rbd", sysfs: "/sys/bus/rbd", keyDir: keyDir}
+func newKRBD() *cliMounter {
+	return &cliMounter{name: MounterKRBD, devType: "krbd", tools: []string{"rbd"}, module: "rbd", sysfs: "/sys/bus/rbd"}
 }
 
-func newNBD(keyDir string) *cliMounter {
-	return &cliMounter{name: MounterNBD, binary: "rbd-nbd", module: "nbd", sysfs: "/sys/module/nbd", keyDir: keyDir}
+func newNBD(tmpfsKeys string) *cliMounter {
+	return &cliMounter{name: MounterNBD, devType: "nbd", tools: []string{"rbd", "rbd-nbd"}, module: "nbd", sysfs: "/sys/module/nbd", tmpfsKeys: tmpfsKeys}
 }
 
 func (c *cliMounter) Name() string { return c.name }
 
 // Available loads the kernel module if needed; without it the mounter cannot work.
 func (c *cliMounter) Available() error {
-	if _, err := exec.LookPath(c.binary); err != nil {
-		return fmt.Errorf("%s is not installed on this node", c.binary)
+	for _, t := range c.tools {
+		if _, err := exec.LookPath(t); err != nil {
+			return fmt.Errorf("%s is not installed on this node", t)
+		}
 	}
 	if _, err := os.Stat(c.sysfs); err == nil {
 		return nil
@@ -51,51 +66,57 @@ func (c *cliMounter) Available() error {
 	return fmt.Errorf("the %s kernel module is not available on this node (modprobe %s: %s)", c.module, c.module, reason)
 }
 
-func (c *cliMounter) imageArg(spec ImageSpec) string {
+func imageName(spec ImageSpec) string {
 	if spec.Namespace != "" {
 		return spec.Pool + "/" + spec.Namespace + "/" + spec.Image
 	}
 	return spec.Pool + "/" + spec.Image
 }
 
-func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (Mapping, error) {
-	m := Mapping{Mounter: c.name, Pool: spec.Pool, Namespace: spec.Namespace, Image: spec.Image}
-	if dev := c.mapped(ctx, spec); dev != "" {
-		m.Device = dev // a retry: already mapped
-		return m, nil
+// mapArgs is the `rbd device map` command line: the image by --pool,
+// --namespace and --image (never a positional spec), the key by memfd.
+func (c *cliMounter) mapArgs(spec ImageSpec) []string {
+	args := []string{"device", "map", "--device-type=" + c.devType,
+		"--pool=" + spec.Pool, "--image=" + spec.Image,
+		"--id=" + spec.Creds.ID, keyFileArg, "--mon-host=" + spec.Monitors,
+		"--no-mon-config", "--client-mount-timeout=30"}
+	if spec.Namespace != "" {
+		args = append(args, "--namespace="+spec.Namespace)
 	}
-	keyFile, err := spec.Creds.WriteKeyFile(c.keyDir)
-	if err != nil {
-		return m, err
-	}
-	defer os.Remove(keyFile)
-	args := []string{"map", c.imageArg(spec), "--id", spec.Creds.ID, "--keyfile", keyFile, "-m", spec.Monitors, "--no-mon-config", "--client-mount-timeout=30"}
+	args = append(args, quietArgs...)
 	if spec.ReadOnly {
 		args = append(args, "--read-only")
 	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	start := time.Now()
-	cmd := exec.CommandContext(ctx, c.binary, args...)
-	cmd.Env = toolEnv()
-	out, err := cmd.Output()
+	return args
+}
+
+func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (Mapping, error) {
+	m := Mapping{Mounter: c.name, Pool: spec.Pool, Namespace: spec.Namespace, Image: spec.Image}
+	dev, err := c.mapped(ctx, spec)
 	if err != nil {
-		return m, fmt.Errorf("%s map %s: %v: %s", c.binary, c.imageArg(spec), err, spec.Creds.Redact(stderrOf(err)))
+		return m, err // never map a second time because the listing failed
+	}
+	if dev != "" {
+		m.Device = dev // a retry: already mapped
+		return m, nil
+	}
+	start := time.Now()
+	out, err := toolRun{name: "rbd", args: c.mapArgs(spec), creds: &spec.Creds, timeout: mapTimeout, tmpfsKeys: c.tmpfsKeys}.run(ctx)
+	if err != nil {
+		return m, fmt.Errorf("mapping %s: %w", imageName(spec), err)
 	}
 	m.Device = strings.TrimSpace(string(out))
-	klog.V(3).InfoS("image mapped", "mounter", c.name, "image", c.imageArg(spec), "device", m.Device, "duration", time.Since(start))
+	klog.V(3).InfoS("image mapped", "mounter", c.name, "image", imageName(spec), "device", m.Device, "duration", time.Since(start))
 	return m, nil
 }
 
-// mapped returns the device an image is already mapped to, or "".
-func (c *cliMounter) mapped(ctx context.Context, spec ImageSpec) string {
-	cmd := exec.CommandContext(ctx, c.binary, "device", "list", "--format", "json")
-	if c.binary == "rbd-nbd" {
-		cmd = exec.CommandContext(ctx, c.binary, "list-mapped", "--format", "json")
-	}
-	out, err := cmd.Output()
+// mapped returns the device an image is mapped at ("" if a successful
+// listing does not show it); a listing that fails or times out is an error.
+func (c *cliMounter) mapped(ctx context.Context, spec ImageSpec) (string, error) {
+	args := append([]string{"device", "list", "--device-type=" + c.devType, "--format=json"}, quietArgs...)
+	out, err := toolRun{name: "rbd", args: args, timeout: listTimeout}.run(ctx)
 	if err != nil {
-		return ""
+		return "", err
 	}
 	return findMapped(out, spec)
 }
@@ -103,13 +124,20 @@ func (c *cliMounter) mapped(ctx context.Context, spec ImageSpec) string {
 // Unmap unmaps the device the image is mapped at now (after a crash or a
 // reboot the recorded path may name another image's device).
 func (c *cliMounter) Unmap(ctx context.Context, m Mapping) error {
-	dev := c.mapped(ctx, m.spec())
-	if dev == "" {
-		return nil // not mapped (any more)
+	dev, err := c.mapped(ctx, m.spec())
+	if err != nil {
+		return err
 	}
-	out, err := exec.CommandContext(ctx, c.binary, "unmap", dev).CombinedOutput()
-	if err != nil && !strings.Contains(string(out), "not mapped") && !strings.Contains(string(out), "No such") {
-		return fmt.Errorf("%s unmap %s: %v: %s", c.binary, dev, err, lastLine(out))
+	if dev == "" {
+		return nil // a successful listing says it is not mapped (any more)
+	}
+	args := append([]string{"device", "unmap", "--device-type=" + c.devType, dev}, quietArgs...)
+	if _, err := (toolRun{name: "rbd", args: args, timeout: unmapTimeout}).run(ctx); err != nil {
+		// Gone meanwhile? Only a successful listing may say so.
+		if now, lerr := c.mapped(ctx, m.spec()); lerr == nil && now == "" {
+			return nil
+		}
+		return err
 	}
 	return nil
 }
@@ -117,21 +145,14 @@ func (c *cliMounter) Unmap(ctx context.Context, m Mapping) error {
 // Refresh is automatic: krbd and rbd-nbd follow the image's size.
 func (c *cliMounter) Refresh(context.Context, Mapping, int64) error { return nil }
 
-func (c *cliMounter) Check(m Mapping) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	switch dev := c.mapped(ctx, m.spec()); {
+func (c *cliMounter) Check(ctx context.Context, m Mapping) error {
+	switch dev, err := c.mapped(ctx, m.spec()); {
+	case err != nil:
+		return err
 	case dev == "":
-		return fmt.Errorf("image %s/%s is no longer mapped", m.Pool, m.Image)
+		return gone("image %s is no longer mapped", imageName(m.spec()))
 	case dev != m.Device:
-		return fmt.Errorf("image %s/%s is mapped at %s, not %s", m.Pool, m.Image, dev, m.Device)
+		return gone("image %s is mapped at %s, not %s", imageName(m.spec()), dev, m.Device)
 	}
 	return nil
-}
-
-func stderrOf(err error) string {
-	if ee, ok := err.(*exec.ExitError); ok {
-		return lastLine(ee.Stderr)
-	}
-	return ""
 }

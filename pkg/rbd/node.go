@@ -2,6 +2,8 @@ package rbd
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -30,6 +32,8 @@ type Node struct {
 	events         rcsi.EventSink
 	locks          rcsi.KeyLocks
 	acks           ackTimers
+	// conns reaches Ceph to resolve ceph-csi volume IDs (cephcsi.go).
+	conns *rcsi.Conns
 }
 
 // NodeConfig configures NewNode.
@@ -41,6 +45,8 @@ type NodeConfig struct {
 	// a restart of the driver (a host path).
 	StateDir string
 	Events   rcsi.EventSink
+	// Conns caches Ceph connections (for ceph-csi volume IDs); nil: a private cache.
+	Conns *rcsi.Conns
 }
 
 // NewNode builds the node service with all three mounters.
@@ -55,9 +61,14 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, err
 	}
-	keyDir := filepath.Join(cfg.StateDir, "keys")
-	// Key files are removed after each use; clear any a crash left behind.
-	os.RemoveAll(keyDir)
+	// Versions before 0.2 wrote short-lived key files here (keys now go to
+	// tools as memfds): clear any a crash left behind.
+	os.RemoveAll(filepath.Join(cfg.StateDir, "keys"))
+	// rbd-nbd's short-lived key files (tmpfs, one directory per state
+	// directory): clear any a crash left behind.
+	sum := sha256.Sum256([]byte(cfg.StateDir))
+	tmpfsKeys := filepath.Join(tmpfsKeyRoot, "rookzmq-keys-"+hex.EncodeToString(sum[:6]))
+	os.RemoveAll(tmpfsKeys)
 	mounts := &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}
 	events := cfg.Events
 	if events == nil {
@@ -67,14 +78,18 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		nodeID:   cfg.NodeID,
 		clusters: cfg.Clusters,
 		mounters: map[string]Mounter{
-			MounterKRBD: newKRBD(keyDir),
-			MounterNBD:  newNBD(keyDir),
-			MounterFuse: &fuseMounter{keyDir: keyDir, mounts: mounts},
+			MounterKRBD: newKRBD(),
+			MounterNBD:  newNBD(tmpfsKeys),
+			MounterFuse: &fuseMounter{mounts: mounts},
 		},
 		defaultMounter: def,
 		mounts:         mounts,
 		state:          stateStore{dir: cfg.StateDir},
 		events:         events,
+		conns:          cfg.Conns,
+	}
+	if n.conns == nil {
+		n.conns = &rcsi.Conns{}
 	}
 	return n, nil
 }
@@ -88,38 +103,64 @@ func (n *Node) lock(ctx context.Context, volumeID string) (func(), error) {
 	return unlock, nil
 }
 
-// stale says why a staged record no longer describes the node ("" if it does).
-func (n *Node) stale(rec *stageRecord) string {
-	if rec.BootID != bootID() {
-		return "the node rebooted since"
+// tmpfsKeyRoot holds the directories of short-lived key files (tmpfs).
+const tmpfsKeyRoot = "/dev/shm"
+
+// cleanupTimeout bounds a clean-up (teardown, undoing a failed stage), which
+// runs to its end even when the call's own deadline has passed.
+const cleanupTimeout = 2 * time.Minute
+
+// stale says why a staged record no longer describes the node ("" if it
+// does). Only positive evidence makes a stage stale: another boot ID, the
+// image missing from a successful device listing, the FUSE mount answering
+// ENOTCONN or ECONNABORTED, the staging path missing from the mount table.
+// A check that fails or hangs is an error: the caller must not treat the
+// stage as gone.
+func (n *Node) stale(ctx context.Context, rec *stageRecord) (string, error) {
+	boot, err := bootID()
+	if err != nil {
+		return "", err
+	}
+	if rec.BootID != boot {
+		return "the node rebooted since", nil
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
-		if err := m.Check(rec.Mapping); err != nil {
-			return err.Error()
+		if err := m.Check(ctx, rec.Mapping); isGone(err) {
+			return err.Error(), nil
+		} else if err != nil {
+			return "", status.Errorf(rcsi.Code(err), "cannot tell whether volume %s is still mapped: %v", rec.VolumeID, err)
 		}
 	}
 	if !rec.Block {
-		if mnt, err := n.mounts.IsMountPoint(rec.StagingPath); err != nil || !mnt {
-			return "the staging path is not mounted"
+		mnt, err := isMountPoint(ctx, n.mounts, rec.StagingPath)
+		if errors.Is(err, os.ErrNotExist) || (err == nil && !mnt) {
+			return "the staging path is not mounted", nil
+		}
+		if err != nil {
+			return "", status.Errorf(rcsi.Code(err), "cannot tell whether volume %s is still mounted: %v", rec.VolumeID, err)
 		}
 	}
-	return ""
+	return "", nil
 }
 
 // clearStale removes what a dead stage left: the staging mount and the
-// mapping (best effort: their device may be dead, so nothing is flushed).
-func (n *Node) clearStale(ctx context.Context, rec *stageRecord) {
+// mapping (their device may be dead, so nothing is flushed). It fails rather
+// than forget a mapping it could not remove: staging again would map twice.
+func (n *Node) clearStale(ctx context.Context, rec *stageRecord) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
 	if !rec.Block {
 		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
-			klog.ErrorS(err, "unmounting a stale staging path", "path", rec.StagingPath)
+			return status.Errorf(codes.Internal, "unmounting the stale staging path %s: %v", rec.StagingPath, err)
 		}
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
 		if err := m.Unmap(ctx, rec.Mapping); err != nil {
-			klog.ErrorS(err, "unmapping a stale mapping", "volumeID", rec.VolumeID)
+			return status.Errorf(rcsi.Code(err), "unmapping the stale mapping of volume %s: %v", rec.VolumeID, err)
 		}
 	}
 	rec.Mapping = Mapping{}
+	return nil
 }
 
 // begin locks a volume for one call and loads its stage record (nil if it
@@ -140,7 +181,7 @@ func (n *Node) begin(ctx context.Context, volumeID string) (*stageRecord, func()
 // NodeStageVolume maps the image, makes a filesystem on a blank device and mounts
 // it at the staging path (block volumes keep just the device).
 func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
-	id, err := rcsi.VolumeIDArg(req.GetVolumeId(), false)
+	id, cephID, err := parseHandle(req.GetVolumeId(), false)
 	if err != nil {
 		return nil, err
 	}
@@ -151,6 +192,11 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	vc := req.GetVolumeCapability()
 	if err := rcsi.Capability(vc, checkCapability); err != nil {
 		return nil, err
+	}
+	if fs := req.GetVolumeContext()[ctxFsType]; fs != "" && vc.GetMount() != nil {
+		if err := CheckFsType(fs); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "volume_context %s: %v", ctxFsType, err)
+		}
 	}
 	creds, err := rcsi.CredentialsFromSecrets(req.GetSecrets(), SecretUserID, SecretUserKey)
 	if err != nil {
@@ -175,11 +221,17 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	defer unlock()
 	want := newRecord(req.GetVolumeId(), staging, vc, req.GetVolumeContext())
 	if rec != nil && rec.Staged {
-		if reason := n.stale(rec); reason != "" {
+		reason, err := n.stale(ctx, rec)
+		if err != nil {
+			return nil, err
+		}
+		if reason != "" {
 			// Staged before a reboot or crash that took the mapping or mount
 			// along: clear what is left of it and stage again.
 			klog.InfoS("stage record is stale: staging again", "volumeID", rec.VolumeID, "reason", reason)
-			n.clearStale(ctx, rec)
+			if err := n.clearStale(ctx, rec); err != nil {
+				return nil, err
+			}
 			rec.Staged = false
 		}
 	}
@@ -195,13 +247,28 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := mounter.Available(); err != nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "mounter %s cannot work on node %s: %v", mounterName, n.nodeID, err)
 	}
+	if cephID != nil {
+		if id, err = n.resolveForStage(ctx, *cephID, cluster, creds); err != nil {
+			return nil, err
+		}
+		// What ceph-csi's journal says reaches tools' command lines too.
+		for _, f := range [][2]string{{"pool", id.Pool}, {"namespace", id.Namespace}, {"image", id.Name}} {
+			if err := rcsi.CheckName(f[0], f[1]); err != nil {
+				return nil, status.Errorf(codes.InvalidArgument, "ceph-csi volume %s: %v", req.GetVolumeId(), err)
+			}
+		}
+	}
 	start := time.Now()
 	if rec != nil {
-		// A stage that crashed half way: keep what it mapped, redo the rest.
+		// A stage that crashed half way: keep what it mapped, redo the rest,
+		// and remember an attach already announced (unstage owes its detach).
 		want.Mapping = rec.Mapping
+		want.Announced = rec.Announced
 	}
 	want.Mounter = mounterName
-	want.BootID = bootID()
+	if want.BootID, err = bootID(); err != nil {
+		return nil, err
+	}
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -218,7 +285,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	}
 	mapped := time.Since(start)
 	if !want.Block {
-		if err := n.mountStaging(want, vc.GetMount().GetMountFlags()); err != nil {
+		if err := n.mountStaging(ctx, want, vc.GetMount().GetMountFlags()); err != nil {
 			n.undoStage(ctx, want)
 			return nil, err
 		}
@@ -230,7 +297,10 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	n.emit(rcsi.EventAttach, want, want.Context)
+	if err := n.emit(ctx, rcsi.EventAttach, want, want.Context); err != nil {
+		return nil, err // kubelet retries; the retry finds the mapping and mount and emits
+	}
+	rcsi.CrashPoint("stage-after-attach")
 	want.Staged = true
 	if err := n.state.save(want); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -271,20 +341,19 @@ func isReadOnlyMode(vc *csi.VolumeCapability) bool {
 }
 
 // mountStaging makes a filesystem if the device is blank and mounts it.
-func (n *Node) mountStaging(rec *stageRecord, flags []string) error {
+func (n *Node) mountStaging(ctx context.Context, rec *stageRecord, flags []string) error {
 	if err := os.MkdirAll(rec.StagingPath, 0o750); err != nil {
 		return status.Errorf(codes.Internal, "creating staging path: %v", err)
 	}
-	notMnt, err := n.mounts.IsLikelyNotMountPoint(rec.StagingPath)
+	notMnt, err := isLikelyNotMountPoint(ctx, n.mounts, rec.StagingPath)
 	if err != nil {
-		return status.Errorf(codes.Internal, "checking staging path: %v", err)
+		return status.Errorf(rcsi.Code(err), "checking staging path: %v", err)
 	}
 	if !notMnt {
 		return nil // a retry after the mount succeeded
 	}
-	opts := append([]string{}, flags...)
+	opts := mountOptions(flags, rec.ReadOnly)
 	if rec.ReadOnly {
-		opts = append(opts, "ro")
 		if rec.FsType == "ext4" {
 			opts = append(opts, "noload") // no journal replay on a read-only device
 		}
@@ -297,9 +366,25 @@ func (n *Node) mountStaging(rec *stageRecord, flags []string) error {
 	return nil
 }
 
-// undoStage releases what a failed stage made, logging what it cannot.
+// mountOptions puts "ro" last, after the caller's flags, so that no "rw"
+// among them can make a read-only mount writable.
+func mountOptions(flags []string, readOnly bool) []string {
+	var opts []string
+	for _, f := range flags {
+		if !readOnly || f != "rw" {
+			opts = append(opts, f)
+		}
+	}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	return opts
+}
+
+// undoStage releases what a failed stage made, logging what it cannot. An
+// attach announced by this or an earlier try gets its ack and detach.
 func (n *Node) undoStage(ctx context.Context, rec *stageRecord) {
-	if err := n.teardown(ctx, rec, false); err != nil {
+	if err := n.teardown(ctx, rec, rec.Announced); err != nil {
 		klog.ErrorS(err, "cleaning up a failed stage; NodeUnstageVolume will retry", "volumeID", rec.VolumeID)
 	}
 }
@@ -339,19 +424,34 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 
 // teardown flushes (emitting ack), unmounts, unmaps (emitting detach) and
 // forgets the volume. The record goes last, so a crash anywhere is retried
-// from the start: events then repeat rather than go missing.
+// from the start; the ack is emitted once per staging (the record says it
+// was), so only a crash between an event and the record's update repeats one.
+// It runs to its end (within cleanupTimeout) even if ctx has ended: a
+// clean-up cut short half way would leave a mapping behind.
 func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) error {
-	ack, err := n.flush(rec)
-	if errors.Is(err, errNothingToFlush) {
-		// The mount or device is already gone: nothing of it is cached here.
-		ack, err = n.ackEvent(rec, 0), nil
-	}
-	if err != nil {
-		return status.Errorf(codes.Internal, "flushing volume %s: %v", rec.VolumeID, err)
-	}
-	if events { // detach always follows the ack of the last flush
-		ack.Trigger = rcsi.TriggerUnstage
-		n.events.VolumeEvent(ack)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if !events || !rec.UnstageAcked {
+		ack, err := n.flush(ctx, rec)
+		if errors.Is(err, errNothingToFlush) {
+			// The mount or device is already gone: nothing of it is cached here.
+			ack, err = n.ackEvent(rec, 0), nil
+			ack.NothingFlushed = true
+		}
+		if err != nil {
+			return status.Errorf(rcsi.Code(err), "flushing volume %s: %v", rec.VolumeID, err)
+		}
+		if events { // detach always follows the ack of the last flush
+			ack.Trigger = rcsi.TriggerUnstage
+			if _, err := n.events.VolumeEvent(ctx, ack); err != nil {
+				return err
+			}
+			rec.UnstageAcked = true
+			if err := n.state.save(rec); err != nil {
+				return status.Error(codes.Internal, err.Error())
+			}
+			rcsi.CrashPoint("unstage-after-ack")
+		}
 	}
 	if !rec.Block {
 		if err := mount.CleanupMountPoint(rec.StagingPath, n.mounts, true); err != nil {
@@ -360,11 +460,13 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
 		if err := m.Unmap(ctx, rec.Mapping); err != nil {
-			return status.Errorf(codes.Internal, "unmapping %s: %v", rec.Device, err)
+			return status.Errorf(rcsi.Code(err), "unmapping %s: %v", rec.Device, err)
 		}
 	}
 	if events {
-		n.emit(rcsi.EventDetach, rec, rec.Context)
+		if err := n.emit(ctx, rcsi.EventDetach, rec, rec.Context); err != nil {
+			return err
+		}
 	}
 	if err := n.state.remove(rec.VolumeID); err != nil {
 		return status.Errorf(codes.Internal, "removing stage record: %v", err)
@@ -392,7 +494,8 @@ func syncDevice(dev string) error {
 	return f.Sync()
 }
 
-func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
+// emit records a volume event; an error (Unavailable) fails the CSI call.
+func (n *Node) emit(ctx context.Context, kind string, rec *stageRecord, volCtx map[string]string) error {
 	ev := rcsi.VolumeEvent{
 		Kind: kind, VolumeID: rec.VolumeID, VolumeContext: volCtx,
 		AccessType: accessType(rec), FsType: rec.FsType, ReadOnly: rec.ReadOnly,
@@ -400,7 +503,8 @@ func (n *Node) emit(kind string, rec *stageRecord, volCtx map[string]string) {
 	if kind == rcsi.EventExpand {
 		ev.SizeBytes = rec.Size
 	}
-	n.events.VolumeEvent(ev)
+	_, err := n.events.VolumeEvent(ctx, ev)
+	return err
 }
 
 // errNotStaged is the error for calls on a volume this node has not staged.

@@ -20,18 +20,24 @@ var errNothingToFlush = errors.New("nothing to flush")
 // through the device (krbd and rbd-nbd flush to the OSDs; for rbd-fuse the
 // loop device passes the fsync to rbd-fuse, which flushes librbd). It returns
 // the ack event.
-func (n *Node) flush(rec *stageRecord) (rcsi.VolumeEvent, error) {
+func (n *Node) flush(ctx context.Context, rec *stageRecord) (rcsi.VolumeEvent, error) {
 	start := time.Now()
 	var err error
 	switch {
 	case !rec.Block:
-		if mnt, merr := n.mounts.IsMountPoint(rec.StagingPath); merr != nil || !mnt {
+		mnt, merr := isMountPoint(ctx, n.mounts, rec.StagingPath)
+		if errors.Is(merr, os.ErrNotExist) || (merr == nil && !mnt) {
 			return rcsi.VolumeEvent{}, errNothingToFlush
+		}
+		if merr != nil {
+			return rcsi.VolumeEvent{}, merr
 		}
 		err = syncFS(rec.StagingPath)
 	case rec.Device != "":
-		if _, serr := os.Stat(rec.Device); serr != nil {
+		if _, serr := os.Stat(rec.Device); errors.Is(serr, os.ErrNotExist) {
 			return rcsi.VolumeEvent{}, errNothingToFlush
+		} else if serr != nil {
+			return rcsi.VolumeEvent{}, serr
 		}
 		err = syncDevice(rec.Device)
 	default:
@@ -63,12 +69,16 @@ func (n *Node) FlushVolume(ctx context.Context, volumeID, trigger string, allowe
 	if rec == nil || !rec.Staged || (allowed != nil && !allowed(rec.Context[ParamPVCNamespace], volumeID)) {
 		return 0, 0, errNotStaged(volumeID)
 	}
-	ev, err := n.flush(rec)
+	ev, err := n.flush(ctx, rec)
 	if err != nil {
 		return 0, 0, status.Errorf(codes.Internal, "flushing volume %s: %v", volumeID, err)
 	}
 	ev.Trigger = trigger
-	return n.events.VolumeEvent(ev), ev.FlushMs, nil
+	seq, err := n.events.VolumeEvent(ctx, ev)
+	if err != nil {
+		return 0, 0, err
+	}
+	return seq, ev.FlushMs, nil
 }
 
 // VolumeByPVC finds the staged volume of a PVC.

@@ -19,12 +19,10 @@ import (
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
-// statsTimeout bounds NodeGetVolumeStats when a mount or device hangs.
-const statsTimeout = 5 * time.Second
-
 // NodeGetVolumeStats reports bytes and inodes (or a block device's size)
-// within statsTimeout; a hung mount is Unavailable, not a hung call.
-// NodeGetVolumeHealth says why.
+// within probeTimeout; a hung mount is Unavailable, not a hung call.
+// Concurrent calls for one path share one probe, so a hung mount holds one
+// blocked thread however often it is asked about. NodeGetVolumeHealth says why.
 func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
 	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
@@ -38,35 +36,20 @@ func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeSta
 	case errors.Is(err, os.ErrNotExist):
 		return nil, status.Errorf(codes.NotFound, "volume path %s does not exist", path)
 	case errors.Is(err, errHung):
-		return nil, status.Errorf(codes.Unavailable, "%s did not answer within %s (hung mount?)", path, statsTimeout)
+		return nil, hungError("reading stats of", path)
 	case err != nil:
 		return nil, status.Errorf(rcsi.Code(err), "reading stats of %s: %v", path, err)
 	}
 	return resp, nil
 }
 
-var errHung = errors.New("no answer in time")
-
-// boundedStats runs volumeStats on its own goroutine so a hung FUSE or network
-// mount cannot hang the caller.
+// boundedStats runs volumeStats as a shared probe of path.
 func boundedStats(ctx context.Context, path string) (*csi.NodeGetVolumeStatsResponse, error) {
-	type result struct {
-		resp *csi.NodeGetVolumeStatsResponse
-		err  error
+	v, err := probes.do(ctx, "stats\x00"+path, probeTimeout, func() (any, error) { return volumeStats(path) })
+	if err != nil {
+		return nil, err
 	}
-	done := make(chan result, 1) // buffered: a late answer must not block forever
-	go func() {
-		resp, err := volumeStats(path)
-		done <- result{resp, err}
-	}()
-	select {
-	case r := <-done:
-		return r.resp, r.err
-	case <-time.After(statsTimeout):
-		return nil, errHung
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	return v.(*csi.NodeGetVolumeStatsResponse), nil
 }
 
 func volumeStats(path string) (*csi.NodeGetVolumeStatsResponse, error) {
@@ -120,14 +103,22 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 		health.HealthStatuses = append(health.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: reason, Message: fmt.Sprintf(format, args...)})
 	}
-	if err := n.mounters[rec.Mounter].Check(rec.Mapping); err != nil {
+	m := n.mounters[rec.Mounter]
+	if m == nil {
+		return nil, status.Errorf(codes.Internal, "stage record of volume %s names an unknown mounter %q", rec.VolumeID, rec.Mounter)
+	}
+	if err := m.Check(ctx, rec.Mapping); isGone(err) {
 		bad("MappingLost", "%v", err)
+	} else if err != nil {
+		bad("MappingUnchecked", "cannot tell whether the mapping works: %v", err)
 	}
 	paths := []string{req.GetVolumePublishPath()}
 	if !rec.Block {
 		paths = append(paths, rec.StagingPath)
-		if notMnt, err := n.mounts.IsLikelyNotMountPoint(rec.StagingPath); err != nil || notMnt {
+		if notMnt, err := isLikelyNotMountPoint(ctx, n.mounts, rec.StagingPath); err == nil && notMnt {
 			bad("StagingMountLost", "staging mount %s is gone", rec.StagingPath)
+		} else if err != nil {
+			bad("StagingMountUnchecked", "cannot tell whether %s is mounted: %v", rec.StagingPath, err)
 		}
 	}
 	for _, p := range paths {
@@ -135,7 +126,7 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 			continue
 		}
 		if _, err := boundedStats(ctx, p); errors.Is(err, errHung) {
-			bad("MountHung", "%s did not answer within %s", p, statsTimeout)
+			bad("MountHung", "%s did not answer within %s", p, probeTimeout)
 		} else if err != nil {
 			bad("MountUnreadable", "%s: %v", p, err)
 		}
@@ -183,7 +174,9 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 	klog.InfoS("volume expanded on node", "volumeID", req.GetVolumeId(), "bytes", size, "duration", time.Since(start))
 	if size != rec.Size { // a repeated call that changed nothing emits nothing
 		rec.Size = size
-		n.emit(rcsi.EventExpand, rec, rec.Context)
+		if err := n.emit(ctx, rcsi.EventExpand, rec, rec.Context); err != nil {
+			return nil, err
+		}
 		if err := n.state.save(rec); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}

@@ -2,6 +2,7 @@ package rbd
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"time"
@@ -18,7 +19,7 @@ import (
 // NodePublishVolume bind-mounts the staged filesystem (or the device, for block
 // volumes) at the pod's target path.
 func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	if _, err := rcsi.VolumeIDArg(req.GetVolumeId(), false); err != nil {
+	if _, _, err := parseHandle(req.GetVolumeId(), false); err != nil {
 		return nil, err
 	}
 	target := req.GetTargetPath()
@@ -40,7 +41,11 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	if rec == nil || !rec.Staged || rec.StagingPath != req.GetStagingTargetPath() {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", req.GetVolumeId(), req.GetStagingTargetPath())
 	}
-	if reason := n.stale(rec); reason != "" {
+	reason, err := n.stale(ctx, rec)
+	if err != nil {
+		return nil, err
+	}
+	if reason != "" {
 		// Never bind an empty staging directory (the node's own disk) or a
 		// device path that now names another image into a pod.
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s must be staged again: %s", req.GetVolumeId(), reason)
@@ -53,16 +58,13 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		if pub.ReadOnly != readOnly {
 			return nil, status.Errorf(codes.AlreadyExists, "volume is published at %s with read_only=%v", target, !readOnly)
 		}
-		if mnt, err := n.mounts.IsMountPoint(target); err == nil && mnt {
+		if mnt, err := isMountPoint(ctx, n.mounts, target); err == nil && mnt {
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
 	} else if vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER && len(rec.Targets) > 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume is SINGLE_NODE_SINGLE_WRITER and already published at %s", firstTarget(rec))
 	}
-	opts := []string{"bind"}
-	if readOnly {
-		opts = append(opts, "ro")
-	}
+	var flags []string
 	source := rec.StagingPath
 	if rec.Block {
 		source = rec.Device
@@ -70,7 +72,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 			return nil, status.Errorf(codes.Internal, "creating target file %s: %v", target, err)
 		}
 	} else {
-		opts = append(opts, vc.GetMount().GetMountFlags()...)
+		flags = vc.GetMount().GetMountFlags()
 		if err := os.MkdirAll(target, 0o750); err != nil {
 			return nil, status.Errorf(codes.Internal, "creating target directory %s: %v", target, err)
 		}
@@ -78,7 +80,13 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	start := time.Now()
 	// A crash after the mount but before the record was saved: keep that mount.
 	// IsMountPoint reads the mount table: bind mounts can share the parent's device.
-	if mnt, err := n.mounts.IsMountPoint(target); err != nil || !mnt {
+	// "ro" goes last: no "rw" among the mount flags can undo it.
+	opts := append([]string{"bind"}, mountOptions(flags, readOnly)...)
+	mnt, err := isMountPoint(ctx, n.mounts, target)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, status.Errorf(rcsi.Code(err), "checking target path %s: %v", target, err)
+	}
+	if !mnt {
 		if err := n.mounts.Mount(source, target, "", opts); err != nil {
 			return nil, status.Errorf(codes.Internal, "bind-mounting %s at %s: %v", source, target, err)
 		}
@@ -86,7 +94,9 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	// Emit before recording: a crash in between repeats the event, never loses it.
 	pub := *rec
 	pub.ReadOnly = readOnly
-	n.emit(rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext()))
+	if err := n.emit(ctx, rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext())); err != nil {
+		return nil, err // kubelet retries; the retry finds the mount and emits
+	}
 	if rec.Targets == nil {
 		rec.Targets = map[string]publication{}
 	}
@@ -122,7 +132,9 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if !published {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
-	n.emit(rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context))
+	if err := n.emit(ctx, rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context)); err != nil {
+		return nil, err
+	}
 	delete(rec.Targets, target)
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())

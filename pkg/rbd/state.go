@@ -28,6 +28,8 @@ type stageRecord struct {
 	BootID string `json:"bootID,omitempty"`
 	// Announced: the attach event was emitted (unstage owes ack and detach).
 	Announced bool `json:"announced,omitempty"`
+	// UnstageAcked: unstage emitted its ack (a retry emits only detach).
+	UnstageAcked bool `json:"unstageAcked,omitempty"`
 	// Staged is false while the volume is being mapped or mounted.
 	Staged bool `json:"staged"`
 	// Targets are the paths the volume is published at.
@@ -106,7 +108,21 @@ func (s stateStore) save(r *stageRecord) error {
 		os.Remove(tmp)
 		return fmt.Errorf("saving stage record: %w", err)
 	}
+	// The rename is durable only once the directory is.
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("saving stage record: %w", err)
+	}
 	return nil
+}
+
+// syncDir fsyncs a directory, making renames and removals in it durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // remove deletes the record and the (empty) work directory.
@@ -115,6 +131,10 @@ func (s stateStore) remove(volumeID string) error {
 		return err
 	}
 	if err := os.Remove(s.path(volumeID)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	// A removal the disk forgot would bring the record back after a crash.
+	if err := syncDir(filepath.Dir(s.path(volumeID))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	return nil

@@ -319,6 +319,12 @@ func ms(d time.Duration) string {
 
 var verdict = map[bool]string{true: "met", false: "MISSED"}
 
+// latencyRatio is the bridge's p99 over the floor under it measured in the
+// same round: raw ZeroMQ's p99 plus a bare fsync's p99.
+func latencyRatio(rawL, fsL, brL *runResult) float64 {
+	return float64(pct(brL.lat, 0.99)) / float64(pct(rawL.lat, 0.99)+pct(fsL.lat, 0.99))
+}
+
 // BenchmarkBridgeVsRaw runs the four measurements and prints them as a table.
 // Each measures a fixed workload; run it with -benchtime 1x.
 func BenchmarkBridgeVsRaw(b *testing.B) {
@@ -350,7 +356,7 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 	// Three rounds, each pair side by side; the table shows the median round
 	// (this VM's CPU steal and disk hiccups move single runs a lot) and lists all.
 	nLat := benchRate * int(benchLatTime/time.Second)
-	var ratios, p99s []float64
+	var ratios, latRatios []float64
 	var rounds []struct{ rawT, brT, rawL, fsL, brL *runResult }
 	for i := 0; i < benchRounds; i++ {
 		run("raw-throughput", &rawT, benchN, 0, rawRun)
@@ -365,13 +371,13 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 			ratios = append(ratios, brT.rate()/rawT.rate()*100)
 		}
 		if rawL != nil && brL != nil && fsL != nil {
-			p99s = append(p99s, float64(pct(brL.lat, 0.99)))
+			latRatios = append(latRatios, latencyRatio(rawL, fsL, brL))
 		}
 	}
 	if m := medianIndex(ratios); m >= 0 {
 		rawT, brT = rounds[m].rawT, rounds[m].brT
 	}
-	if m := medianIndex(p99s); m >= 0 {
+	if m := medianIndex(latRatios); m >= 0 {
 		rawL, fsL, brL = rounds[m].rawL, rounds[m].fsL, rounds[m].brL
 	}
 
@@ -414,16 +420,20 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 		if fsL != nil {
 			row("  floor: fsync alone, p50 / p99", "", ms(pct(fsL.lat, 0.5))+" / "+ms(pct(fsL.lat, 0.99)),
 				fmt.Sprintf("paced %d B append + fsync, same file system; the bridge publishes only fsynced events", benchRecord))
+			r := latencyRatio(rawL, fsL, brL)
+			row("  p99 bridge / (raw + fsync)", "", fmt.Sprintf("%.2f", r),
+				fmt.Sprintf("%s / (%s + %s); goal <= 1.2: %s", ms(pct(brL.lat, 0.99)), ms(pct(rawL.lat, 0.99)), ms(pct(fsL.lat, 0.99)), verdict[r <= 1.2]))
 		}
 	}
 	fmt.Printf("all %d rounds: bridge/raw throughput", len(rounds))
 	for _, r := range ratios {
 		fmt.Printf(" %.0f %%", r)
 	}
-	fmt.Print("; paced p99 raw / fsync alone / bridge:")
+	fmt.Print("; paced p99 raw / fsync alone / bridge (ratio):")
 	for _, r := range rounds {
 		if r.rawL != nil && r.fsL != nil && r.brL != nil {
-			fmt.Printf("  %.2f / %.2f / %.2f ms", ms1(pct(r.rawL.lat, 0.99)), ms1(pct(r.fsL.lat, 0.99)), ms1(pct(r.brL.lat, 0.99)))
+			fmt.Printf("  %.2f / %.2f / %.2f ms (%.2f)", ms1(pct(r.rawL.lat, 0.99)), ms1(pct(r.fsL.lat, 0.99)), ms1(pct(r.brL.lat, 0.99)),
+				latencyRatio(r.rawL, r.fsL, r.brL))
 		}
 	}
 	fmt.Println()

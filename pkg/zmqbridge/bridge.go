@@ -45,7 +45,8 @@ type FlushRequest struct {
 }
 
 // Flusher flushes a volume and publishes its ack event (through Emit),
-// returning the ack's sequence number and how long the flush took.
+// returning the ack's sequence number and how long the flush took. An *Error
+// chooses the reply's code (docs/events.md); other errors are "internal".
 type Flusher interface {
 	Flush(ctx context.Context, req FlushRequest) (seq uint64, flushMs float64, err error)
 }
@@ -65,8 +66,25 @@ type Bridge struct {
 	journal *Journal
 	zctx    *zmq.Context
 
-	synced    atomic.Uint64           // highest fsynced sequence
-	recent    tail                    // recent records, published from memory
+	synced atomic.Uint64 // highest fsynced sequence
+	recent tail          // recent records, published from memory
+	epoch  string        // the journal's epoch
+	// published is the highest sequence the publisher sent; pubWake is
+	// closed (and replaced) each time it advances.
+	pubMu     sync.Mutex
+	published uint64
+	pubWake   chan struct{}
+	// Close: closing refuses new endpoints; adds counts AddEndpoint calls
+	// under way; workers counts replay and flush workers, which use zctx
+	// only under zmu's read lock and not once zdead is set.
+	closeMu   sync.Mutex
+	closing   bool
+	adds      sync.WaitGroup
+	workers   sync.WaitGroup
+	zmu       sync.RWMutex
+	zdead     bool
+	ctx       context.Context // canceled by Close: flushes in progress end
+	cancel    context.CancelFunc
 	open      atomic.Pointer[Journal] // the journal, once OpenJournal returned
 	replays   chan struct{}           // replay workers' semaphore
 	wakePub   chan struct{}           // new synced records to publish
@@ -99,14 +117,22 @@ func New(opts Options) (*Bridge, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{}), replays: make(chan struct{}, maxReplays)}
+	b := &Bridge{opts: opts, wakePub: make(chan struct{}, 1), stop: make(chan struct{}), replays: make(chan struct{}, maxReplays),
+		pubWake: make(chan struct{})}
+	b.ctx, b.cancel = context.WithCancel(context.Background())
 	// The journal's group committer tells the publisher directly what became
-	// durable: one hand-off from fsync to publication.
+	// durable: one hand-off from fsync to publication. Records enter the
+	// in-memory tail under the journal's lock, in sequence order, so a
+	// repair that gives sequence numbers again never leaves a stale one there.
 	b.opts.Journal.OnSynced = b.onSynced
+	b.opts.Journal.OnAppend = b.recent.put
+	b.opts.Journal.OnRewind = b.recent.rewind
 	j, err := OpenJournal(b.opts.Journal)
 	if err != nil {
+		b.cancel()
 		return nil, fmt.Errorf("zmqbridge: opening journal: %w", err)
 	}
+	b.epoch = j.Epoch()
 	zctx, err := zmq.NewContext()
 	if err != nil {
 		j.Close()
@@ -115,6 +141,7 @@ func New(opts Options) (*Bridge, error) {
 	b.journal, b.zctx = j, zctx
 	b.open.Store(j)
 	b.synced.Store(j.Last())
+	b.published = j.Last()
 	b.endpoints = newEndpoints(b)
 	if err := b.endpoints.add("", Endpoint{
 		Events:  "ipc://" + filepath.Join(opts.Dir, "events.sock"),
@@ -139,7 +166,7 @@ func New(opts Options) (*Bridge, error) {
 	go b.maintainLoop()
 	go b.publishLoop()
 	go b.controlLoop()
-	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First())
+	klog.InfoS("event bridge started", "dir", opts.Dir, "lastSeq", j.Last(), "firstSeq", j.First(), "epoch", b.epoch)
 	return b, nil
 }
 
@@ -178,16 +205,25 @@ func (b *Bridge) startCurve() error {
 }
 
 // Emit journals ev and returns its sequence number once the record is
-// durable (group-committed fsync). It never waits for subscribers.
-func (b *Bridge) Emit(ev Event) (uint64, error) {
-	seq, err := b.EmitAsync(ev)
+// durable (group-committed fsync). It never waits for subscribers. If the
+// journal has failed (disk full, EIO), Emit first has it repaired (Repair)
+// and fails, wrapping ErrUnavailable, if that does not work: the caller's
+// operation must then fail too, so that it is retried, and its event emitted,
+// once the journal works. ctx bounds the wait.
+func (b *Bridge) Emit(ctx context.Context, ev Event) (uint64, error) {
+	rec, err := b.append(ev)
+	if errors.Is(err, ErrUnavailable) {
+		if rerr := b.journal.Repair(ctx); rerr == nil {
+			rec, err = b.append(ev)
+		}
+	}
 	if err != nil {
 		return 0, err
 	}
-	if err := b.journal.Sync(seq); err != nil {
-		return 0, err
+	if err := b.journal.SyncRecord(ctx, rec); err != nil {
+		return 0, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
 	}
-	return seq, nil
+	return rec.Seq, nil
 }
 
 // EmitAsync journals ev and returns before it is written: the journal's
@@ -195,7 +231,17 @@ func (b *Bridge) Emit(ev Event) (uint64, error) {
 // process crash) and fsyncs it, then it is published once durable. If that
 // write fails, the event is lost and the journal fails (see Healthy).
 func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
-	ev.V, ev.Node = Version, b.opts.Node
+	rec, err := b.append(ev)
+	if err != nil {
+		return 0, err
+	}
+	b.journal.RequestSync(rec.Seq)
+	return rec.Seq, nil
+}
+
+// append journals ev (the journal puts it in the in-memory tail).
+func (b *Bridge) append(ev Event) (Record, error) {
+	ev.V, ev.Node, ev.Epoch = Version, b.opts.Node, b.epoch
 	if ev.Driver == "" {
 		ev.Driver = b.opts.Driver
 	}
@@ -204,21 +250,24 @@ func (b *Bridge) EmitAsync(ev Event) (uint64, error) {
 		return ev.appendJSON(make([]byte, 0, 384), time.Now())
 	})
 	if err != nil {
-		return 0, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
+		return Record{}, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
 	}
-	b.recent.put(rec)
-	b.journal.RequestSync(rec.Seq)
-	return rec.Seq, nil
+	return rec, nil
 }
 
-// Healthy reports the journal's failure, if it has failed (then nothing new
-// is published: restart the process so recovery runs).
+// Healthy reports the journal's failure, if it has failed and was not
+// repaired since (nothing new is journaled or published meanwhile). It never
+// waits for the journal's I/O.
 func (b *Bridge) Healthy() error {
 	if err := b.journal.Err(); err != nil {
 		return fmt.Errorf("event journal failed: %w", err)
 	}
 	return nil
 }
+
+// Epoch is the journal's epoch, carried in every event, heartbeat and
+// control reply: it changes only when the journal is created anew.
+func (b *Bridge) Epoch() string { return b.epoch }
 
 // Last is the sequence number of the last journaled event.
 func (b *Bridge) Last() uint64 { return b.journal.Last() }
@@ -251,6 +300,12 @@ func (b *Bridge) maintainLoop() {
 		case <-b.stop:
 			return
 		case <-t.C:
+			if b.journal.Err() != nil {
+				// A failed journal comes back by itself once the disk does.
+				ctx, cancel := context.WithTimeout(b.ctx, 30*time.Second)
+				_ = b.journal.Repair(ctx)
+				cancel()
+			}
 			if err := b.journal.Maintain(); err != nil {
 				klog.ErrorS(err, "event journal retention")
 			}
@@ -303,12 +358,15 @@ func (b *Bridge) publishLoop() {
 		var batch []Record
 		for published < b.synced.Load() {
 			synced := b.synced.Load()
-			batch = b.recent.get(published, synced, batch[:0])
+			// A bounded batch: get holds the tail's lock, which Append
+			// (under the journal's lock) needs for every new record.
+			batch = b.recent.get(published, min(synced, published+publishBatch), batch[:0])
 			if len(batch) == 0 { // fell out of the ring (or a concurrent append is not in it yet): read the journal
 				recs, err := b.journal.Read(published, 1000)
 				if err != nil {
 					klog.ErrorS(err, "reading the event journal to publish")
 					published = synced // subscribers recover the rest by replay
+					b.setPublished(published)
 					break
 				}
 				for _, r := range recs {
@@ -321,31 +379,99 @@ func (b *Bridge) publishLoop() {
 				}
 			}
 			for _, r := range batch {
+				if beforePublish != nil {
+					beforePublish(r)
+				}
 				b.endpoints.publish(r)
 				published = r.Seq
 			}
+			b.setPublished(published)
 		}
 	}
 }
 
-// AddEndpoint binds another endpoint (e.g. a pod's), under a key for RemoveEndpoint.
+// publishBatch is the most records the publisher takes from the tail at once.
+const publishBatch = 256
+
+// beforePublish, if set (tests only), runs before each record is published.
+var beforePublish func(Record)
+
+// setPublished records how far the publisher got and wakes waitPublished.
+func (b *Bridge) setPublished(seq uint64) {
+	b.pubMu.Lock()
+	if seq > b.published {
+		b.published = seq
+		close(b.pubWake)
+		b.pubWake = make(chan struct{})
+	}
+	b.pubMu.Unlock()
+}
+
+// waitPublished waits until the event seq was sent on the PUB sockets.
+func (b *Bridge) waitPublished(ctx context.Context, seq uint64) error {
+	for {
+		b.pubMu.Lock()
+		done, wake := b.published >= seq, b.pubWake
+		b.pubMu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-b.stop:
+			return errStopped
+		}
+	}
+}
+
+// AddEndpoint binds another endpoint (e.g. a pod's), under a key for
+// RemoveEndpoint. Once Close has begun it refuses (errStopped).
 func (b *Bridge) AddEndpoint(key string, e Endpoint) error {
 	if key == "" {
 		return errors.New("zmqbridge: empty endpoint key")
 	}
+	b.closeMu.Lock()
+	if b.closing {
+		b.closeMu.Unlock()
+		return errStopped
+	}
+	b.adds.Add(1)
+	b.closeMu.Unlock()
+	defer b.adds.Done()
 	return b.endpoints.add(key, e)
 }
 
 // RemoveEndpoint closes an endpoint and removes its socket files.
 func (b *Bridge) RemoveEndpoint(key string) { b.endpoints.remove(key) }
 
-// Close stops the goroutines, closes the sockets (linger 0: nothing journaled
-// is lost, subscribers replay) and syncs and closes the journal.
+// Close refuses new endpoints, stops the goroutines, ends the flushes in
+// progress (their context is canceled) and waits for the replay and flush
+// workers (at most workerGrace: a worker still running after that, stuck in
+// a Flusher, can no longer use the ZeroMQ context), closes the sockets
+// (linger 0: nothing journaled is lost, subscribers replay) and syncs and
+// closes the journal.
 func (b *Bridge) Close() error {
 	var err error
 	b.closeOnce.Do(func() {
+		b.closeMu.Lock()
+		b.closing = true
+		b.closeMu.Unlock()
 		close(b.stop)
+		b.cancel()
+		b.adds.Wait()
 		b.wg.Wait()
+		done := make(chan struct{})
+		go func() { b.workers.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(workerGrace):
+			klog.InfoS("event bridge stopping with replay or flush workers still running", "waited", workerGrace)
+		}
+		b.zmu.Lock()
+		b.zdead = true
+		b.zmu.Unlock()
 		b.endpoints.closeAll()
 		b.zctx.Term()
 		err = b.journal.Close()
@@ -353,3 +479,6 @@ func (b *Bridge) Close() error {
 	})
 	return err
 }
+
+// workerGrace is how long Close waits for replay and flush workers.
+const workerGrace = 5 * time.Second

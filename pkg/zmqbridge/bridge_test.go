@@ -24,7 +24,7 @@ func (f *fakeFlusher) Flush(ctx context.Context, req FlushRequest) (uint64, floa
 		return 0, 0, errors.New("volume missing is not staged on this node")
 	}
 	ms := 1.5
-	seq, err := f.b.Emit(Event{Kind: KindAck, VolumeID: req.VolumeID, Namespace: req.Namespace, PVC: req.PVC, FlushMs: &ms, Trigger: TriggerRequest})
+	seq, err := f.b.Emit(ctx, Event{Kind: KindAck, VolumeID: req.VolumeID, Namespace: req.Namespace, PVC: req.PVC, FlushMs: &ms, Trigger: TriggerRequest})
 	return seq, ms, err
 }
 
@@ -106,7 +106,7 @@ func TestSocketsAndTopics(t *testing.T) {
 		{Kind: KindPublish, VolumeID: "v1", PVC: "data", Namespace: "team-b"},
 		{Kind: KindPublish, VolumeID: "v1", PVC: "data", Namespace: "team-a", Pod: "p"},
 	} {
-		if _, err := b.Emit(e); err != nil {
+		if _, err := b.Emit(context.Background(), e); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -180,14 +180,14 @@ func TestRestartContinuesSequence(t *testing.T) {
 	dir := t.TempDir()
 	b := newBridge(t, dir)
 	for i := 0; i < 5; i++ {
-		b.Emit(Event{Kind: KindAttach, VolumeID: "v"})
+		b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: "v"})
 	}
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
 	b = newBridge(t, dir)
 	defer b.Close()
-	seq, err := b.Emit(Event{Kind: KindDetach, VolumeID: "v"})
+	seq, err := b.Emit(context.Background(), Event{Kind: KindDetach, VolumeID: "v"})
 	if err != nil || seq != 6 {
 		t.Fatalf("first event after restart: seq %d, %v", seq, err)
 	}
@@ -202,7 +202,7 @@ func TestControlRequests(t *testing.T) {
 	b := newBridge(t, dir)
 	defer b.Close()
 	for i := 0; i < 30; i++ {
-		b.Emit(Event{Kind: KindAttach, VolumeID: fmt.Sprintf("v%d", i)})
+		b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: fmt.Sprintf("v%d", i)})
 	}
 	c := dial(t, dir)
 	events, last, err := c.Replay(10, 5)
@@ -310,7 +310,7 @@ func TestScopedReplayIsBounded(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: "mine", PVC: "p", Namespace: "a"}); err != nil {
+	if _, err := b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: "mine", PVC: "p", Namespace: "a"}); err != nil {
 		t.Fatal(err)
 	}
 	c, _ := Dial("ipc://"+scoped+"/events.sock", "ipc://"+scoped+"/control.sock")

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -23,7 +24,34 @@ type Client struct {
 	Timeout time.Duration
 	// Curve, for the TCP endpoint: the server's public key and this client's keypair.
 	Curve *ClientKeys
+	// OnTruncated, if set, is called by Subscribe when the journal no longer
+	// holds events it has not delivered: returning nil continues from e.First
+	// (the events before it are lost), an error ends Subscribe with it.
+	// Unset, Subscribe returns the ErrTruncatedReplay.
+	OnTruncated func(e ErrTruncatedReplay) error
+	// OnEpochChange, if set, is called by Subscribe when the node's journal
+	// epoch differs from the one seen before (the journal was lost and made
+	// anew: its sequence numbers start again at 1): returning nil delivers
+	// the new journal's events from the start, an error ends Subscribe.
+	// Unset, Subscribe returns an ErrEpochChanged.
+	OnEpochChange func(e ErrEpochChanged) error
+	// Epoch is the journal epoch Subscribe last saw ("" before any); set it
+	// before Subscribe to resume from a sequence of a known epoch.
+	Epoch string
 }
+
+// ErrEpochChanged says the node's journal was created anew: sequence numbers
+// of the old one mean nothing in the new one.
+type ErrEpochChanged struct{ Old, New string }
+
+func (e ErrEpochChanged) Error() string {
+	return fmt.Sprintf("the node's event journal was created anew (epoch %s, was %s): its sequence numbers start again", e.New, e.Old)
+}
+
+// ReplyError is an error reply of the node (docs/events.md lists the codes).
+type ReplyError struct{ Code, Message string }
+
+func (e *ReplyError) Error() string { return e.Message + " (" + e.Code + ")" }
 
 // ClientKeys are the Z85 CURVE keys a client of the TCP endpoint uses.
 type ClientKeys struct {
@@ -53,8 +81,12 @@ func (c *Client) socket(t zmq.Type) (*zmq.Socket, error) {
 	return s, nil
 }
 
-// ErrTruncatedReplay says the journal no longer holds the requested events.
-type ErrTruncatedReplay struct{ First, Last uint64 }
+// ErrTruncatedReplay says the journal no longer holds the requested events:
+// those before First are gone.
+type ErrTruncatedReplay struct {
+	First, Last uint64
+	Epoch       string
+}
 
 func (e ErrTruncatedReplay) Error() string {
 	return fmt.Sprintf("journal truncated: events before %d are gone (last %d)", e.First, e.Last)
@@ -112,10 +144,10 @@ func (c *Client) call(req any, reply any) error {
 	}
 	var e errorReply
 	if json.Unmarshal(resp, &e) == nil && e.Error != "" {
-		if e.Error == "truncated" {
-			return ErrTruncatedReplay{First: e.First, Last: e.Last}
+		if e.Code == CodeTruncated || e.Error == "truncated" {
+			return ErrTruncatedReplay{First: e.First, Last: e.Last, Epoch: e.Epoch}
 		}
-		return errors.New(e.Error)
+		return &ReplyError{Code: e.Code, Message: e.Error}
 	}
 	return json.Unmarshal(resp, reply)
 }
@@ -140,11 +172,14 @@ func (c *Client) Replay(since uint64, max int) ([]json.RawMessage, uint64, error
 	}
 }
 
-// ReplayPage is one replay answer: events, the node's last sequence, and how
-// far the node looked (ask again from Next while Next < Last).
+// ReplayPage is one replay answer: events and their topics, the node's last
+// sequence, how far the node looked (ask again from Next while Next < Last)
+// and the journal's epoch.
 type ReplayPage struct {
 	Events     []json.RawMessage
+	Topics     []string
 	Last, Next uint64
+	Epoch      string
 }
 
 // ReplayPage asks for one page of replay.
@@ -152,6 +187,12 @@ func (c *Client) ReplayPage(since uint64, max int) (ReplayPage, error) {
 	var r replayReply
 	err := c.call(Request{Op: "replay", Since: since, Max: max}, &r)
 	return ReplayPage(r), err
+}
+
+// Last asks the node for its last durable sequence and its journal epoch.
+func (c *Client) Last() (uint64, string, error) {
+	p, err := c.ReplayPage(math.MaxUint64, 1)
+	return p.Last, p.Epoch, err
 }
 
 // Flush asks the node to flush a volume (by ID, or by PVC and namespace) and
@@ -168,8 +209,10 @@ type Handler func(ev Event, raw []byte) error
 // Subscribe delivers every event with seq > since whose topic starts with one
 // of prefixes (all when empty), exactly once and in order, until ctx ends or
 // h fails. Live messages that skip a sequence, and heartbeats ahead of what
-// was seen, trigger a replay; a journal truncated past since is an error
-// (ErrTruncatedReplay) rather than a silent hole.
+// was seen, trigger a replay. A journal truncated past since, and a journal
+// created anew (another epoch), are errors (ErrTruncatedReplay,
+// ErrEpochChanged) rather than a silent hole, unless OnTruncated or
+// OnEpochChange say to go on.
 func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64, h Handler) error {
 	sub, err := c.socket(zmq.SUB)
 	if err != nil {
@@ -193,6 +236,26 @@ func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64,
 		return false
 	}
 	last := since
+	// epochOK checks the epoch of a message; after a change it restarts
+	// from 0 (reset) if OnEpochChange allows.
+	epochOK := func(epoch string) (reset bool, err error) {
+		if epoch == "" || epoch == c.Epoch {
+			return false, nil
+		}
+		if c.Epoch == "" {
+			c.Epoch = epoch
+			return false, nil
+		}
+		e := ErrEpochChanged{Old: c.Epoch, New: epoch}
+		if c.OnEpochChange == nil {
+			return false, e
+		}
+		if err := c.OnEpochChange(e); err != nil {
+			return false, err
+		}
+		c.Epoch, last = epoch, 0
+		return true, nil
+	}
 	deliver := func(raw []byte) error {
 		var ev Event
 		if err := json.Unmarshal(raw, &ev); err != nil {
@@ -210,8 +273,27 @@ func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64,
 	catchUp := func() error {
 		for {
 			p, err := c.ReplayPage(last, MaxReplay)
+			var trunc ErrTruncatedReplay
+			if errors.As(err, &trunc) && trunc.First > last+1 {
+				if _, err := epochOK(trunc.Epoch); err != nil {
+					return err
+				}
+				if c.OnTruncated == nil {
+					return trunc
+				}
+				if err := c.OnTruncated(trunc); err != nil {
+					return err
+				}
+				last = trunc.First - 1
+				continue
+			}
 			if err != nil {
 				return err
+			}
+			if reset, err := epochOK(p.Epoch); err != nil {
+				return err
+			} else if reset {
+				continue
 			}
 			for _, raw := range p.Events {
 				if err := deliver(raw); err != nil {
@@ -247,13 +329,18 @@ func (c *Client) Subscribe(ctx context.Context, prefixes []string, since uint64,
 			continue
 		}
 		var head struct {
-			Seq  uint64 `json:"seq"`
-			Kind string `json:"kind"`
+			Seq   uint64 `json:"seq"`
+			Kind  string `json:"kind"`
+			Epoch string `json:"epoch"`
 		}
 		if json.Unmarshal(frames[1], &head) != nil {
 			continue
 		}
+		reset, err := epochOK(head.Epoch)
 		switch {
+		case err != nil:
+		case reset:
+			err = catchUp()
 		case head.Kind == KindHeartbeat:
 			if head.Seq > last {
 				err = catchUp()

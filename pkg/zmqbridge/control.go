@@ -6,6 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"math"
+	"math/big"
+	"strconv"
+	"strings"
 	"time"
 
 	zmq "github.com/pebbe/zmq4"
@@ -25,52 +30,132 @@ const MaxReplay = 1000
 // Request is a control request.
 type Request struct {
 	Op        string `json:"op"`
-	Since     uint64 `json:"since"`
-	Max       int    `json:"max"`
-	VolumeID  string `json:"volume_id"`
-	PVC       string `json:"pvc"`
-	Namespace string `json:"namespace"`
+	Since     uint64 `json:"since,omitempty"`
+	Max       int    `json:"max,omitempty"`
+	VolumeID  string `json:"volume_id,omitempty"`
+	PVC       string `json:"pvc,omitempty"`
+	Namespace string `json:"namespace,omitempty"`
 }
 
-// ParseRequest decodes and checks one control request.
+// requestFields are the fields each op's request may have (exact names;
+// docs/events.schema.json says the same).
+var requestFields = map[string]map[string]bool{
+	"replay": {"op": true, "since": true, "max": true},
+	"flush":  {"op": true, "volume_id": true, "pvc": true, "namespace": true},
+}
+
+// ParseRequest decodes and checks one control request: a JSON object with
+// the fields of its op only, each of its type (numbers: integers, in any
+// JSON notation), exactly what docs/events.schema.json accepts.
 func ParseRequest(b []byte) (Request, error) {
 	var r Request
 	if len(b) > maxRequestBytes {
 		return r, fmt.Errorf("request of %d bytes exceeds %d", len(b), maxRequestBytes)
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&r); err != nil {
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
 		return r, fmt.Errorf("bad JSON: %v", err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return r, errors.New("bad JSON: more than one value")
+	}
+	if m == nil {
+		return r, errors.New("bad JSON: not an object")
+	}
+	opv, ok := m["op"]
+	if !ok {
+		return r, errors.New("missing op")
+	}
+	if r.Op, ok = opv.(string); !ok {
+		return r, errors.New("op must be a string")
+	}
+	fields := requestFields[r.Op]
+	if fields == nil {
+		return r, fmt.Errorf("unknown op %q", r.Op)
+	}
+	for k, v := range m {
+		if !fields[k] {
+			return r, fmt.Errorf("unknown field %q in a %s request", k, r.Op)
+		}
+		var err error
+		switch k {
+		case "since":
+			r.Since, err = requestInt(v, k, math.MaxUint64)
+		case "max":
+			var n uint64
+			n, err = requestInt(v, k, math.MaxInt64)
+			r.Max = int(min(n, MaxReplay))
+		case "volume_id", "pvc", "namespace":
+			str, ok := v.(string)
+			if !ok {
+				err = fmt.Errorf("%s must be a string", k)
+			}
+			switch k {
+			case "volume_id":
+				r.VolumeID = str
+			case "pvc":
+				r.PVC = str
+			case "namespace":
+				r.Namespace = str
+			}
+		}
+		if err != nil {
+			return r, err
+		}
 	}
 	switch r.Op {
 	case "replay":
-		if r.Max < 0 {
-			return r, errors.New("max must not be negative")
-		}
-		if r.Max == 0 || r.Max > MaxReplay {
+		if r.Max == 0 {
 			r.Max = MaxReplay
 		}
 	case "flush":
 		if r.VolumeID == "" && (r.PVC == "" || r.Namespace == "") {
 			return r, errors.New("flush needs volume_id, or pvc and namespace")
 		}
-	case "":
-		return r, errors.New("missing op")
-	default:
-		return r, fmt.Errorf("unknown op %q", r.Op)
 	}
 	return r, nil
+}
+
+// requestInt reads a JSON number that must be an integer in [0, limit].
+func requestInt(v any, name string, limit uint64) (uint64, error) {
+	num, ok := v.(json.Number)
+	if !ok {
+		return 0, fmt.Errorf("%s must be a number", name)
+	}
+	s := string(num)
+	if n, err := strconv.ParseUint(s, 10, 64); err == nil && n <= limit {
+		return n, nil
+	}
+	// Other notations (1.0, 1e3, -0): exactly, but refuse exponents that
+	// would take big numbers to compute (such a value is out of range or not
+	// an integer anyway).
+	if i := strings.IndexAny(s, "eE"); i >= 0 {
+		if e, err := strconv.Atoi(s[i+1:]); err != nil || e > 1000 || e < -1000 {
+			return 0, fmt.Errorf("%s is out of range", name)
+		}
+	}
+	q, ok := new(big.Rat).SetString(s)
+	if !ok || !q.IsInt() {
+		return 0, fmt.Errorf("%s must be an integer", name)
+	}
+	if q.Sign() < 0 {
+		return 0, fmt.Errorf("%s must not be negative", name)
+	}
+	if !q.Num().IsUint64() || q.Num().Uint64() > limit {
+		return 0, fmt.Errorf("%s is out of range", name)
+	}
+	return q.Num().Uint64(), nil
 }
 
 // replayReply is the answer to a replay.
 type replayReply struct {
 	Events []json.RawMessage `json:"events"`
+	Topics []string          `json:"topics"` // Topics[i] is Events[i]'s topic
 	Last   uint64            `json:"last"`
 	Next   uint64            `json:"next"` // ask again with since=next while next < last
+	Epoch  string            `json:"epoch"`
 }
 
 // maxReplayScan bounds the records one replay request reads.
@@ -78,13 +163,58 @@ const maxReplayScan = 10 * MaxReplay
 
 type errorReply struct {
 	Error string `json:"error"`
+	Code  string `json:"code"`
 	First uint64 `json:"first,omitempty"`
 	Last  uint64 `json:"last,omitempty"`
+	Epoch string `json:"epoch"`
 }
 
 type flushReply struct {
 	Seq     uint64  `json:"seq"`
 	FlushMs float64 `json:"flush_ms"`
+	Epoch   string  `json:"epoch"`
+}
+
+// Error codes of control replies (docs/events.md): stable, machine-readable.
+const (
+	CodeBadRequest   = "bad_request"  // the request is malformed; do not retry it as is
+	CodeUnauthorized = "unauthorized" // the CURVE key is not (or no longer) listed
+	CodeNotFound     = "not_found"    // no such volume staged on the node, or not in scope
+	CodeUnsupported  = "unsupported"  // flush is not available on this endpoint's node
+	CodeTruncated    = "truncated"    // the journal no longer holds the requested events
+	CodeBusy         = "busy"         // the node's worker queue is full: retry later
+	CodeAborted      = "aborted"      // another operation on the volume is in progress: retry later
+	CodeUnavailable  = "unavailable"  // the journal failed or the node is stopping: retry later
+	CodeInternal     = "internal"     // the flush or a journal read failed
+)
+
+// Error is an error with a control reply code; a Flusher returns one to
+// choose the code (other errors are answered as CodeInternal).
+type Error struct{ Code, Message string }
+
+func (e *Error) Error() string { return e.Message }
+
+// Errorf makes an *Error.
+func Errorf(code, format string, args ...any) error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// errReply is the reply to a failed request.
+func (b *Bridge) errReply(code, msg string) errorReply {
+	return errorReply{Error: msg, Code: code, Epoch: b.epoch}
+}
+
+// errReplyOf answers err with its code.
+func (b *Bridge) errReplyOf(err error) errorReply {
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+		return b.errReply(e.Code, e.Message)
+	case errors.Is(err, ErrUnavailable), errors.Is(err, errStopped), errors.Is(err, errClosed), errors.Is(err, context.Canceled),
+		errors.Is(err, context.DeadlineExceeded):
+		return b.errReply(CodeUnavailable, err.Error())
+	}
+	return b.errReply(CodeInternal, err.Error())
 }
 
 func marshal(v any) []byte {
@@ -159,24 +289,30 @@ func (b *Bridge) serve(ep *endpoint) {
 		ep.ctl.SendMessageDontwait(msg)
 	}
 	if len(body) != 1 {
-		reply(errorReply{Error: fmt.Sprintf("expected one JSON frame, got %d", len(body))})
+		reply(b.errReply(CodeBadRequest, fmt.Sprintf("expected one JSON frame, got %d", len(body))))
 		return
 	}
 	req, err := ParseRequest(body[0])
 	if err != nil {
-		reply(errorReply{Error: err.Error()})
+		reply(b.errReply(CodeBadRequest, err.Error()))
 		return
 	}
 	if v == nil {
-		reply(errorReply{Error: "not authorized"})
+		reply(b.errReply(CodeUnauthorized, "not authorized"))
 		return
 	}
 	switch req.Op {
 	case "replay":
 		// Off the control loop: a scoped replay may scan much of the journal,
 		// and other endpoints must not wait for it. At most maxReplays at once.
+		b.workers.Add(1)
 		go func() {
-			b.replays <- struct{}{}
+			defer b.workers.Done()
+			select {
+			case b.replays <- struct{}{}:
+			case <-b.stop:
+				return
+			}
 			defer func() { <-b.replays }()
 			b.replyFlush(ep, envelope, b.replay(req, v))
 			if m := b.opts.Metrics; m != nil {
@@ -185,10 +321,14 @@ func (b *Bridge) serve(ep *endpoint) {
 		}()
 	case "flush":
 		if b.opts.Flusher == nil {
-			reply(errorReply{Error: "flush is not available on this node"})
+			reply(b.errReply(CodeUnsupported, "flush is not available on this node"))
 			return
 		}
-		go b.flush(req, ep, v, envelope)
+		b.workers.Add(1)
+		go func() {
+			defer b.workers.Done()
+			b.flush(req, ep, v, envelope)
+		}()
 	}
 }
 
@@ -225,17 +365,21 @@ func (b *Bridge) receive(ep *endpoint) ([][]byte, viewer, error) {
 func (b *Bridge) replay(req Request, v viewer) any {
 	// Only durable events are replayed: what a subscriber sees never vanishes.
 	synced := b.synced.Load()
-	out := replayReply{Events: []json.RawMessage{}, Last: synced}
+	out := replayReply{Events: []json.RawMessage{}, Topics: []string{}, Last: synced, Epoch: b.epoch}
 	// next is how far this answer looked: a scoped endpoint may skip many
 	// records it may not see, and one request scans at most maxReplayScan.
 	next, scanned := req.Since, 0
 	for len(out.Events) < req.Max && next < synced && scanned < maxReplayScan {
 		recs, err := b.journal.Read(next, MaxReplay)
-		if errors.Is(err, ErrTruncated) {
-			return errorReply{Error: "truncated", First: b.journal.First(), Last: synced}
+		var gap *GapError
+		if errors.As(err, &gap) {
+			if len(out.Events) > 0 || next > req.Since {
+				break // this answer ends before the gap; the next one reports it
+			}
+			return errorReply{Error: "truncated", Code: CodeTruncated, First: gap.First, Last: synced, Epoch: b.epoch}
 		}
 		if err != nil {
-			return errorReply{Error: "reading the journal: " + err.Error()}
+			return b.errReply(CodeInternal, "reading the journal: "+err.Error())
 		}
 		if len(recs) == 0 {
 			break
@@ -247,6 +391,7 @@ func (b *Bridge) replay(req Request, v viewer) any {
 			next, scanned = r.Seq, scanned+1
 			if v.sees(r) {
 				out.Events = append(out.Events, r.Data)
+				out.Topics = append(out.Topics, r.Topic)
 			}
 		}
 	}
@@ -254,18 +399,28 @@ func (b *Bridge) replay(req Request, v viewer) any {
 	return out
 }
 
+// FlushTimeout bounds one flush request on the node.
+const FlushTimeout = 2 * time.Minute
+
 // flush runs on its own goroutine (a flush may take seconds) and hands the
-// reply to the control loop through an inproc socket of its own.
+// reply to the control loop through an inproc socket of its own, once the
+// ack event has been published.
 func (b *Bridge) flush(req Request, ep *endpoint, v viewer, envelope [][]byte) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(b.ctx, FlushTimeout)
 	defer cancel()
 	var reply any
 	seq, ms, err := b.opts.Flusher.Flush(ctx, FlushRequest{VolumeID: req.VolumeID, PVC: req.PVC, Namespace: req.Namespace,
 		Allowed: v.mayFlush})
+	if err == nil && seq == 0 {
+		err = Errorf(CodeUnavailable, "the flush's ack event was not journaled")
+	}
+	if err == nil {
+		err = b.waitPublished(ctx, seq)
+	}
 	if err != nil {
-		reply = errorReply{Error: err.Error()}
+		reply = b.errReplyOf(err)
 	} else {
-		reply = flushReply{Seq: seq, FlushMs: ms}
+		reply = flushReply{Seq: seq, FlushMs: ms, Epoch: b.epoch}
 	}
 	b.replyFlush(ep, envelope, reply)
 }
@@ -276,6 +431,11 @@ const maxReplays = 4
 // replyFlush hands a worker's reply (flush or replay) to the control loop
 // through an inproc socket of the worker's own.
 func (b *Bridge) replyFlush(ep *endpoint, envelope [][]byte, reply any) {
+	b.zmu.RLock() // Close terminates the context only once no worker uses it
+	defer b.zmu.RUnlock()
+	if b.zdead {
+		return
+	}
 	push, err := b.zctx.NewSocket(zmq.PUSH)
 	if err != nil {
 		return

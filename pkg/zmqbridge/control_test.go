@@ -21,9 +21,16 @@ func TestParseRequest(t *testing.T) {
 		`{"op":"rm -rf"}`:                      "unknown op",
 		`{"op":"replay","max":-1}`:             "negative",
 		`{"op":"replay","bogus":1}`:            "unknown field",
+		`{"op":"replay","volume_id":"v"}`:      "unknown field",
+		`{"OP":"replay"}`:                      "missing op",
+		`{"op":"replay","since":null}`:         "must be a number",
+		`{"op":"replay","since":1.5}`:          "integer",
+		`{"op":"flush","volume_id":3}`:         "must be a string",
+		`{"op":"replay"}]`:                     "more than one value",
+		`null`:                                 "not an object",
 		`{"op":"flush"}`:                       "needs volume_id",
 		`{"op":"flush","pvc":"x"}`:             "needs volume_id",
-		`{"op":"replay","since":-1}`:           "bad JSON",
+		`{"op":"replay","since":-1}`:           "negative",
 		`"` + strings.Repeat("a", 70000) + `"`: "exceeds",
 	} {
 		if _, err := ParseRequest([]byte(in)); err == nil || !strings.Contains(err.Error(), want) {
@@ -36,8 +43,17 @@ func FuzzParseRequest(f *testing.F) {
 	f.Add([]byte(`{"op":"replay","since":1,"max":10}`))
 	f.Add([]byte(`{"op":"flush","volume_id":"v"}`))
 	f.Add([]byte(`{"op":"flush","pvc":"p","namespace":"n"}`))
+	for _, in := range requestCorpus {
+		f.Add([]byte(in))
+	}
+	request := schemas(f)("request")
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := ParseRequest(b)
+		// The schema accepts exactly what the bridge accepts (the size
+		// limit aside, which the schema does not express).
+		if verr := validate(request, b); (err == nil) != (verr == nil) && len(b) <= maxRequestBytes {
+			t.Fatalf("%q: the bridge says %v, the schema says %v", b, err, verr)
+		}
 		if err != nil {
 			return
 		}

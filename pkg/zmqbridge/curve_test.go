@@ -1,6 +1,7 @@
 package zmqbridge
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -140,7 +141,7 @@ func TestCurveEndpoint(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	emit := func(tag string) {
 		for _, ns := range []string{"team-a", "team-b"} {
-			if _, err := b.Emit(Event{Kind: KindAttach, VolumeID: "v", PVC: tag, Namespace: ns}); err != nil {
+			if _, err := b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: "v", PVC: tag, Namespace: ns}); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -17,6 +17,7 @@ func (e *Event) appendJSON(b []byte, now time.Time) []byte {
 	b = strconv.AppendInt(b, int64(e.V), 10)
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendUint(b, e.Seq, 10)
+	b = appendField(b, "epoch", e.Epoch, true)
 	if e.Time == "" && !now.IsZero() {
 		b = append(b, `,"time":"`...)
 		b = append(now.UTC().AppendFormat(b, time.RFC3339Nano), '"')
@@ -43,6 +44,10 @@ func (e *Event) appendJSON(b []byte, now time.Time) []byte {
 	if e.FlushMs != nil {
 		b = append(b, `,"flush_ms":`...)
 		b = appendFloat(b, *e.FlushMs)
+	}
+	if e.Flushed != nil {
+		b = append(b, `,"flushed":`...)
+		b = strconv.AppendBool(b, *e.Flushed)
 	}
 	b = appendField(b, "trigger", e.Trigger, true)
 	return append(b, '}')

@@ -12,7 +12,7 @@ func TestAppendJSONMatchesEncodingJSON(t *testing.T) {
 	for _, e := range []Event{
 		{},
 		{V: 1, Seq: 7, Time: "2026-11-22T00:00:00.123456789Z", Node: "n", Kind: "attach", VolumeID: "1-02-c1-03-rbd-00--x"},
-		{V: 1, Seq: 1 << 62, Kind: "ack", ReadOnly: &ro, FlushMs: &ms, Trigger: "request", SizeBytes: -5},
+		{V: 1, Seq: 1 << 62, Epoch: "0123456789abcdef0123456789abcdef", Kind: "ack", ReadOnly: &ro, FlushMs: &ms, Flushed: &ro, Trigger: "request", SizeBytes: -5},
 		{Kind: "ack", FlushMs: &tiny}, {Kind: "ack", FlushMs: &huge},
 		{PVC: "q\"uo\\te\n\t\r\b\f\x01\x1f<>&\u2028\u2029 é 日本", Namespace: "bad\xffutf8\xc3", Pod: "\x7f"},
 	} {

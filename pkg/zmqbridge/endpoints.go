@@ -265,7 +265,7 @@ func (es *endpoints) publish(r Record) {
 
 // heartbeat tells every endpoint the last sequence (publish goroutine).
 func (es *endpoints) heartbeat(seq uint64) {
-	hb := Event{V: Version, Seq: seq, Time: time.Now().UTC().Format(time.RFC3339Nano), Node: es.b.opts.Node, Kind: KindHeartbeat}
+	hb := Event{V: Version, Seq: seq, Epoch: es.b.epoch, Time: time.Now().UTC().Format(time.RFC3339Nano), Node: es.b.opts.Node, Kind: KindHeartbeat}
 	topic, data := KindHeartbeat+"/"+es.b.opts.Node, hb.Marshal()
 	for _, ep := range es.snapshot() {
 		ep.pub.SendMessageDontwait(topic, data)

@@ -26,11 +26,13 @@ const (
 	TriggerInterval = "interval"
 )
 
-// Event is one message of the protocol (docs/events.md). Seq, Time, V, Node
-// and Driver are filled in by the bridge.
+// Event is one message of the protocol (docs/events.md). Seq, Epoch, Time,
+// V, Node and Driver are filled in by the bridge. Flushed, on an ack, says
+// whether anything was flushed (false: the mount or device was already gone).
 type Event struct {
 	V            int      `json:"v"`
 	Seq          uint64   `json:"seq"`
+	Epoch        string   `json:"epoch,omitempty"`
 	Time         string   `json:"time"`
 	Node         string   `json:"node"`
 	Kind         string   `json:"kind"`
@@ -47,6 +49,7 @@ type Event struct {
 	ReadOnly     *bool    `json:"read_only,omitempty"`
 	SizeBytes    int64    `json:"size_bytes,omitempty"`
 	FlushMs      *float64 `json:"flush_ms,omitempty"`
+	Flushed      *bool    `json:"flushed,omitempty"`
 	Trigger      string   `json:"trigger,omitempty"`
 }
 

@@ -3,13 +3,15 @@ package zmqbridge
 import (
 	"errors"
 	"fmt"
-	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 // Record is one journaled event.
@@ -17,6 +19,7 @@ type Record struct {
 	Seq   uint64
 	Topic string
 	Data  []byte // the event JSON
+	gen   uint64 // the journal generation that appended it (see Repair)
 }
 
 // JournalOptions configures OpenJournal.
@@ -34,15 +37,42 @@ type JournalOptions struct {
 	// to seq became durable, with how long that sync (the committer's
 	// fdatasync) took.
 	OnSynced func(seq uint64, took time.Duration)
+	// OnAppend, if set, is called under the journal's lock with each record
+	// Append queues, in sequence order; it must return at once.
+	OnAppend func(Record)
+	// OnRewind, if set, is called under the journal's lock when a repair
+	// dropped the records after seq, which never became durable (nobody saw
+	// them): their sequence numbers are given again.
+	OnRewind func(seq uint64)
 }
 
-// ErrTruncated is returned by Read when the requested events were dropped by retention.
+// ErrTruncated is returned by Read (as a *GapError) when the requested events
+// were dropped by retention or cut out of a corrupt segment.
 var ErrTruncated = errors.New("truncated")
+
+// GapError says the records after the asked-for sequence up to First-1 are
+// gone; it matches ErrTruncated.
+type GapError struct{ First uint64 }
+
+func (e *GapError) Error() string {
+	return fmt.Sprintf("truncated: the journal holds no record before %d", e.First)
+}
+
+// Is makes errors.Is(err, ErrTruncated) true.
+func (e *GapError) Is(target error) bool { return target == ErrTruncated }
+
+// ErrUnavailable wraps the error of a journal that failed (a write or fsync
+// error: disk full, EIO): nothing can be appended until Repair succeeds.
+var ErrUnavailable = errors.New("event journal unavailable")
 
 var errClosed = errors.New("journal closed")
 
+// noLimit is load's limit when every record found is kept.
+const noLimit = math.MaxUint64
+
 // Journal is an append-only log of events in checksummed segment files, with
-// group commit, crash recovery and retention by size and age.
+// group commit, crash recovery, retention by size and age, and repair after
+// a failed write or fsync.
 //
 // Append only encodes the record into memory; the committer goroutine writes
 // everything pending with one write(2) and then fdatasyncs the active
@@ -50,18 +80,24 @@ var errClosed = errors.New("journal closed")
 // to SegmentBytes (fallocate(2), where the file system supports it), so those
 // writes land inside the file and the fdatasync has no size change to commit;
 // its unused rest reads as zeros, which recovery takes for the end of the
-// data. Sealing a segment truncates its file to its data and fsyncs it fully
-// (its mtime dates it for MaxAge). A record survives a process crash once
-// written (the committer writes within one group commit) and a power cut once
-// Sync returned.
+// data. Rotation truncates the full segment's file to its data and stamps its
+// mtime (which dates it for MaxAge) under the lock; the committer then fsyncs
+// it fully and creates the next segment's file, off the lock, before any
+// record is written there. A record survives a process crash once written
+// (the committer writes within one group commit) and a power cut once Sync
+// returned.
 type Journal struct {
-	o JournalOptions
+	o     JournalOptions
+	epoch string
 
 	mu         sync.Mutex
 	commitCond sync.Cond  // the committer waits here for work
 	syncCond   sync.Cond  // Sync callers wait here for synced to advance
 	segs       []*segment // oldest first; the last one is active
-	active     *os.File
+	// active is the active segment's file; nil while its file is not
+	// created yet (the committer seals the previous one first: sealing).
+	active  *os.File
+	sealing *os.File // a full segment the committer must fsync before the next one starts
 	// prealloc says the active file was preallocated to SegmentBytes: it is
 	// longer than the active segment's data, the rest zeros.
 	prealloc    bool
@@ -75,11 +111,16 @@ type Journal struct {
 	total   int64
 	// Times of the active segment's first and latest appends (zero: empty).
 	activeFirst, activeLast time.Time
-	retired                 []*os.File // sealed segments for the committer to close
-	dirDirty                bool       // a segment file was created since the last directory fsync
-	synced                  uint64     // every record with Seq <= synced is fsynced
-	syncReq                 uint64     // highest seq a Sync caller waits for
-	err                     error      // sticky write or fsync error
+	retired                 []*os.File        // sealed segments for the committer to close
+	drop                    []string          // segment files retention dropped, removed after a directory fsync
+	dirDirty                bool              // a segment file was created since the last directory fsync
+	synced                  uint64            // every record with Seq <= synced is fsynced
+	syncReq                 uint64            // highest seq a Sync caller waits for
+	err                     error             // write or fsync error, until a repair
+	gen                     uint64            // incremented by each successful repair
+	lost                    map[uint64]uint64 // generation -> synced when it ended: its later records were lost
+	repairReq               bool              // Repair waits for the committer to try
+	repairs                 uint64            // repair attempts made
 	closed                  bool
 	stopped                 bool // the committer has exited
 	done                    chan struct{}
@@ -108,51 +149,19 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	segs, err := listSegments(o.Dir)
+	j := &Journal{o: o, done: make(chan struct{}), lost: map[uint64]uint64{}}
+	j.commitCond.L = &j.mu
+	j.syncCond.L = &j.mu
+	ld, err := j.load(noLimit)
 	if err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	j := &Journal{o: o, done: make(chan struct{})}
-	j.commitCond.L = &j.mu
-	j.syncCond.L = &j.mu
-	if len(segs) == 0 {
-		s := &segment{first: 1, path: filepath.Join(o.Dir, segName(1)), indexed: true}
-		if j.active, j.prealloc, err = j.createSegment(s.path); err != nil {
-			return nil, fmt.Errorf("journal: %w", err)
-		}
-		j.segs = []*segment{s}
-	} else {
-		for _, s := range segs[:len(segs)-1] {
-			st, err := os.Stat(s.path)
-			if err != nil {
-				return nil, fmt.Errorf("journal: %w", err)
-			}
-			s.size, s.newest = st.Size(), st.ModTime()
-			j.total += s.size
-		}
-		s := segs[len(segs)-1]
-		if j.active, err = os.OpenFile(s.path, os.O_RDWR, 0); err != nil {
-			return nil, fmt.Errorf("journal: %w", err)
-		}
-		// Recovery fsyncs the segment, so everything found is durable.
-		if j.last, err = recoverSegment(j.active, s); err != nil {
-			j.active.Close()
-			return nil, fmt.Errorf("journal: recover %s: %w", s.path, err)
-		}
-		if s.size < o.SegmentBytes { // else the next Append seals it
-			j.prealloc = j.preallocate(j.active)
-		}
-		j.total += s.size
-		if n := len(s.index); n > 0 {
-			j.ix.next = s.index[n-1].off + indexStride
-		}
-		j.segs = segs
-	}
-	if err := syncDir(o.Dir); err != nil {
-		j.active.Close()
+	if j.epoch, err = loadEpoch(o.Dir, ld.fresh); err != nil {
+		ld.active.Close()
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	j.synced, j.written = j.last, j.last
+	j.install(ld)
+	j.synced = j.last
 	j.retainLocked(o.Now())
 	go j.commitLoop()
 	return j, nil
@@ -163,9 +172,9 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 // The committer writes what is pending at its next group commit (which Sync or
 // RequestSync asks for), as do Read, rotation and an Append that finds over
 // 1 MiB pending. A record survives a process crash once written and a power
-// cut once Sync returned; if the write fails, the journal fails (Err) and the
-// records not yet written are lost. Safe for concurrent use; sequence order ==
-// file order.
+// cut once Sync returned; if the write fails, the journal fails (Err, wrapping
+// ErrUnavailable) and the records not yet durable are lost: SyncRecord says
+// so. Safe for concurrent use; sequence order == file order.
 func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, error) {
 	if len(topic) > maxTopicLen {
 		return Record{}, fmt.Errorf("journal: topic of %d bytes is longer than %d", len(topic), maxTopicLen)
@@ -196,6 +205,10 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 		j.activeFirst = now
 	}
 	j.activeLast = now
+	rec := Record{Seq: seq, Topic: topic, Data: data, gen: j.gen}
+	if j.o.OnAppend != nil {
+		j.o.OnAppend(rec)
+	}
 	if len(j.pend) > maxPending {
 		// Keep memory bounded when nobody asks for a sync.
 		if err := j.flushLocked(); err != nil {
@@ -207,24 +220,40 @@ func (j *Journal) Append(topic string, build func(seq uint64) []byte) (Record, e
 		j.syncReq = seq
 		j.commitCond.Signal()
 	}
-	if s.size >= j.o.SegmentBytes {
-		// If the new segment cannot be created, the next Append retries.
+	for j.err == nil && !j.closed && j.segs[len(j.segs)-1].size >= j.o.SegmentBytes {
+		if j.sealing != nil {
+			j.syncCond.Wait() // the committer is still sealing the previous segment
+			continue
+		}
+		// If the segment cannot be sealed, the next Append retries.
 		if err := j.rotateLocked(); err != nil && j.err != nil {
 			return Record{}, err
 		}
+		break
 	}
-	return Record{Seq: seq, Topic: topic, Data: data}, nil
+	return rec, nil
 }
 
 // maxPending is how many encoded bytes Append lets wait for the committer
 // before it writes them itself.
 const maxPending = 1 << 20
 
+// failLocked fails the journal with err (the first error stays).
+func (j *Journal) failLocked(err error) error {
+	if j.err == nil {
+		j.err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+		klog.ErrorS(err, "event journal failed: refusing events until it is repaired", "dir", j.o.Dir)
+	}
+	j.syncCond.Broadcast()
+	return j.err
+}
+
 // flushLocked writes the pending records to the active segment with one
-// write(2). On failure it takes back a partial write, drops the pending
-// records (their seqs were handed out: they are lost) and fails the journal.
+// write(2) (not while the committer is creating that segment's file). On
+// failure it takes back a partial write, drops the pending records (their
+// seqs were handed out: they are lost) and fails the journal.
 func (j *Journal) flushLocked() error {
-	if len(j.pend) == 0 {
+	if len(j.pend) == 0 || j.active == nil {
 		return nil
 	}
 	s := j.segs[len(j.segs)-1]
@@ -240,17 +269,13 @@ func (j *Journal) flushLocked() error {
 				j.prealloc = false // the preallocated rest went too
 			}
 		}
-		if j.err == nil {
-			j.err = fmt.Errorf("journal: %w", err)
-		}
 		j.total -= s.size - off
 		s.size = off
 		for len(s.index) > 0 && s.index[len(s.index)-1].off >= off {
 			s.index = s.index[:len(s.index)-1]
 		}
 		j.pend = j.pend[:0]
-		j.syncCond.Broadcast()
-		return j.err
+		return j.failLocked(err)
 	}
 	j.written = j.last
 	if cap(j.pend) > 4*maxPending {
@@ -261,9 +286,12 @@ func (j *Journal) flushLocked() error {
 	return nil
 }
 
-// rotateLocked seals the active segment, starts a new one and applies
-// retention. Sealing truncates the file to its data (dropping the
-// preallocated rest), stamps its mtime and fsyncs it, in that order.
+// rotateLocked seals the active segment and starts the next one: it writes
+// what is pending, truncates the file to its data (dropping the preallocated
+// rest) and stamps its mtime, then hands the file to the committer, which
+// fsyncs it and creates the next segment's file (off the lock) before any
+// record is written there. Records appended meanwhile wait in memory. It
+// applies retention. Only when sealing is nil.
 func (j *Journal) rotateLocked() error {
 	s := j.segs[len(j.segs)-1]
 	// Write what is pending first: the mtime set below must be the last.
@@ -272,9 +300,9 @@ func (j *Journal) rotateLocked() error {
 	}
 	// A sealed segment's file size is its data: OpenJournal takes it as the
 	// segment's size without scanning, for Bytes and retention. A crash before
-	// the fsync below leaves this segment the last one, which recovery scans:
-	// either size is fine there. On failure nothing is sealed, and the next
-	// Append retries.
+	// the committer's fsync leaves this segment the last one, which recovery
+	// scans: either size is fine there. On failure nothing is sealed, and the
+	// next Append retries.
 	if err := j.active.Truncate(s.size); err != nil {
 		return fmt.Errorf("journal: sealing: %w", err)
 	}
@@ -287,25 +315,12 @@ func (j *Journal) rotateLocked() error {
 		newest = now
 	}
 	_ = os.Chtimes(s.path, newest, newest)
-	// Seal durably before anything lands in the next segment: a torn record can
-	// then only be in the last segment, which is all recovery scans.
-	if err := j.fsync(j.active); err != nil {
-		j.err = fmt.Errorf("journal: %w", err)
-		return j.err
-	}
-	ns := &segment{first: j.last + 1, path: filepath.Join(j.o.Dir, segName(j.last+1)), indexed: true}
-	f, prealloc, err := j.createSegment(ns.path)
-	if err != nil {
-		return err
-	}
-	j.prealloc = prealloc
 	s.newest = newest
-	j.activeFirst, j.activeLast = time.Time{}, time.Time{}
-	j.retired = append(j.retired, j.active)
-	j.active = f
+	ns := &segment{first: j.last + 1, path: filepath.Join(j.o.Dir, segName(j.last+1)), indexed: true}
+	j.sealing, j.active = j.active, nil
 	j.segs = append(j.segs, ns)
 	j.ix = indexer{}
-	j.dirDirty = true
+	j.activeFirst, j.activeLast = time.Time{}, time.Time{}
 	j.retainLocked(now)
 	j.commitCond.Signal()
 	return nil
@@ -322,164 +337,38 @@ func (j *Journal) Maintain() error {
 		return j.err
 	}
 	now := j.o.Now()
-	if !j.activeFirst.IsZero() && (now.Sub(j.activeFirst) > j.o.MaxAge || j.total > j.o.MaxBytes) {
+	if j.sealing == nil && !j.activeFirst.IsZero() && (now.Sub(j.activeFirst) > j.o.MaxAge || j.total > j.o.MaxBytes) {
 		return j.rotateLocked()
 	}
 	j.retainLocked(now)
 	return nil
 }
 
-// retainLocked drops the oldest sealed segments beyond MaxBytes or MaxAge.
+// retainLocked drops the oldest sealed segments beyond MaxBytes or MaxAge:
+// at once from the journal, and the committer removes their files after a
+// directory fsync (so a new segment is durable before old ones go).
 func (j *Journal) retainLocked(now time.Time) {
 	for len(j.segs) > 1 {
 		s := j.segs[0]
 		if j.total <= j.o.MaxBytes && now.Sub(s.newest) <= j.o.MaxAge {
 			return
 		}
-		if err := os.Remove(s.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return // try again at the next rotation
-		}
+		j.drop = append(j.drop, s.path)
 		j.total -= s.size
 		j.segs[0] = nil
 		j.segs = j.segs[1:]
 	}
-}
-
-// commitLoop is the group committer: each round writes everything appended
-// so far and fdatasyncs the active segment, on behalf of every Sync caller
-// waiting at that moment. fdatasync persists the data and what reading it
-// back needs (the file size, if the write grew the file), but not the mtime,
-// which matters only once the segment is sealed, and sealing fsyncs fully.
-// The write happens under mu (Appends wait for it; the batch is small), the
-// sync outside it.
-func (j *Journal) commitLoop() {
-	defer close(j.done)
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	for {
-		for !j.closed && len(j.retired) == 0 && (j.syncReq <= j.synced || j.err != nil) {
-			j.commitCond.Wait()
-		}
-		retired, closing := j.retired, j.closed
-		_ = j.flushLocked() // a failure is sticky in j.err
-		target, f, dirty := j.written, j.active, j.dirDirty
-		if j.err != nil || (j.syncReq <= j.synced && !closing) {
-			f = nil // only retired files to close
-		} else {
-			j.dirDirty = false
-		}
-		j.retired = nil
-		j.mu.Unlock()
-		start := time.Now()
-		err := j.commit(retired, f, dirty)
-		took := time.Since(start)
-		j.mu.Lock()
-		if err != nil && j.err == nil {
-			j.err = fmt.Errorf("journal: %w", err)
-		}
-		if err == nil && f != nil && target > j.synced {
-			j.synced = target
-			if hook := j.o.OnSynced; hook != nil {
-				j.mu.Unlock()
-				hook(target, took)
-				j.mu.Lock()
-			}
-		}
-		if closing {
-			if err := j.active.Close(); err != nil && j.err == nil {
-				j.err = fmt.Errorf("journal: %w", err)
-			}
-			j.stopped = true
-		}
-		j.syncCond.Broadcast()
-		if closing {
-			return
-		}
-	}
-}
-
-// commit closes the retired files (rotation fsynced them) and, unless active
-// is nil, fsyncs the directory if dirty and fdatasyncs the active file. Only
-// the committer closes files, so none is closed under its sync.
-func (j *Journal) commit(retired []*os.File, active *os.File, dirty bool) error {
-	var err error
-	for _, f := range retired {
-		if e := f.Close(); err == nil {
-			err = e
-		}
-	}
-	if active == nil || err != nil {
-		return err
-	}
-	if dirty {
-		if err := syncDir(j.o.Dir); err != nil {
-			return err
-		}
-	}
-	return j.datasync(active)
-}
-
-// fsync is a full fsync of a segment file (sealing).
-func (j *Journal) fsync(f *os.File) error {
-	j.fsyncs.Add(1)
-	return fileSync(f)
-}
-
-// datasync is the committer's fdatasync of the active segment file.
-func (j *Journal) datasync(f *os.File) error {
-	j.fsyncs.Add(1)
-	return fileDatasync(f)
-}
-
-// RequestSync asks for records up to seq to be made durable without waiting
-// (OnSynced tells when).
-func (j *Journal) RequestSync(seq uint64) {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if seq > j.syncReq && !j.closed {
-		j.syncReq = seq
+	if len(j.drop) > 0 {
 		j.commitCond.Signal()
 	}
 }
 
-// Err returns the journal's sticky write or fsync error, if any.
-func (j *Journal) Err() error {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return j.err
-}
-
-// Sync blocks until every record with Seq <= seq is synced to disk (the
-// committer's fdatasync). Group commit: concurrent callers share syncs (one
-// background committer goroutine), so N concurrent Append+Sync pairs cost far
-// fewer than N syncs.
-func (j *Journal) Sync(seq uint64) error {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.closed {
-		return errClosed
-	}
-	seq = min(seq, j.last)
-	for j.synced < seq {
-		if j.err != nil {
-			return j.err
-		}
-		if j.stopped {
-			return errClosed
-		}
-		if seq > j.syncReq {
-			j.syncReq = seq
-			j.commitCond.Signal()
-		}
-		j.syncCond.Wait()
-	}
-	return nil
-}
-
 // Read returns records with Seq > after, in order, at most max (max <= 0 means 1000),
 // including records appended but not yet synced (it writes them first).
-// It returns ErrTruncated if retention dropped any of them, and an error if one is corrupt.
-// After a failed write it returns the records that were written, then the journal's error.
+// It returns a *GapError (ErrTruncated) if the records right after `after`
+// are gone (retention, or cut out of a corrupt segment), and an error if one
+// is corrupt. After a failed write it returns the records that were written,
+// then the journal's error.
 func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 	if max <= 0 {
 		max = 1000
@@ -493,6 +382,13 @@ func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 		j.mu.Unlock()
 		return []Record{}, nil
 	}
+	for min(j.last, after+uint64(max)) > j.written && j.sealing != nil && j.err == nil && !j.closed {
+		j.syncCond.Wait() // the records asked for wait for the next segment's file
+	}
+	if j.closed {
+		j.mu.Unlock()
+		return nil, errClosed
+	}
 	if min(j.last, after+uint64(max)) > j.written {
 		_ = j.flushLocked() // a failure is sticky in j.err, and written stays put
 	}
@@ -503,8 +399,9 @@ func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 		return nil, err
 	}
 	if after+1 < j.segs[0].first {
+		first := j.segs[0].first
 		j.mu.Unlock()
-		return nil, ErrTruncated
+		return nil, &GapError{First: first}
 	}
 	want := after + 1
 	stop := min(last, after+uint64(max))
@@ -513,7 +410,7 @@ func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 	for k := i; k < len(j.segs) && j.segs[k].first <= stop; k++ {
 		v := segView{segment: *j.segs[k], end: last}
 		if k+1 < len(j.segs) {
-			v.end = j.segs[k+1].first - 1
+			v.end, v.sealed = j.segs[k+1].first-1, true
 		}
 		views = append(views, v)
 	}
@@ -524,11 +421,23 @@ func (j *Journal) Read(after uint64, max int) ([]Record, error) {
 		if want > stop {
 			break
 		}
-		if v.first > want {
-			return nil, fmt.Errorf("journal: %w: no record %d before %s", errCorrupt, want, v.path)
+		if v.first > want { // a segment file is missing
+			if len(out) > 0 {
+				return out, nil
+			}
+			return nil, &GapError{First: v.first}
 		}
 		var err error
 		if out, err = j.readSegment(&v, want, min(v.end, stop), out); err != nil {
+			var short *shortError
+			if errors.As(err, &short) && v.sealed {
+				// Recovery cut this segment short (a corrupt record with
+				// valid ones after it): the rest up to the next segment is gone.
+				if len(out) > 0 {
+					return out, nil
+				}
+				return nil, &GapError{First: v.end + 1}
+			}
 			return nil, err
 		}
 		want = min(v.end, stop) + 1
@@ -571,6 +480,7 @@ func (j *Journal) Close() error {
 	}
 	j.closed = true
 	j.commitCond.Signal()
+	j.syncCond.Broadcast()
 	j.mu.Unlock()
 	<-j.done
 	j.mu.Lock()

@@ -190,7 +190,9 @@ func (ix *indexer) add(idx []idxEntry, seq uint64, off int64) []idxEntry {
 }
 
 // recoverSegment scans s fully, verifying every record, and fills s.size and
-// s.index; it returns the seq of the last good record (s.first-1 if none).
+// s.index; it returns the seq of the last good record (s.first-1 if none)
+// and, when a corrupt record has valid ones after it, the highest seq among
+// those (after; else 0). Records after limit are dropped (a repair).
 //
 // What follows the last good record is either all zeros or a torn or corrupt
 // tail. Zeros are the clean end of the data: the unused, preallocated rest of
@@ -200,18 +202,19 @@ func (ix *indexer) add(idx []idxEntry, seq uint64, off int64) []idxEntry {
 // and truncated: bytes left after the records appended next could otherwise
 // be scanned as records after the next crash (a stale whole record with the
 // right seq, say, behind a torn one of the same length).
-func recoverSegment(f *os.File, s *segment) (uint64, error) {
+func recoverSegment(f *os.File, s *segment, limit uint64) (last, after uint64, err error) {
 	st, err := f.Stat()
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	rr := newRecordReader(f, 0, st.Size(), 1<<20)
 	var ix indexer
 	s.index, s.indexed = nil, true
-	last, good := s.first-1, int64(0)
+	last = s.first - 1
+	good := int64(0)
 	for {
 		n, crc, seq, ok, err := rr.header()
-		if !ok || err != nil || seq != last+1 {
+		if !ok || err != nil || seq != last+1 || seq > limit {
 			break
 		}
 		if _, err := rr.body(n, crc); err != nil {
@@ -224,22 +227,52 @@ func recoverSegment(f *os.File, s *segment) (uint64, error) {
 	if good < st.Size() {
 		zero, err := zeroTail(f, good, st.Size())
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		if !zero {
+			if limit == noLimit {
+				if after, err = highestValidSeq(f, good, st.Size(), last); err != nil {
+					return 0, 0, err
+				}
+			}
 			klog.InfoS("event journal recovery: dropping a torn or corrupt tail after the last good record",
 				"segment", s.path, "lastSeq", last, "offset", good, "bytes", st.Size()-good)
 			if err := f.Truncate(good); err != nil {
-				return 0, err
+				return 0, 0, err
 			}
 		}
 	}
 	// What a crashed process left in the page cache becomes durable here.
 	if err := fileSync(f); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	s.newest = st.ModTime()
-	return last, nil
+	return last, after, nil
+}
+
+// highestValidSeq looks through f[off:end] (what follows a bad record) for
+// whole records with a valid CRC and a seq above last, at any offset, and
+// returns the highest such seq (0 if none).
+func highestValidSeq(f io.ReaderAt, off, end int64, last uint64) (uint64, error) {
+	b := make([]byte, end-off)
+	if n, err := f.ReadAt(b, off); err != nil && !(err == io.EOF && n == len(b)) {
+		return 0, err
+	}
+	var high uint64
+	for p := 0; p+headerLen+payloadMin <= len(b); p++ {
+		n := int(binary.LittleEndian.Uint32(b[p:]))
+		if n < payloadMin || n > maxPayload || p+headerLen+n > len(b) {
+			continue
+		}
+		seq := binary.LittleEndian.Uint64(b[p+headerLen:])
+		if seq <= last || seq > last+uint64(len(b)) { // at most one record per byte: anything else is noise
+			continue
+		}
+		if r, ok := decodePayload(b[p+headerLen:p+headerLen+n], binary.LittleEndian.Uint32(b[p+4:])); ok && r.Seq > high {
+			high = r.Seq
+		}
+	}
+	return high, nil
 }
 
 // buildIndex scans the headers of a sealed segment for its sparse index. It
@@ -288,10 +321,19 @@ func syncDir(dir string) error {
 	return err
 }
 
-// segView is a snapshot of a segment taken by Read; end is its last seq.
+// segView is a snapshot of a segment taken by Read; end is its last seq
+// (the next segment's first - 1 if sealed).
 type segView struct {
 	segment
-	end uint64
+	end    uint64
+	sealed bool
+}
+
+// shortError: a segment's data ends cleanly before its last seq.
+type shortError struct{ seq uint64 }
+
+func (e *shortError) Error() string {
+	return fmt.Sprintf("segment ends early, before record %d", e.seq)
 }
 
 // readSegment appends the records want..hi of v to out, verifying each.
@@ -320,7 +362,7 @@ func (j *Journal) readSegment(v *segView, want, hi uint64, out []Record) ([]Reco
 		off := rr.off
 		n, crc, got, ok, err := rr.header()
 		if err == nil && !ok {
-			err = errors.New("segment ends early")
+			return out, &shortError{seq}
 		}
 		if err == nil && got != seq {
 			err = fmt.Errorf("%w: seq %d", errCorrupt, got)
@@ -345,7 +387,7 @@ func (j *Journal) readSegment(v *segView, want, hi uint64, out []Record) ([]Reco
 // openErr turns a segment that retention removed under Read into ErrTruncated.
 func (j *Journal) openErr(want uint64, err error) error {
 	if errors.Is(err, fs.ErrNotExist) && want < j.First() {
-		return ErrTruncated
+		return &GapError{First: j.First()}
 	}
 	return fmt.Errorf("journal: %w", err)
 }

@@ -66,6 +66,10 @@ func readAll(t testing.TB, j *Journal, after uint64) []Record {
 	var all []Record
 	for {
 		recs, err := j.Read(after, 0)
+		var gap *GapError
+		if errors.As(err, &gap) {
+			return all // the caller checks what follows
+		}
 		if err != nil {
 			t.Fatalf("Read(%d): %v", after, err)
 		}
@@ -326,9 +330,64 @@ func TestJournalCorruptTail(t *testing.T) {
 		dir := restore(t, files, lastSeg, b)
 		expectDropped(t, o, dir, n, fmt.Sprintf("flip at %d of %d", i, len(full)))
 	}
-	// A record whose seq is not previous+1 (but whose CRC is right) ends the segment.
+	// A record whose seq is not previous+1 (but whose CRC is right) ends the
+	// segment's data; as it may have been published, its seq is never given
+	// again: the journal continues after it and reports the gap.
 	bad := append(bytes.Clone(full[:lastOff]), encodeRecord(nil, n+1, "x", nil)...)
-	expectDropped(t, o, restore(t, files, lastSeg, bad), n, "seq gap")
+	o.Dir = restore(t, files, lastSeg, bad)
+	j := openT(t, o)
+	defer j.Close()
+	if j.Last() != n+1 {
+		t.Fatalf("seq gap: Last() = %d, want %d", j.Last(), n+1)
+	}
+	checkRecs(t, readAll(t, j, 0), 1, n-1)
+	var gap *GapError
+	if _, err := j.Read(n-1, 0); !errors.As(err, &gap) || gap.First != n+2 {
+		t.Fatalf("Read(%d) over the cut = %v, want a gap up to %d", n-1, err, n+2)
+	}
+	if r, err := j.Append(eventTopic(n+2), eventData); err != nil || r.Seq != n+2 {
+		t.Fatalf("Append = %d, %v; want %d", r.Seq, err, n+2)
+	}
+	checkRecs(t, readAll(t, j, n+1), n+2, n+2)
+}
+
+// Recovery never gives a sequence number again that may have been published:
+// valid records after a corrupt one (here record 7 of 10 is damaged) make the
+// journal continue after the highest of them, also after another restart.
+func TestJournalRecoveryNeverReusesSeq(t *testing.T) {
+	const n = 10
+	b := validSegment(n)
+	b[int(encodedSize(1, 6))+headerLen+12] ^= 0x20
+	o := JournalOptions{Dir: t.TempDir(), SegmentBytes: 64 << 10}
+	if err := os.WriteFile(filepath.Join(o.Dir, segName(1)), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j := openT(t, o)
+	if j.Last() != n {
+		t.Fatalf("Last() = %d after recovery, want %d (records 8..10 are valid)", j.Last(), n)
+	}
+	r, err := j.Append(eventTopic(n+1), eventData)
+	if err != nil || r.Seq != n+1 {
+		t.Fatalf("Append = %d, %v; want %d", r.Seq, err, n+1)
+	}
+	if err := j.Sync(n + 1); err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, readAll(t, j, 0), 1, 6)
+	var gap *GapError
+	if _, err := j.Read(6, 0); !errors.As(err, &gap) || gap.First != n+1 {
+		t.Fatalf("Read(6) = %v, want a gap up to %d", err, n+1)
+	}
+	j.Close()
+	j = openT(t, o)
+	defer j.Close()
+	if j.Last() != n+1 {
+		t.Fatalf("after another restart Last() = %d, want %d", j.Last(), n+1)
+	}
+	if _, err := j.Read(6, 0); !errors.As(err, &gap) || gap.First != n+1 {
+		t.Fatalf("after another restart Read(6) = %v, want a gap up to %d", err, n+1)
+	}
+	checkRecs(t, readAll(t, j, n), n+1, n+1)
 }
 
 func TestJournalCorruptSealed(t *testing.T) {
@@ -412,6 +471,9 @@ func TestJournalRetentionBytes(t *testing.T) {
 		t.Fatalf("Read(First()-2) = %v, want ErrTruncated", err)
 	}
 	checkRecs(t, readAll(t, j, first-1), first, 200)
+	if err := j.Sync(200); err != nil { // the committer removes dropped files
+		t.Fatal(err)
+	}
 	if segs := segFiles(t, dir); filepath.Base(segs[0]) != segName(first) {
 		t.Fatalf("oldest file %s, First() %d", segs[0], first)
 	}
@@ -473,6 +535,9 @@ func TestJournalSeqNeverReused(t *testing.T) {
 	o := JournalOptions{Dir: dir, SegmentBytes: 1, MaxBytes: 1}
 	j := openT(t, o)
 	appendN(t, j, 5) // every record fills a segment; all sealed ones are dropped
+	if err := j.Sync(5); err != nil {
+		t.Fatal(err)
+	}
 	if n := len(segFiles(t, dir)); n != 1 || j.First() != 6 || j.Last() != 5 || j.Bytes() != 0 {
 		t.Fatalf("%d files, First=%d Last=%d Bytes=%d", n, j.First(), j.Last(), j.Bytes())
 	}
@@ -516,24 +581,78 @@ func stubSync(t *testing.T, fn func(*os.File) error) {
 func TestJournalRotationSealsDurably(t *testing.T) {
 	var mu sync.Mutex
 	var synced []string
+	var dir string
 	stubSync(t, func(f *os.File) error {
 		mu.Lock()
-		synced = append(synced, filepath.Base(f.Name()))
-		mu.Unlock()
+		defer mu.Unlock()
+		name := filepath.Base(f.Name())
+		synced = append(synced, name)
+		// A sealed segment is fsynced before the next one's file exists, so
+		// no later record can be durable while one of it is torn.
+		var seq uint64
+		if _, err := fmt.Sscanf(name, "%020d.seg", &seq); err == nil {
+			if _, err := os.Stat(filepath.Join(dir, segName(seq+1))); err == nil {
+				t.Errorf("segment %s exists before %s was sealed", segName(seq+1), name)
+			}
+		}
 		return f.Sync()
 	})
-	j := openT(t, JournalOptions{Dir: t.TempDir(), SegmentBytes: 1})
+	dir = t.TempDir()
+	j := openT(t, JournalOptions{Dir: dir, SegmentBytes: 1})
 	defer j.Close()
 	for seq := uint64(1); seq <= 3; seq++ {
 		appendN(t, j, 1)
-		// Before Append returns, the segment it sealed is fsynced, so no later
-		// record can be durable while this one is torn.
+		if err := j.Sync(seq); err != nil {
+			t.Fatal(err)
+		}
+		// Once the next record is durable, the segment before it is sealed.
 		mu.Lock()
-		if !slices.Contains(synced, segName(seq)) {
-			t.Errorf("segment %s sealed but not fsynced (fsyncs: %v)", segName(seq), synced)
+		if seq > 1 && !slices.Contains(synced, segName(seq-1)) {
+			t.Errorf("segment %s sealed but not fsynced (fsyncs: %v)", segName(seq-1), synced)
 		}
 		mu.Unlock()
 	}
+}
+
+// The sealing fsync runs off the journal's lock: Err (health), Last and
+// First answer while it hangs, and Appends queue in memory meanwhile.
+func TestJournalSealOffLock(t *testing.T) {
+	release := make(chan struct{})
+	var blocked atomic.Bool
+	stubSync(t, func(f *os.File) error {
+		if filepath.Base(f.Name()) == segName(1) {
+			blocked.Store(true)
+			<-release
+		}
+		return f.Sync()
+	})
+	dir := t.TempDir()
+	j := openT(t, JournalOptions{Dir: dir, SegmentBytes: encodedSize(1, 3)})
+	defer j.Close()
+	appendN(t, j, 3) // seals segment 1: its fsync hangs
+	waitFor(t, "the sealing fsync", blocked.Load)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := j.Err(); err != nil {
+			t.Error(err)
+		}
+		if j.Last() != 3 || j.First() != 1 {
+			t.Errorf("Last() = %d, First() = %d", j.Last(), j.First())
+		}
+		appendN(t, j, 1)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Error("Err/Last/Append blocked behind the sealing fsync")
+	}
+	close(release)
+	<-done
+	if err := j.Sync(4); err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, readAll(t, j, 0), 1, 4)
 }
 
 func TestJournalFsyncErrorSticky(t *testing.T) {
@@ -753,8 +872,16 @@ func FuzzJournalRecover(f *testing.F) {
 		}
 		defer j.Close()
 		recs := readAll(t, j, 0)
-		if uint64(len(recs)) != j.Last() || j.First() != 1 {
+		if uint64(len(recs)) > j.Last() || j.First() != 1 {
 			t.Fatalf("%d records, First=%d Last=%d", len(recs), j.First(), j.Last())
+		}
+		if cut := uint64(len(recs)); cut < j.Last() {
+			// Valid records after a corrupt one: their seqs are not given
+			// again, and the hole is reported.
+			var gap *GapError
+			if _, err := j.Read(cut, 0); !errors.As(err, &gap) || gap.First != j.Last()+1 {
+				t.Fatalf("Read(%d) = %v, want a gap up to %d", cut, err, j.Last()+1)
+			}
 		}
 		// Every record read back is, byte for byte, a record of the input with
 		// a matching CRC; together they are exactly the file's kept prefix.
@@ -783,12 +910,13 @@ func FuzzJournalRecover(f *testing.F) {
 		if allZero(b[len(re):]) && kept < int64(len(b)) {
 			t.Fatalf("zero tail truncated: file kept %d of %d bytes", kept, len(b))
 		}
-		if j.prealloc && kept < segBytes {
+		if j.prealloc && kept < segBytes && j.Last() == uint64(len(recs)) { // else a new segment is active
 			t.Fatalf("preallocated file is %d bytes, want %d", kept, segBytes)
 		}
 		// Appends continue right after the records, and a reopen finds them.
+		cut := j.Last()
 		r, err := j.Append("t", eventData)
-		if err != nil || r.Seq != j.Last() || r.Seq != uint64(len(recs)+1) {
+		if err != nil || r.Seq != j.Last() || r.Seq != cut+1 {
 			t.Fatalf("Append after recovery = %d, %v", r.Seq, err)
 		}
 		if err := j.Close(); err != nil {
@@ -797,6 +925,9 @@ func FuzzJournalRecover(f *testing.F) {
 		j = openT(t, o)
 		defer j.Close()
 		again := readAll(t, j, 0)
+		if cut > uint64(len(recs)) {
+			again = append(again, readAll(t, j, cut)...)
+		}
 		if len(again) != len(recs)+1 || !slices.EqualFunc(again[:len(recs)], recs, func(a, b Record) bool {
 			return a.Seq == b.Seq && a.Topic == b.Topic && bytes.Equal(a.Data, b.Data)
 		}) {

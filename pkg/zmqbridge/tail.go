@@ -33,3 +33,15 @@ func (t *tail) get(after, through uint64, out []Record) []Record {
 	}
 	return out
 }
+
+// rewind forgets the records after seq (a journal repair gives their seqs
+// again).
+func (t *tail) rewind(seq uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i := range t.ring {
+		if t.ring[i].Seq > seq {
+			t.ring[i] = Record{}
+		}
+	}
+}

@@ -1,0 +1,124 @@
+package rbd
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// Deleting an image is two steps: the caller moves it to the RBD trash (a few
+// metadata operations; its name is free again at once), then the mgr's
+// rbd_support module removes it from the trash in the background, as a task
+// it keeps in the pool and resumes after a mgr restart. Where the mgr refuses
+// the task (module off, no mgr caps), the image is removed from the trash
+// synchronously instead. Handing the task to the mgr happens after the call
+// answered (see purger).
+
+// trashImage moves image to the trash unless a client still watches it
+// (FailedPrecondition naming the watchers) and returns its trash id. It is
+// idempotent: for an image already in the trash it returns that entry's id;
+// for an image that is nowhere, "". Any code path that deletes an RBD image
+// (ours, or one another driver made) goes through here.
+func trashImage(io *rados.IOContext, image string) (string, error) {
+	start := time.Now()
+	img, err := rbd.OpenImageReadOnly(io, image, rbd.NoSnapshot)
+	if errors.Is(err, rbd.ErrNotFound) {
+		return trashedID(io, image)
+	}
+	if err != nil {
+		return "", fmt.Errorf("opening image %s: %w", image, err)
+	}
+	watchers, werr := img.ListWatchers()
+	id, ierr := img.GetId()
+	img.Close()
+	if werr != nil {
+		return "", fmt.Errorf("listing watchers of image %s: %w", image, werr)
+	}
+	if ierr != nil {
+		return "", fmt.Errorf("reading the id of image %s: %w", image, ierr)
+	}
+	if len(watchers) > 0 {
+		addrs := make([]string, len(watchers))
+		for i, w := range watchers {
+			addrs[i] = fmt.Sprintf("%s (client.%d)", w.Addr, w.Id)
+		}
+		return "", status.Errorf(codes.FailedPrecondition, "image %s is still in use (mapped on a node?): watched by %s",
+			image, strings.Join(addrs, ", "))
+	}
+	checked := time.Now()
+	if err := rbd.GetImage(io, image).Trash(0); err != nil && !errors.Is(err, rbd.ErrNotFound) {
+		return "", fmt.Errorf("moving image %s to the trash: %w", image, err)
+	}
+	klog.V(4).InfoS("image moved to the trash", "image", image, "trashID", id, "watcherCheck", checked.Sub(start), "trashMove", time.Since(checked))
+	rcsi.CrashPoint("delete-after-trash")
+	return id, nil
+}
+
+// trashedID returns the id of the trash entry named image, for a retry that
+// finds the image gone from the pool's directory; "" if there is none. An
+// image that is neither there nor in the trash may still be a half-made one
+// (a crash inside librbd's create): removing it by name clears that.
+func trashedID(io *rados.IOContext, image string) (string, error) {
+	entries, err := rbd.GetTrashList(io)
+	if err != nil {
+		return "", fmt.Errorf("listing the trash: %w", err)
+	}
+	for _, e := range entries {
+		if e.Name == image {
+			return e.Id, nil
+		}
+	}
+	if err := rbd.RemoveImage(io, image); err != nil && !errors.Is(err, rbd.ErrNotFound) {
+		return "", fmt.Errorf("removing what is left of image %s: %w", image, err)
+	}
+	return "", nil
+}
+
+// queuePurge asks the mgr to remove trash entry id; if the mgr refuses, it
+// removes the entry itself. An entry already gone is fine.
+func queuePurge(io *rados.IOContext, conn *rados.Conn, pool, namespace, image, id string) error {
+	err := addTrashRemoveTask(conn, pool, namespace, id)
+	if err == nil {
+		return nil
+	}
+	start := time.Now()
+	rerr := rbd.TrashRemove(io, id, false)
+	if rerr != nil && !errors.Is(rerr, rbd.ErrNotFound) {
+		return fmt.Errorf("removing image %s (trash id %s): the mgr refused the task (%v), and removing it here failed: %w", image, id, err, rerr)
+	}
+	if rerr == nil {
+		klog.InfoS("the mgr refused the trash-remove task: removed the image here (give the user mgr 'profile rbd' caps and enable rbd_support for fast deletes)",
+			"image", image, "trashID", id, "mgrError", err, "duration", time.Since(start))
+	}
+	return nil
+}
+
+// addTrashRemoveTask is `ceph rbd task add trash remove POOL[/NS]/ID`.
+func addTrashRemoveTask(conn *rados.Conn, pool, namespace, id string) error {
+	spec := pool + "/" + id
+	if namespace != "" {
+		spec = pool + "/" + namespace + "/" + id
+	}
+	cmd, err := json.Marshal(map[string]string{"prefix": "rbd task add trash remove", "image_id_spec": spec, "format": "json"})
+	if err != nil {
+		return err
+	}
+	_, info, err := conn.MgrCommand([][]byte{cmd})
+	if err != nil {
+		if info != "" {
+			return fmt.Errorf("%w: %s", err, info)
+		}
+		return err
+	}
+	return nil
+}
