@@ -56,6 +56,7 @@ sanity: build cluster-up
 	@test -x $(TOOLS)/csi-sanity || $(MAKE) --no-print-directory tools
 	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity.sh mount
 	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity.sh block
+	@CSI_SANITY=$(TOOLS)/csi-sanity e2e/sanity-cephfs.sh
 
 integration: build cluster-up
 	$(GO) test -count=1 -timeout 20m -v ./e2e/... 2>&1 | tee /tmp/rookzmq-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit $${PIPESTATUS[0]}
@@ -67,6 +68,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
 	$(GO) test -run '^$$' -fuzz '^FuzzParseCephCSIVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
 	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/rbd
+	$(GO) test -run '^$$' -fuzz '^FuzzParseParams$$' -fuzztime $(FUZZTIME) ./pkg/cephfs
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
 	$(GO) test -run '^$$' -fuzz '^FuzzJournalRecover$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge
 	$(GO) test -run '^$$' -fuzz '^FuzzAppendJSON$$' -fuzztime $(FUZZTIME) ./pkg/zmqbridge

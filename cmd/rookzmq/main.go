@@ -24,10 +24,14 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/klog/v2"
 
+	"github.com/rookzmq/rookzmq/pkg/cephfs"
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 	"github.com/rookzmq/rookzmq/pkg/rbd"
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
+
+// cephfsDriverName is the default driver name with --type=cephfs.
+const cephfsDriverName = "cephfs.rookzmq.io"
 
 // version is set at build time (-ldflags -X main.version=...).
 var version = "dev"
@@ -77,8 +81,8 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs := flag.NewFlagSet("rookzmq", flag.ContinueOnError)
 	klog.InitFlags(fs)
 	f := &serveFlags{}
-	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd")
-	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name")
+	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd or cephfs (CephFS: its Node service is a stub that refuses staging and publishing so far)")
+	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name (default rbd.rookzmq.io, or cephfs.rookzmq.io with --type=cephfs)")
 	fs.BoolVar(&f.controller, "controller", false, "serve the CSI Controller service")
 	fs.BoolVar(&f.node, "node", false, "serve the CSI Node service")
 	fs.StringVar(&f.endpoint, "endpoint", "", "CSI endpoint (unix:///path.sock or tcp://host:port; default unix:///var/lib/kubelet/plugins/<drivername>/csi.sock)")
@@ -86,7 +90,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.clusters, "clusters", "/etc/rookzmq/config.json", "clusters file (ceph-csi config.json format)")
 	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
-	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity)")
+	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity; with --type=cephfs the provisioning user, also used to resume promised removals at start)")
 	fs.StringVar(&f.cephCSIInstance, "cephcsi-instance-id", rbd.DefaultCephCSIInstance, "--instanceid of the ceph-csi whose volumes are adopted (its journal is csi.volumes.<ID>)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
@@ -105,8 +109,16 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if f.driverType != "rbd" {
-		return nil, fmt.Errorf("--type=%s is not supported (rbd)", f.driverType)
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	switch f.driverType {
+	case "rbd":
+	case "cephfs":
+		if !set["drivername"] {
+			f.driverName = cephfsDriverName
+		}
+	default:
+		return nil, fmt.Errorf("--type=%s is not supported (rbd or cephfs)", f.driverType)
 	}
 	if !f.controller && !f.node {
 		return nil, errors.New("nothing to serve: give --controller, --node or both")
@@ -154,13 +166,22 @@ func serve(args []string) error {
 	defer stop()
 
 	var controller *rbd.Controller
-	if f.controller {
+	var cephfsController *cephfs.Controller
+	if f.controller && f.driverType == "cephfs" {
+		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName}
+		defer mounts.Close()
+		cephfsController = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		go cephfsController.ResumePurges()
+	} else if f.controller {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
 			CephCSIInstance: f.cephCSIInstance}
 	}
 	var node *rbd.Node
+	var nodeStub *cephfs.NodeStub
 	healthy := func() error { return nil }
-	if f.node {
+	if f.node && f.driverType == "cephfs" {
+		nodeStub = &cephfs.NodeStub{NodeID: f.nodeID}
+	} else if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
 		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink, Conns: conns})
 		if err != nil {
@@ -206,8 +227,14 @@ func serve(args []string) error {
 		if controller != nil {
 			csi.RegisterControllerServer(s, controller)
 		}
+		if cephfsController != nil {
+			csi.RegisterControllerServer(s, cephfsController)
+		}
 		if node != nil {
 			csi.RegisterNodeServer(s, node)
+		}
+		if nodeStub != nil {
+			csi.RegisterNodeServer(s, nodeStub)
 		}
 	})
 	if err != nil {

@@ -10,17 +10,13 @@ import (
 )
 
 // registerWithKubelet serves kubelet's plugin registration for the node
-// plugin's drivers (the RBD driver and, when served, events.rookzmq.io) in
-// the background until ctx ends. An empty --registration-dir disables it.
+// plugin's drivers (see registrations) in the background until ctx ends. An
+// empty --registration-dir disables it.
 func registerWithKubelet(ctx context.Context, f *serveFlags) error {
 	if !f.node || f.registrationDir == "" {
 		return nil
 	}
-	drivers := [][2]string{{f.driverName, f.endpoint}}
-	if f.eventsEndpoint != "" {
-		drivers = append(drivers, [2]string{rcsi.PodEventsDriverName, f.eventsEndpoint})
-	}
-	for _, d := range drivers {
+	for _, d := range registrations(f) {
 		network, path, err := rcsi.ParseEndpoint(d[1])
 		if err != nil {
 			return err
@@ -36,4 +32,16 @@ func registerWithKubelet(ctx context.Context, f *serveFlags) error {
 		}()
 	}
 	return nil
+}
+
+// registrations lists the drivers (name, endpoint) this node plugin serves:
+// its own and, with --type=rbd and an --events-endpoint, events.rookzmq.io.
+// A CephFS node plugin serves no event volumes, so it must not register (and
+// so replace) the name an RBD node plugin on the same node registered.
+func registrations(f *serveFlags) [][2]string {
+	drivers := [][2]string{{f.driverName, f.endpoint}}
+	if f.eventsEndpoint != "" && f.driverType == "rbd" {
+		drivers = append(drivers, [2]string{rcsi.PodEventsDriverName, f.eventsEndpoint})
+	}
+	return drivers
 }

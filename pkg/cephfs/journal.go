@@ -1,0 +1,176 @@
+package cephfs
+
+import (
+	"fmt"
+	"strings"
+	"syscall"
+
+	"github.com/ceph/go-ceph/rados"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// JournalNamespace is the RADOS namespace of the file system's metadata pool
+// that holds the journal objects (apart from the MDS's own objects).
+const JournalNamespace = "rookzmq"
+
+// JournalObject is the omap object of a subvolume group's journal.
+func JournalObject(group string) string { return "rookzmq.cephfs." + group }
+
+const (
+	nameKeyPrefix  = "n:" // n:<request name> -> subvolume name
+	volKeyPrefix   = "i:" // i:<subvolume>    -> request name
+	trashKeyPrefix = "t:" // t:<subvolume>    -> trash entry name: a removal promised
+)
+
+// Journal records which subvolume serves which request name, so that retried
+// and concurrent CreateVolume calls find the subvolume instead of making a
+// second one, and which subvolumes DeleteVolume has promised to remove, so
+// that their purge survives a crash. Each change is one RADOS operation.
+type Journal struct {
+	io  *rados.IOContext
+	obj string
+}
+
+// NewJournal uses the group's journal object in io's pool and namespace.
+func NewJournal(io *rados.IOContext, group string) *Journal {
+	return &Journal{io: io, obj: JournalObject(group)}
+}
+
+// Lookup returns the subvolume reserved for request name, or "" if none.
+func (j *Journal) Lookup(name string) (string, error) { return j.get(nameKeyPrefix + name) }
+
+// RequestName returns the request name that reserved subvolume sv, or "" if none.
+func (j *Journal) RequestName(sv string) (string, error) { return j.get(volKeyPrefix + sv) }
+
+// TrashEntry returns the trash entry promised for sv, or "" if none.
+func (j *Journal) TrashEntry(sv string) (string, error) { return j.get(trashKeyPrefix + sv) }
+
+// Reserve records name <-> sv.
+func (j *Journal) Reserve(name, sv string) error {
+	op := rados.CreateWriteOp()
+	defer op.Release()
+	op.SetOmap(map[string][]byte{nameKeyPrefix + name: []byte(sv), volKeyPrefix + sv: []byte(name)})
+	if err := op.Operate(j.io, j.obj, rados.OperationNoFlag); err != nil {
+		return fmt.Errorf("journal: reserving %q: %w", name, err)
+	}
+	return nil
+}
+
+// Promise records that sv will be moved to trash entry and purged, and frees
+// its request name, in one operation: from here on the journal keeps track of
+// sv until Done.
+func (j *Journal) Promise(name, sv, trash string) error {
+	op := rados.CreateWriteOp()
+	defer op.Release()
+	op.SetOmap(map[string][]byte{trashKeyPrefix + sv: []byte(trash)})
+	keys := []string{volKeyPrefix + sv}
+	if name != "" {
+		keys = append(keys, nameKeyPrefix+name)
+	}
+	op.RmOmapKeys(keys)
+	if err := op.Operate(j.io, j.obj, rados.OperationNoFlag); err != nil {
+		return fmt.Errorf("journal: recording removal of %s: %w", sv, err)
+	}
+	return nil
+}
+
+// Release removes a reservation without a removal promise (nothing to purge).
+func (j *Journal) Release(name, sv string) error {
+	keys := []string{volKeyPrefix + sv}
+	if name != "" {
+		keys = append(keys, nameKeyPrefix+name)
+	}
+	return j.rm(keys, "releasing "+sv)
+}
+
+// Done forgets the removal promise of sv, once it is purged.
+func (j *Journal) Done(sv string) error {
+	return j.rm([]string{trashKeyPrefix + sv}, "finishing removal of "+sv)
+}
+
+func (j *Journal) rm(keys []string, what string) error {
+	op := rados.CreateWriteOp()
+	defer op.Release()
+	op.AssertExists()
+	op.RmOmapKeys(keys)
+	err := op.Operate(j.io, j.obj, rados.OperationNoFlag)
+	if err != nil && rcsi.Errno(err) != syscall.ENOENT {
+		return fmt.Errorf("journal: %s: %w", what, err)
+	}
+	return nil
+}
+
+// Subvolumes lists reserved subvolume names in order.
+func (j *Journal) Subvolumes() ([]string, error) {
+	kv, err := j.list(volKeyPrefix, 0)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, len(kv))
+	for i, e := range kv {
+		out[i] = e[0]
+	}
+	return out, nil
+}
+
+// Promised lists up to max (0: all) promised removals as [subvolume, trash entry] pairs.
+func (j *Journal) Promised(max int) ([][2]string, error) { return j.list(trashKeyPrefix, max) }
+
+func (j *Journal) list(prefix string, max int) ([][2]string, error) {
+	var out [][2]string
+	after := ""
+	for {
+		op := rados.CreateReadOp()
+		step := op.GetOmapValues(after, prefix, 1000)
+		err := op.Operate(j.io, j.obj, rados.OperationNoFlag)
+		if rcsi.Errno(err) == syscall.ENOENT {
+			op.Release()
+			return out, nil
+		}
+		if err != nil {
+			op.Release()
+			return nil, fmt.Errorf("journal: listing: %w", err)
+		}
+		n := 0
+		for {
+			kv, err := step.Next()
+			if err != nil || kv == nil {
+				break
+			}
+			n++
+			after = kv.Key
+			out = append(out, [2]string{strings.TrimPrefix(kv.Key, prefix), string(kv.Value)})
+			if max > 0 && len(out) == max {
+				op.Release()
+				return out, nil
+			}
+		}
+		more := step.More()
+		op.Release()
+		if n == 0 || !more {
+			return out, nil
+		}
+	}
+}
+
+func (j *Journal) get(key string) (string, error) {
+	op := rados.CreateReadOp()
+	defer op.Release()
+	step := op.GetOmapValuesByKeys([]string{key})
+	err := op.Operate(j.io, j.obj, rados.OperationNoFlag)
+	if rcsi.Errno(err) == syscall.ENOENT {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("journal: reading %q: %w", key, err)
+	}
+	kv, err := step.Next()
+	if err != nil {
+		return "", fmt.Errorf("journal: reading %q: %w", key, err)
+	}
+	if kv == nil {
+		return "", nil
+	}
+	return string(kv.Value), nil
+}

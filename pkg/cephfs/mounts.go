@@ -1,0 +1,180 @@
+package cephfs
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/ceph/go-ceph/cephfs"
+	"github.com/ceph/go-ceph/rados"
+	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// volumesRoot is where the mgr volumes module keeps subvolume groups; our
+// libcephfs mounts are rooted there, so users restricted to it can mount.
+const volumesRoot = "/volumes"
+
+// fsInfo is what the file system map says about one file system.
+type fsInfo struct {
+	Name         string   `json:"name"`
+	MetadataPool string   `json:"metadata_pool"`
+	DataPools    []string `json:"data_pools"`
+}
+
+// Mounts caches one libcephfs mount (rooted at /volumes) per cluster, file
+// system and credential, on the RADOS connections of Conns, so that a CSI call
+// costs no mount set-up.
+type Mounts struct {
+	Conns *rcsi.Conns
+	// Instance names this driver (e.g. its CSI name): with the cluster, file
+	// system and user it makes the client UUID under which a restarted
+	// process reclaims the MDS session of a killed one. Empty disables that.
+	Instance string
+
+	mu     sync.Mutex
+	mounts map[string]*mountEntry
+}
+
+type mountEntry struct {
+	ready chan struct{} // closed once mnt or err is set
+	mnt   *cephfs.MountInfo
+	// lease keeps the RADOS connection under the mount alive as long as
+	// the mount; the journal's I/O contexts come from it too.
+	lease *rcsi.Lease
+	err   error
+}
+
+// Mounted is a cached mount and the connection lease it lives on.
+type Mounted struct {
+	Mnt   *cephfs.MountInfo
+	Lease *rcsi.Lease
+}
+
+// errNoVolumesDir means the file system has no /volumes directory yet.
+var errNoVolumesDir = fmt.Errorf("the file system has no %s directory (no subvolume group yet)", volumesRoot)
+
+// Mount returns the cached mount of fsName, mounting it on first use. A failed
+// mount is not cached: the next call tries again.
+func (m *Mounts) Mount(ctx context.Context, cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (Mounted, error) {
+	sum := sha256.Sum256([]byte(creds.Key))
+	key := fmt.Sprintf("%s\x00%s\x00%s\x00%x\x00%s", cluster.ClusterID, cluster.MonHost(), creds.ID, sum, fsName)
+	m.mu.Lock()
+	if m.mounts == nil {
+		m.mounts = map[string]*mountEntry{}
+	}
+	e, ok := m.mounts[key]
+	if !ok {
+		e = &mountEntry{ready: make(chan struct{})}
+		m.mounts[key] = e
+	}
+	m.mu.Unlock()
+	if ok {
+		select {
+		case <-e.ready:
+		case <-ctx.Done():
+			return Mounted{}, ctx.Err()
+		}
+		return Mounted{Mnt: e.mnt, Lease: e.lease}, e.err
+	}
+	start := time.Now()
+	e.lease, e.err = m.Conns.Acquire(ctx, cluster, creds)
+	if e.err == nil {
+		e.mnt, e.err = m.mount(e.lease, cluster, creds, fsName)
+		if e.err != nil {
+			e.lease.Release()
+		}
+	}
+	close(e.ready)
+	if e.err != nil {
+		m.mu.Lock()
+		delete(m.mounts, key)
+		m.mu.Unlock()
+		return Mounted{}, e.err
+	}
+	klog.V(2).InfoS("mounted CephFS through libcephfs", "cluster", cluster.ClusterID, "fs", fsName, "user", creds.ID, "duration", time.Since(start))
+	return Mounted{Mnt: e.mnt, Lease: e.lease}, nil
+}
+
+func (m *Mounts) mount(lease *rcsi.Lease, cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {
+	mnt, err := cephfs.CreateFromRados(lease.Conn())
+	if err != nil {
+		return nil, fmt.Errorf("creating libcephfs handle: %w", err)
+	}
+	if err := mnt.SelectFilesystem(fsName); err != nil {
+		mnt.Release()
+		return nil, fmt.Errorf("selecting file system %q: %w", fsName, err)
+	}
+	if m.Instance != "" {
+		if err := mnt.Init(); err != nil {
+			mnt.Release()
+			return nil, fmt.Errorf("initialising libcephfs: %w", err)
+		}
+		id := sha256.Sum256([]byte(m.Instance + "\x00" + cluster.ClusterID + "\x00" + fsName + "\x00" + creds.ID))
+		uuid := fmt.Sprintf("rookzmq-%x", id[:16])
+		reclaimed, err := reclaimAndSetUUID(mnt, uuid)
+		if err != nil {
+			mnt.Release()
+			return nil, err
+		}
+		if reclaimed {
+			klog.InfoS("reset the MDS session a previous driver process left", "cluster", cluster.ClusterID, "fs", fsName, "user", creds.ID)
+		}
+	}
+	if err := mnt.MountWithRoot(volumesRoot); err != nil {
+		mnt.Release()
+		if rcsi.Errno(err) == syscall.ENOENT {
+			return nil, errNoVolumesDir
+		}
+		return nil, fmt.Errorf("mounting %s of file system %q as %s: %w", volumesRoot, fsName, creds.ID, err)
+	}
+	return mnt, nil
+}
+
+// Close unmounts everything (releasing the capabilities the MDS would
+// otherwise wait for), giving up after closeTimeout: a process that exits
+// anyway must not hang on an MDS that does not answer.
+func (m *Mounts) Close() {
+	m.mu.Lock()
+	entries := m.mounts
+	m.mounts = nil
+	m.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, e := range entries {
+			<-e.ready
+			if e.mnt != nil {
+				e.mnt.Unmount()
+				e.mnt.Release()
+				e.lease.Release()
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(closeTimeout):
+		klog.InfoS("gave up unmounting CephFS at shutdown", "after", closeTimeout)
+	}
+}
+
+// closeTimeout bounds Close.
+const closeTimeout = 5 * time.Second
+
+// fileSystems reads the file system map.
+func fileSystems(conn *rados.Conn) ([]fsInfo, error) {
+	out, _, err := conn.MonCommand([]byte(`{"prefix":"fs ls","format":"json"}`))
+	if err != nil {
+		return nil, fmt.Errorf("listing file systems: %w", err)
+	}
+	var all []fsInfo
+	if err := json.Unmarshal(out, &all); err != nil {
+		return nil, fmt.Errorf("decoding fs ls: %w", err)
+	}
+	return all, nil
+}
