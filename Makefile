@@ -11,6 +11,7 @@ FUZZTIME ?= 10s
 TOOLS := $(CURDIR)/bin/tools
 
 .PHONY: all deps tools build demo test unit sanity integration fuzz bench cluster-up cluster-down vet clean
+.PHONY: k8s-deps image sidecar-images k8s-up k8s-down chart-lint chart-apply k8s-e2e
 
 all: build
 
@@ -41,6 +42,10 @@ vet: tools
 	@e2e/check-install.sh
 	$(GO) vet ./...
 	$(TOOLS)/staticcheck ./...
+	@# The nested modules (Kubernetes suite, image builder) keep client-go and
+	@# go-containerregistry out of the driver's go.mod.
+	cd e2e/k8s && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
+	cd e2e/image && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
 	@test -z "$$(gofmt -l cmd pkg e2e)" || { gofmt -l cmd pkg e2e; echo 'gofmt needed'; exit 1; }
 
 unit: deps
@@ -57,7 +62,7 @@ integration: build cluster-up
 	$(GO) test -count=1 -timeout 20m -v ./e2e/... 2>&1 | tee /tmp/rookzmq-integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit $${PIPESTATUS[0]}
 
 # The README's test command (and all that .ci/run does).
-test: vet unit sanity integration
+test: vet unit sanity integration k8s-e2e
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseVolumeID$$' -fuzztime $(FUZZTIME) ./pkg/csi
@@ -75,6 +80,51 @@ bench: build
 	$(GO) test -count=1 -run '^$$' -bench 'BridgeVsRaw' -benchtime 1x -timeout 10m ./pkg/zmqbridge/
 	$(MAKE) cluster-up
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/
+
+# ---- Kubernetes: image, chart, a real single-node cluster, the e2e suite ----
+IMAGE_TAG ?= $(VERSION)
+K8S_CLUSTER := e2e/k8s/cluster.sh
+HELM := $(TOOLS)/helm
+
+# debootstrap and helm (K8S_GO_TOOLS), fetched afresh into bin/tools like tools.
+k8s-deps:
+	@e2e/install-deps.sh --k8s $(TOOLS)
+
+# bin/rookzmq-image.tar (docker-save), tag rookzmq:$(IMAGE_TAG); no Docker needed.
+image:
+	@mkdir -p bin
+	@e2e/image/build.sh rookzmq bin/rookzmq-image.tar rookzmq:$(IMAGE_TAG)
+
+# bin/csi-provisioner-image.tar and bin/csi-resizer-image.tar, built from the Go module proxy.
+sidecar-images:
+	@mkdir -p bin
+	@e2e/image/build.sh sidecars bin
+
+k8s-up: k8s-deps
+	@$(K8S_CLUSTER) up
+
+k8s-down:
+	@$(K8S_CLUSTER) down
+
+chart-lint: k8s-deps
+	$(HELM) lint --strict charts/rookzmq
+	$(HELM) lint --strict charts/rookzmq --set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
+		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
+		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds
+
+# The rendered chart, applied to the local cluster with a server-side dry run.
+chart-apply: chart-lint k8s-up
+	@set -o pipefail; eval "$$($(K8S_CLUSTER) env)" && $(HELM) template rookzmq charts/rookzmq --namespace default --kube-version v1.34.4 \
+		--set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
+		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
+		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds | \
+		kubectl apply --server-side --force-conflicts --dry-run=server --field-manager=rookzmq-chart-check -f -
+
+# The e2e suite on the real cluster (brings it up; the Ceph cluster serves it).
+k8s-e2e: k8s-deps image sidecar-images cluster-up chart-apply
+	cd e2e/k8s && PATH="$(TOOLS):$$PATH" ROOKZMQ_IMAGE_TAG=$(IMAGE_TAG) \
+		$(GO) test -count=1 -timeout 30m -v . 2>&1 | tee /tmp/rookzmq-k8s-e2e.log | \
+		grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go|k8s-e2e:' ; exit $${PIPESTATUS[0]}
 
 clean:
 	rm -rf bin

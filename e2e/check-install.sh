@@ -14,13 +14,18 @@ for target in build demo; do
 		fail=1
 	fi
 done
-while read -r name pkg version; do
-	if [[ ! $version =~ ^v[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
-		echo "check-install: $name ($pkg) pinned at '$version': not an exact vX.Y.Z version" >&2
-		fail=1
-	fi
-done < <(sed -n '/^GO_TOOLS=(/,/^)/{s/^\t"\(.*\)"$/\1/p}' e2e/install-deps.sh)
-n=$(sed -n '/^GO_TOOLS=(/,/^)/p' e2e/install-deps.sh | grep -c '^\s*"')
-[[ $n -gt 0 ]] || { echo "check-install: no GO_TOOLS found in e2e/install-deps.sh" >&2; fail=1; }
+# GO_TOOLS (make tools) and K8S_GO_TOOLS (make k8s-deps: helm) alike.
+n=0
+for list in GO_TOOLS K8S_GO_TOOLS; do
+	while read -r name pkg version; do
+		if [[ ! $version =~ ^v[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+			echo "check-install: $name ($pkg) pinned at '$version': not an exact vX.Y.Z version" >&2
+			fail=1
+		fi
+	done < <(sed -n "/^$list=(/,/^)/{s/^\t\"\(.*\)\"\$/\1/p}" e2e/install-deps.sh)
+	k=$(sed -n "/^$list=(/,/^)/p" e2e/install-deps.sh | grep -c '^\s*"' || true)
+	[[ $k -gt 0 ]] || { echo "check-install: no $list found in e2e/install-deps.sh" >&2; fail=1; }
+	n=$((n + k))
+done
 [[ $fail -eq 0 ]] && echo "check-install: build/demo install no Go tools; $n pinned Go tools, all exact versions"
 exit $fail

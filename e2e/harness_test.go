@@ -107,7 +107,7 @@ func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *
 	t.Helper()
 	d := &driver{t: t, dir: dir, sock: filepath.Join(dir, "csi.sock"), log: filepath.Join(dir, "driver.log")}
 	os.Remove(d.sock)
-	args := append([]string{"--controller", "--node", "--endpoint", "unix://" + d.sock, "--nodeid", "e2e-node",
+	args := append([]string{"--controller", "--node", "--registration-dir=", "--endpoint", "unix://" + d.sock, "--nodeid", "e2e-node",
 		"--clusters", filepath.Join(dir, "config.json"), "--default-mounter", "rbd-fuse",
 		"--statedir", filepath.Join(dir, "state"), "--events-dir", filepath.Join(dir, "events"),
 		"--events-heartbeat", "200ms", "--events-endpoint", "unix://" + filepath.Join(dir, "events-csi.sock"), "-v=4"}, flags...)

@@ -2,19 +2,22 @@
 # install-deps.sh — install what rookzmq's make targets need on a fresh Debian 12
 # machine: Ceph Pacific (16.2.x) daemons, clients and development libraries,
 # ZeroMQ, filesystem tools and FUSE from apt; the pinned Go tools (csi-sanity,
-# staticcheck) with `go install`.
+# staticcheck; helm for the Kubernetes targets) with `go install`.
 #
 # Idempotent: every package is checked with dpkg-query first and only the
 # missing ones are installed; `apt-get update` runs only when something is
 # missing.
 #
-# Usage: e2e/install-deps.sh --apt-only | --tools DIR
+# Usage: e2e/install-deps.sh --apt-only | --tools DIR | --k8s DIR
 #   --apt-only   only the Debian packages (make build, make demo, cluster.sh)
 #   --tools DIR  the Debian packages, then every pinned Go tool built into DIR
 #                from a throwaway module cache: each pin is fetched from the
 #                module proxy on every run, so a pin the proxy refuses fails
 #                here (in CI) rather than on a newcomer's machine. Only the
 #                build cache is shared, so unchanged tools do not recompile.
+#   --k8s DIR    only what the Kubernetes targets add: debootstrap, and the
+#                K8S_GO_TOOLS (helm) built into DIR the same way (the cluster's
+#                own packages are installed by e2e/k8s/cluster.sh)
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -27,6 +30,10 @@ APT_PACKAGES=(
 GO_TOOLS=(
 	"csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity v5.6.0"
 	"staticcheck honnef.co/go/tools/cmd/staticcheck v0.6.1"
+)
+# Pinned Go tools only the Kubernetes targets need (make k8s-deps), same format.
+K8S_GO_TOOLS=(
+	"helm helm.sh/helm/v3/cmd/helm v3.17.3"
 )
 
 export DEBIAN_FRONTEND="${DEBIAN_FRONTEND:-noninteractive}"
@@ -44,14 +51,16 @@ die() {
 	exit 1
 }
 
-usage() { sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,21s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 tools_dir=
+k8s=0
 case "${1:-}" in
 --apt-only) ;;
---tools)
+--tools | --k8s)
 	tools_dir=${2:-}
-	[[ -n $tools_dir ]] || die "--tools needs a directory"
+	[[ -n $tools_dir ]] || die "$1 needs a directory"
+	[[ $1 == --k8s ]] && k8s=1
 	;;
 -h | --help)
 	usage
@@ -110,10 +119,12 @@ install_apt() {
 	log "apt: installed ${#missing[@]} package(s)"
 }
 
-# install_go_tools DIR: `go install NAME@VERSION` of every pinned tool into DIR,
-# through a module cache made for this run and removed afterwards.
+# install_go_tools DIR TOOL...: `go install PACKAGE@VERSION` of every pinned
+# tool ("NAME PACKAGE VERSION") into DIR, through a module cache made for this
+# run and removed afterwards.
 install_go_tools() {
 	local dir=$1 modcache line name pkg version t
+	shift
 	command -v go >/dev/null 2>&1 || die "go not found in PATH: install Go first"
 	mkdir -p "$dir"
 	dir=$(cd "$dir" && pwd)
@@ -123,7 +134,7 @@ install_go_tools() {
 	rm -rf "$modcache"
 	# shellcheck disable=SC2064
 	trap "rm -rf '$modcache'" EXIT
-	for line in "${GO_TOOLS[@]}"; do
+	for line in "$@"; do
 		read -r name pkg version <<<"$line"
 		t=${EPOCHREALTIME/./}
 		log "go: go install $pkg@$version (fresh module cache) ..."
@@ -137,6 +148,14 @@ install_go_tools() {
 	done
 }
 
-install_apt
-[[ -n $tools_dir ]] && install_go_tools "$tools_dir"
+if [[ $k8s -eq 1 ]]; then
+	command -v debootstrap >/dev/null 2>&1 || {
+		as_root apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 debootstrap ||
+			die "apt-get install debootstrap failed"
+	}
+	install_go_tools "$tools_dir" "${K8S_GO_TOOLS[@]}"
+else
+	install_apt
+	[[ -n $tools_dir ]] && install_go_tools "$tools_dir" "${GO_TOOLS[@]}"
+fi
 log "done"

@@ -30,7 +30,7 @@ JSON
 # on $WORK/csi.sock, logging to $WORK/driver.log; waits for the socket.
 start_driver() {
 	rm -f "$WORK/csi.sock"
-	"$BIN" --controller --node --endpoint "unix://$WORK/csi.sock" --nodeid "$(hostname)" \
+	"$BIN" --controller --node --registration-dir= --endpoint "unix://$WORK/csi.sock" --nodeid "$(hostname)" \
 		--clusters "$WORK/config.json" --default-mounter rbd-fuse --statedir "$WORK/state" \
 		--events-dir "$WORK/events" --events-endpoint "unix://$WORK/events-csi.sock" \
 		-v=4 "$@" >>"$WORK/driver.log" 2>&1 &

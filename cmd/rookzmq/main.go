@@ -72,7 +72,7 @@ type serveFlags struct {
 	controller, node                                   bool
 	eventsDir, eventsMode, eventsEndpoint              string
 	eventsHeartbeat, eventsJournalAge                  time.Duration
-	metricsAddress                                     string
+	metricsAddress, registrationDir                    string
 	eventsTCP, eventsServerKey, eventsClients          string
 	eventsJournalBytes                                 int64
 	kubeconfig                                         string
@@ -96,6 +96,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.StringVar(&f.cephCSIInstance, "cephcsi-instance-id", rbd.DefaultCephCSIInstance, "--instanceid of the ceph-csi whose volumes are adopted (its journal is csi.volumes.<ID>)")
 	fs.StringVar(&f.eventsDir, "events-dir", "", "node event endpoints and journal (default /var/lib/kubelet/plugins/<drivername>/events)")
 	fs.StringVar(&f.eventsEndpoint, "events-endpoint", "unix:///var/lib/kubelet/plugins/events.rookzmq.io/csi.sock", "CSI endpoint of the per-pod event volume driver (events.rookzmq.io); empty disables it")
+	fs.StringVar(&f.registrationDir, "registration-dir", rcsi.DefaultRegistrationDir, "kubelet's plugin registration directory, where the node plugin registers its drivers; empty disables")
 	fs.StringVar(&f.metricsAddress, "metrics-address", "", "serve Prometheus /metrics and /healthz on this address (e.g. 127.0.0.1:9090); empty disables")
 	fs.StringVar(&f.eventsTCP, "events-tcp", "", "HOST:PORT of the CURVE-encrypted TCP event endpoint (events on PORT, control on PORT+1); empty disables")
 	fs.StringVar(&f.eventsServerKey, "events-curve-server-key", "", "file holding the TCP endpoint's Z85 CURVE secret key (a mounted Secret)")
@@ -261,6 +262,10 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	if err := registerWithKubelet(ctx, f); err != nil {
+		srv.Stop(0)
+		return err
+	}
 	if controller != nil {
 		controller.ScanAtStart()
 	}
@@ -272,6 +277,11 @@ func serve(args []string) error {
 		go func() {
 			ready := func() error {
 				if err := healthy(); err != nil {
+					return err
+				}
+				cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+				defer cancel()
+				if err := conns.Check(cctx); err != nil {
 					return err
 				}
 				return probe(ctx, f.endpoint)

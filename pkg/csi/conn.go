@@ -91,6 +91,10 @@ type connEntry struct {
 	ioctxs  map[[2]string]*rados.IOContext
 	leases  int
 	dropped bool
+
+	pingMu  sync.Mutex    // guards pinging and pingErr (health.go)
+	pinging chan struct{} // closed when the ping in flight ends
+	pingErr error         // the last ping's result
 }
 
 // Lease is one call's use of a cached connection. Release it when done,

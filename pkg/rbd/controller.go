@@ -163,19 +163,28 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err != nil {
 		return nil, t.status(err, "reading the journal")
 	}
-	fresh := image == ""
-	if fresh {
+	fresh := false
+	if image == "" {
+		// Another process may reserve the name at the same time: the
+		// journal decides under its lock which image serves it.
 		image = p.NamePrefix + uuid.NewString()
+		id := rcsi.VolumeID{ClusterID: p.ClusterID, Pool: p.Pool, Namespace: t.cluster.RBD.RadosNamespace, Name: image}
+		if err := id.Validate(); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		image, fresh, err = j.LookupOrReserve(ctx, req.GetName(), image)
+		if errors.Is(err, ErrReserveBusy) {
+			return nil, status.Errorf(codes.Aborted, "reserving name %q: %v", req.GetName(), err)
+		} else if err != nil {
+			return nil, t.status(err, "reserving name %q", req.GetName())
+		}
+		if fresh {
+			rcsi.CrashPoint("create-after-reserve")
+		}
 	}
 	id := rcsi.VolumeID{ClusterID: p.ClusterID, Pool: p.Pool, Namespace: t.cluster.RBD.RadosNamespace, Name: image}
 	if err := id.Validate(); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	if fresh {
-		if err := j.Reserve(req.GetName(), image); err != nil {
-			return nil, t.status(err, "reserving name %q", req.GetName())
-		}
-		rcsi.CrashPoint("create-after-reserve")
 	}
 	actual, err := c.ensureImage(t, image, uint64(size), p.Features, req.GetCapacityRange())
 	if err != nil {

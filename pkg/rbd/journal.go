@@ -1,11 +1,17 @@
 package rbd
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/ceph/go-ceph/rados"
+	"github.com/google/uuid"
+
+	"k8s.io/klog/v2"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
@@ -52,6 +58,54 @@ func (j *Journal) Reserve(name, image string) error {
 		return fmt.Errorf("journal: reserving %q: %w", name, err)
 	}
 	return nil
+}
+
+// reserveLock is the RADOS lock on the journal object that makes looking up
+// and reserving a name one step across processes (two controllers, or an old
+// and a new one during a rollout). reserveLockTTL frees it after a holder
+// crashed; it outlasts the two bounded operations the holder runs.
+const (
+	reserveLock    = "rookzmq.reserve"
+	reserveLockTTL = 3 * rcsi.OpTimeout
+)
+
+// ErrReserveBusy says another caller held the reservation lock until ctx ended.
+var ErrReserveBusy = errors.New("journal: another CreateVolume holds the journal's reservation lock")
+
+// LookupOrReserve returns the image reserved for name, reserving image for it
+// if there is none; fresh says image was reserved now. Lookup and Reserve
+// happen under the journal object's exclusive RADOS lock, so concurrent
+// callers in any process agree on one image. Waiting for the lock ends with
+// ctx (ErrReserveBusy).
+func (j *Journal) LookupOrReserve(ctx context.Context, name, image string) (got string, fresh bool, err error) {
+	cookie := uuid.NewString()
+	for {
+		ret, err := j.io.LockExclusive(journalObject, reserveLock, cookie, "CreateVolume", reserveLockTTL, nil)
+		if err != nil {
+			return "", false, fmt.Errorf("journal: locking for %q: %w", name, err)
+		}
+		if ret == 0 {
+			break
+		}
+		select { // EBUSY: held by another caller
+		case <-ctx.Done():
+			return "", false, ErrReserveBusy
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	defer func() {
+		if _, err := j.io.Unlock(journalObject, reserveLock, cookie); err != nil {
+			klog.InfoS("journal: unlock failed; the lock expires by itself", "ttl", reserveLockTTL, "err", err)
+		}
+	}()
+	got, err = j.Lookup(name)
+	if err != nil || got != "" {
+		return got, false, err
+	}
+	if err := j.Reserve(name, image); err != nil {
+		return "", false, err
+	}
+	return image, true, nil
 }
 
 // Release removes both keys of a reservation; a missing object is fine. With
