@@ -72,7 +72,14 @@ start() {
 		log "$name already running (pid $(cat "$(pidfile "$name")"))"
 		return 0
 	fi
-	setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+	# The daemon keeps no descriptor of ours beyond 0-2 (e.g. a caller's
+	# `flock FILE make test` lock, which kubelet would otherwise hold forever).
+	(
+		for fd in $(ls "/proc/$BASHPID/fd"); do
+			[[ $fd -gt 2 ]] && eval "exec $fd>&-"
+		done 2>/dev/null
+		exec setsid "$@"
+	) >>"$LOGS/$name.log" 2>&1 </dev/null &
 	local pid=$!
 	echo $pid >"$(pidfile "$name")"
 	sleep 0.3
