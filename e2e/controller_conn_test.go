@@ -202,6 +202,50 @@ func TestBlocklistedConnection(t *testing.T) {
 	assertNoOrphans(t, prefix)
 }
 
+// A connection blocklisted while it holds the journal's reservation lock
+// cannot unlock; the next CreateVolume, on a new connection, breaks that lock
+// at once instead of failing with Aborted until the lock's TTL (30 s) ends.
+func TestBlocklistedWhileHoldingReserveLock(t *testing.T) {
+	d := startDriver(t, newDriverDir(t), []string{"ROOKZMQ_PAUSE_AT=create-reserve-locked"}, "--node=false")
+	prefix := uniquePrefix(t)
+	first := make(chan error, 1)
+	go func() {
+		c, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_, err := d.ctrl.CreateVolume(c, createReq(prefix+"a", prefix, 64<<20))
+		first <- err
+	}()
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(readFileString(d.log), `"pause point reached"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the driver never paused holding the lock:\n%s", tail(d.log, 20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	addr := clientAddr(t, d)
+	monCommand(t, map[string]any{"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
+	t.Cleanup(func() { monCommand(t, map[string]any{"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr}) })
+	if err := <-first; status.Code(err) != codes.Unavailable {
+		t.Fatalf("CreateVolume whose connection was blocklisted holding the lock: %v, want Unavailable", err)
+	}
+
+	c, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	start := time.Now()
+	r, err := d.ctrl.CreateVolume(c, createReq(prefix+"a", prefix, 64<<20))
+	if err != nil {
+		t.Fatalf("CreateVolume after the holder was blocklisted: %v after %s (the lock's TTL is 30 s)", err, time.Since(start))
+	}
+	t.Logf("the next CreateVolume took %s (incl. a 3s pause)", time.Since(start))
+	if newAddr := clientAddr(t, d); newAddr == addr {
+		t.Errorf("the driver still uses client %s", addr)
+	}
+	if _, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: secrets()}); err != nil {
+		t.Fatal(err)
+	}
+	assertNoOrphans(t, prefix)
+}
+
 var clientAddrRE = regexp.MustCompile(`"connected to Ceph".* clientAddr="([^"]+)"`)
 
 // clientAddr is the address of the driver's latest Ceph connection, from its log.

@@ -84,6 +84,14 @@ func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets m
 // release ends the target's lease on its connection.
 func (t *target) release() { t.lease.Release() }
 
+// journal returns the volume journal of t's pool and namespace.
+func (t *target) journal() *Journal {
+	j := NewJournal(t.io)
+	j.where = t.cluster.ClusterID + "/" + t.pool + "/" + t.cluster.RBD.RadosNamespace
+	j.client = fmt.Sprintf("client.%d", t.lease.Conn().GetInstanceID())
+	return j
+}
+
 // status is cephStatus for an error of an operation on t: an error that says
 // the connection is broken drops it (the next call reconnects) and, like a
 // Ceph timeout, is Unavailable naming the monitors.
@@ -158,7 +166,7 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	}
 	defer unlock()
 
-	j := NewJournal(t.io)
+	j := t.journal()
 	image, err := j.Lookup(req.GetName())
 	if err != nil {
 		return nil, t.status(err, "reading the journal")

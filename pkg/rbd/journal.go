@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -31,6 +32,10 @@ const (
 // Both directions are written and removed in one RADOS operation.
 type Journal struct {
 	io *rados.IOContext
+	// where names the journal (cluster, pool, namespace) and client the
+	// RADOS client ("client.<id>") of io, for breaking stale reservation
+	// locks; LookupOrReserve needs both.
+	where, client string
 }
 
 // NewJournal uses the journal object in io's pool and namespace.
@@ -69,6 +74,44 @@ const (
 	reserveLockTTL = 3 * rcsi.OpTimeout
 )
 
+// staleLocks remembers, per journal, reservation locks whose holder was our
+// own connection that the cluster blocklisted or shut down before it could
+// unlock. The cluster refuses that client every further operation, so its lock
+// guards nothing: the next reservation on a live connection breaks it instead
+// of waiting out reserveLockTTL.
+var staleLocks = struct {
+	sync.Mutex
+	m map[string][]staleLock
+}{m: map[string][]staleLock{}}
+
+type staleLock struct{ client, cookie string }
+
+// breakStaleLocks breaks the stale locks remembered for j's journal.
+func (j *Journal) breakStaleLocks() {
+	staleLocks.Lock()
+	defer staleLocks.Unlock()
+	var keep []staleLock
+	for _, l := range staleLocks.m[j.where] {
+		if l.client == j.client {
+			keep = append(keep, l) // still our connection: not ours to break
+			continue
+		}
+		// 0: broken; -ENOENT: already gone (expired); -EINVAL: never ours.
+		ret, err := j.io.BreakLock(journalObject, reserveLock, l.client, l.cookie)
+		if err != nil {
+			klog.InfoS("journal: breaking a blocklisted client's reservation lock failed; will retry", "client", l.client, "err", err)
+			keep = append(keep, l)
+			continue
+		}
+		klog.InfoS("journal: dropped the reservation lock of a blocklisted connection", "journal", j.where, "client", l.client, "ret", ret)
+	}
+	if len(keep) == 0 {
+		delete(staleLocks.m, j.where)
+	} else {
+		staleLocks.m[j.where] = keep
+	}
+}
+
 // ErrReserveBusy says another caller held the reservation lock until ctx ended.
 var ErrReserveBusy = errors.New("journal: another CreateVolume holds the journal's reservation lock")
 
@@ -87,6 +130,7 @@ func (j *Journal) LookupOrReserve(ctx context.Context, name, image string) (got 
 		if ret == 0 {
 			break
 		}
+		j.breakStaleLocks()
 		select { // EBUSY: held by another caller
 		case <-ctx.Done():
 			return "", false, ErrReserveBusy
@@ -96,8 +140,14 @@ func (j *Journal) LookupOrReserve(ctx context.Context, name, image string) (got 
 	defer func() {
 		if _, err := j.io.Unlock(journalObject, reserveLock, cookie); err != nil {
 			klog.InfoS("journal: unlock failed; the lock expires by itself", "ttl", reserveLockTTL, "err", err)
+			if rcsi.Broken(err) && j.where != "" && j.client != "" {
+				staleLocks.Lock()
+				staleLocks.m[j.where] = append(staleLocks.m[j.where], staleLock{j.client, cookie})
+				staleLocks.Unlock()
+			}
 		}
 	}()
+	rcsi.PausePoint("create-reserve-locked")
 	got, err = j.Lookup(name)
 	if err != nil || got != "" {
 		return got, false, err
