@@ -28,22 +28,9 @@ func TestCreateRaceTwoProcesses(t *testing.T) {
 		}
 	}
 	const n = 15
-	ids := make([][2]string, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		for k, d := range []*driver{a, b} {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				r, err := d.ctrl.CreateVolume(c, createReq(fmt.Sprintf("%sv%d", prefix, i), prefix, 16<<20))
-				if err != nil {
-					t.Errorf("create %d on driver %d: %v", i, k, err)
-				}
-				ids[i][k] = r.GetVolume().GetVolumeId()
-			}()
-		}
-	}
-	wg.Wait()
+	ids := createOnBoth(t, a, b, n, func(i int) *csi.CreateVolumeRequest {
+		return createReq(fmt.Sprintf("%sv%d", prefix, i), prefix, 16<<20)
+	})
 	seen := map[string]bool{}
 	for i, p := range ids {
 		if p[0] != p[1] {
@@ -73,6 +60,28 @@ func TestCreateRaceTwoProcesses(t *testing.T) {
 		}
 	}
 	assertNoOrphans(t, prefix)
+}
+
+// createOnBoth sends request i (0 <= i < n) to drivers a and b at once, all
+// at the same time, and returns the volume IDs each answered.
+func createOnBoth(t *testing.T, a, b *driver, n int, req func(i int) *csi.CreateVolumeRequest) [][2]string {
+	ids := make([][2]string, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		for k, d := range []*driver{a, b} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r, err := d.ctrl.CreateVolume(ctx(t), req(i))
+				if err != nil {
+					t.Errorf("create %d on driver %d: %v", i, k, err)
+				}
+				ids[i][k] = r.GetVolume().GetVolumeId()
+			}()
+		}
+	}
+	wg.Wait()
+	return ids
 }
 
 // While another client holds the journal's reservation lock, a CreateVolume

@@ -176,7 +176,11 @@ func serve(args []string) error {
 	var controller *rbd.Controller
 	var cephfsController *cephfs.Controller
 	if f.controller && f.driverType == "cephfs" {
-		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName}
+		// The MDS session a killed process left is reclaimed by its
+		// restart (same pod: same host name and endpoint), never by
+		// another replica, whose live session a reclaim would reset.
+		host, _ := os.Hostname()
+		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName + "\x00" + host + "\x00" + f.endpoint}
 		defer mounts.Close()
 		cephfsController = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
 		go cephfsController.ResumePurges()

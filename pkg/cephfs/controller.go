@@ -177,9 +177,23 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err != nil {
 		return nil, cephStatus(err, "reading the journal")
 	}
-	fresh := name == ""
-	if fresh {
+	fresh := false
+	if name == "" {
+		// Another process may reserve the name at the same time: the
+		// journal decides under its lock which subvolume serves it.
 		name = p.NamePrefix + uuid.NewString()
+		if err := volumeID(t, name).Validate(); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		name, fresh, err = t.j.LookupOrReserve(ctx, req.GetName(), name)
+		if errors.Is(err, ErrBusy) {
+			return nil, status.Errorf(codes.Aborted, "reserving name %q: %v", req.GetName(), err)
+		} else if err != nil {
+			return nil, cephStatus(err, "reserving name %q", req.GetName())
+		}
+		if fresh {
+			rcsi.CrashPoint("cephfs-create-after-reserve")
+		}
 	}
 	id := volumeID(t, name)
 	if err := id.Validate(); err != nil {
@@ -190,15 +204,21 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		return nil, err
 	}
 	defer unlockVol()
-	if fresh {
-		if err := t.j.Reserve(req.GetName(), name); err != nil {
-			return nil, cephStatus(err, "reserving name %q", req.GetName())
-		}
-		rcsi.CrashPoint("cephfs-create-after-reserve")
+	var sv *subvolume
+	create := func() (err error) {
+		sv, err = c.ensureSubvolume(ctx, t, name, size, p, req.GetCapacityRange(), fresh)
+		return err
 	}
-	sv, err := c.ensureSubvolume(ctx, t, name, size, p, req.GetCapacityRange(), fresh)
-	if err != nil {
-		return nil, err
+	err = t.svs.exclusive(ctx, name, create)
+	if errors.Is(err, errNoGroup) {
+		if err = c.createGroup(t.conn, t.fs.Name, t.group); err == nil {
+			err = t.svs.exclusive(ctx, name, create)
+		}
+	}
+	if errors.Is(err, errCreateBusy) {
+		return nil, status.Errorf(codes.Aborted, "creating subvolume %s: %v", name, err)
+	} else if err != nil {
+		return nil, cephStatus(err, "creating subvolume %s in group %s", name, t.group)
 	}
 	rcsi.CrashPoint("cephfs-create-after-subvolume")
 	klog.V(3).InfoS("volume ready", "name", req.GetName(), "volumeID", id.String(), "bytes", sv.Quota, "new", fresh, "duration", time.Since(start))

@@ -1,6 +1,9 @@
 package cephfs
 
 import (
+	"context"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"strings"
 	"syscall"
@@ -31,6 +34,78 @@ type Journal struct {
 	io  *rados.IOContext
 	obj string
 }
+
+// ErrBusy says concurrent reservations kept winning over this one until ctx
+// ended.
+var ErrBusy = errors.New("journal: concurrent reservations in other controllers kept this one from its turn")
+
+// LookupOrReserve returns the subvolume reserved for name, reserving sv for
+// it if there is none; fresh says sv was reserved now. Concurrent callers in
+// any process agree on one subvolume: the object's first 8 data bytes count
+// reservations, and a reservation writes only if the count is still the one
+// it read with its lookup (compare-and-swap in one RADOS operation; needs no
+// class-method caps). Retrying ends with ctx (ErrBusy).
+func (j *Journal) LookupOrReserve(ctx context.Context, name, sv string) (got string, fresh bool, err error) {
+	for {
+		count, exists, got, err := j.lookupCounted(name)
+		if err != nil || got != "" {
+			return got, false, err
+		}
+		rcsi.PausePoint("cephfs-create-reserve-read")
+		op := rados.CreateWriteOp()
+		next := make([]byte, 8)
+		binary.BigEndian.PutUint64(next, binary.BigEndian.Uint64(count)+1)
+		if exists {
+			op.CmpExt(count, 0)
+		} else {
+			op.Create(rados.CreateExclusive)
+		}
+		op.Write(next, 0)
+		op.SetOmap(map[string][]byte{nameKeyPrefix + name: []byte(sv), volKeyPrefix + sv: []byte(name)})
+		err = op.Operate(j.io, j.obj, rados.OperationNoFlag)
+		op.Release()
+		if err == nil {
+			return sv, true, nil
+		}
+		if e := rcsi.Errno(err); e != syscall.EEXIST && !cmpExtMismatch(err) {
+			return "", false, fmt.Errorf("journal: reserving %q: %w", name, err)
+		}
+		select { // another reservation came first: look again
+		case <-ctx.Done():
+			return "", false, ErrBusy
+		default:
+		}
+	}
+}
+
+// lookupCounted reads the reservation count (zero-padded to 8 bytes) and
+// the subvolume reserved for name in one operation.
+func (j *Journal) lookupCounted(name string) (count []byte, exists bool, got string, err error) {
+	op := rados.CreateReadOp()
+	defer op.Release()
+	count = make([]byte, 8)
+	op.Read(0, count)
+	step := op.GetOmapValuesByKeys([]string{nameKeyPrefix + name})
+	err = op.Operate(j.io, j.obj, rados.OperationNoFlag)
+	if rcsi.Errno(err) == syscall.ENOENT {
+		return make([]byte, 8), false, "", nil
+	}
+	if err != nil {
+		return nil, false, "", fmt.Errorf("journal: reading %q: %w", nameKeyPrefix+name, err)
+	}
+	kv, err := step.Next()
+	if err != nil {
+		return nil, false, "", fmt.Errorf("journal: reading %q: %w", nameKeyPrefix+name, err)
+	}
+	if kv != nil {
+		got = string(kv.Value)
+	}
+	return count, true, got, nil
+}
+
+// cmpExtMismatch says a compare-extent step found other bytes: RADOS
+// answers -(MAX_ERRNO + offset of the first difference).
+func cmpExtMismatch(err error) bool { return rcsi.Errno(err) >= 4095 }
 
 // NewJournal uses the group's journal object in io's pool and namespace.
 func NewJournal(io *rados.IOContext, group string) *Journal {

@@ -32,9 +32,11 @@ type fsInfo struct {
 // costs no mount set-up.
 type Mounts struct {
 	Conns *rcsi.Conns
-	// Instance names this driver (e.g. its CSI name): with the cluster, file
-	// system and user it makes the client UUID under which a restarted
-	// process reclaims the MDS session of a killed one. Empty disables that.
+	// Instance names this driver process in a way its restart keeps (CSI
+	// name, host name, endpoint) and another replica does not: with the
+	// cluster, file system and user it makes the client UUID under which a
+	// restarted process reclaims (resets) the MDS session of a killed one.
+	// Empty disables that.
 	Instance string
 
 	mu     sync.Mutex

@@ -201,6 +201,9 @@ func (s *subvolumes) clearPartial(base string) error {
 		return err
 	}
 	for _, n := range names {
+		if n.name == createLock {
+			continue // held by the caller
+		}
 		p := base + "/" + n.name
 		if n.dir {
 			err = s.mnt.RemoveDir(p) // fails (ENOTEMPTY) on anything with data

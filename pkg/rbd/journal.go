@@ -5,14 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"syscall"
-	"time"
 
 	"github.com/ceph/go-ceph/rados"
-	"github.com/google/uuid"
-
-	"k8s.io/klog/v2"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
@@ -33,8 +28,7 @@ const (
 type Journal struct {
 	io *rados.IOContext
 	// where names the journal (cluster, pool, namespace) and client the
-	// RADOS client ("client.<id>") of io, for breaking stale reservation
-	// locks; LookupOrReserve needs both.
+	// RADOS client ("client.<id>") of io, for the reservation lock.
 	where, client string
 }
 
@@ -74,44 +68,6 @@ const (
 	reserveLockTTL = 3 * rcsi.OpTimeout
 )
 
-// staleLocks remembers, per journal, reservation locks whose holder was our
-// own connection that the cluster blocklisted or shut down before it could
-// unlock. The cluster refuses that client every further operation, so its lock
-// guards nothing: the next reservation on a live connection breaks it instead
-// of waiting out reserveLockTTL.
-var staleLocks = struct {
-	sync.Mutex
-	m map[string][]staleLock
-}{m: map[string][]staleLock{}}
-
-type staleLock struct{ client, cookie string }
-
-// breakStaleLocks breaks the stale locks remembered for j's journal.
-func (j *Journal) breakStaleLocks() {
-	staleLocks.Lock()
-	defer staleLocks.Unlock()
-	var keep []staleLock
-	for _, l := range staleLocks.m[j.where] {
-		if l.client == j.client {
-			keep = append(keep, l) // still our connection: not ours to break
-			continue
-		}
-		// 0: broken; -ENOENT: already gone (expired); -EINVAL: never ours.
-		ret, err := j.io.BreakLock(journalObject, reserveLock, l.client, l.cookie)
-		if err != nil {
-			klog.InfoS("journal: breaking a blocklisted client's reservation lock failed; will retry", "client", l.client, "err", err)
-			keep = append(keep, l)
-			continue
-		}
-		klog.InfoS("journal: dropped the reservation lock of a blocklisted connection", "journal", j.where, "client", l.client, "ret", ret)
-	}
-	if len(keep) == 0 {
-		delete(staleLocks.m, j.where)
-	} else {
-		staleLocks.m[j.where] = keep
-	}
-}
-
 // ErrReserveBusy says another caller held the reservation lock until ctx ended.
 var ErrReserveBusy = errors.New("journal: another CreateVolume holds the journal's reservation lock")
 
@@ -121,41 +77,23 @@ var ErrReserveBusy = errors.New("journal: another CreateVolume holds the journal
 // callers in any process agree on one image. Waiting for the lock ends with
 // ctx (ErrReserveBusy).
 func (j *Journal) LookupOrReserve(ctx context.Context, name, image string) (got string, fresh bool, err error) {
-	cookie := uuid.NewString()
-	for {
-		ret, err := j.io.LockExclusive(journalObject, reserveLock, cookie, "CreateVolume", reserveLockTTL, nil)
-		if err != nil {
-			return "", false, fmt.Errorf("journal: locking for %q: %w", name, err)
+	lock := rcsi.ObjectLock{IO: j.io, Object: journalObject, Name: reserveLock, Where: j.where + "/" + journalObject, Client: j.client, TTL: reserveLockTTL}
+	err = lock.Do(ctx, func() error {
+		rcsi.PausePoint("create-reserve-locked")
+		got, err = j.Lookup(name)
+		if err != nil || got != "" {
+			return err
 		}
-		if ret == 0 {
-			break
+		if err := j.Reserve(name, image); err != nil {
+			return err
 		}
-		j.breakStaleLocks()
-		select { // EBUSY: held by another caller
-		case <-ctx.Done():
-			return "", false, ErrReserveBusy
-		case <-time.After(20 * time.Millisecond):
-		}
+		got, fresh = image, true
+		return nil
+	})
+	if errors.Is(err, rcsi.ErrLockBusy) {
+		return "", false, ErrReserveBusy
 	}
-	defer func() {
-		if _, err := j.io.Unlock(journalObject, reserveLock, cookie); err != nil {
-			klog.InfoS("journal: unlock failed; the lock expires by itself", "ttl", reserveLockTTL, "err", err)
-			if rcsi.Broken(err) && j.where != "" && j.client != "" {
-				staleLocks.Lock()
-				staleLocks.m[j.where] = append(staleLocks.m[j.where], staleLock{j.client, cookie})
-				staleLocks.Unlock()
-			}
-		}
-	}()
-	rcsi.PausePoint("create-reserve-locked")
-	got, err = j.Lookup(name)
-	if err != nil || got != "" {
-		return got, false, err
-	}
-	if err := j.Reserve(name, image); err != nil {
-		return "", false, err
-	}
-	return image, true, nil
+	return got, fresh, err
 }
 
 // Release removes both keys of a reservation; a missing object is fine. With
