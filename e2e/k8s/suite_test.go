@@ -220,8 +220,14 @@ func installChart(tag string) error {
 		ObjectMeta: metav1.ObjectMeta{Name: secretName, Namespace: namespace},
 		StringData: map[string]string{"userID": cephEnv["ROOKZMQ_CEPH_RBD_USER"], "userKey": cephEnv["ROOKZMQ_CEPH_RBD_KEY"]},
 	}
-	if _, err := client.CoreV1().Secrets(namespace).Create(ctx, secret, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return err
+	// Update one an earlier run left: the Ceph cluster (and its keys) may
+	// have been made anew since.
+	_, err := client.CoreV1().Secrets(namespace).Create(ctx, secret, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		_, err = client.CoreV1().Secrets(namespace).Update(ctx, secret, metav1.UpdateOptions{})
+	}
+	if err != nil {
+		return fmt.Errorf("writing secret %s: %w", secretName, err)
 	}
 	values := filepath.Join(os.TempDir(), "rookzmq-e2e-values.yaml")
 	v := fmt.Sprintf(`image: {repository: rookzmq, tag: %q, pullPolicy: Never}

@@ -51,6 +51,20 @@ type target struct {
 	svs       *subvolumes
 	j         *Journal
 	purger    *purger
+	mounted   Mounted
+}
+
+// release ends t's use of its mount.
+func (t *target) release() { t.mounted.Release() }
+
+// status is cephStatus, after dropping t's mount if err says the cluster cut
+// its client off (the next call mounts again).
+func (t *target) status(err error, format string, args ...any) error {
+	if rcsi.Broken(t.mounted.Check(err)) {
+		return status.Errorf(codes.Unavailable, "%s: cluster %q cut off this controller's client (blocklisted or evicted); the next call mounts again: %v",
+			fmt.Sprintf(format, args...), t.clusterID, err)
+	}
+	return cephStatus(err, format, args...)
 }
 
 // open reaches group of file system fsName ("" group: the clusters file's).
@@ -101,15 +115,17 @@ func (c *Controller) openWith(ctx context.Context, clusterID, fsName, group stri
 	mnt := m.Mnt
 	io, err := m.Lease.IOContext(fs.MetadataPool, JournalNamespace)
 	if err != nil {
-		return nil, cephStatus(err, "opening the metadata pool %q of file system %q", fs.MetadataPool, fsName)
+		m.Release()
+		return nil, cephStatus(m.Check(err), "opening the metadata pool %q of file system %q", fs.MetadataPool, fsName)
 	}
 	conn := m.Lease.Conn()
 	if c.Known != nil {
 		c.Known.Remember(clusterID, creds)
 	}
-	t := &target{clusterID: clusterID, conn: conn, fs: *fs, group: group, j: NewJournal(io, group),
+	t := &target{clusterID: clusterID, conn: conn, fs: *fs, group: group, j: NewJournal(io, group), mounted: m,
 		svs: &subvolumes{mnt: mnt, group: group, defaultPool: fs.DataPools[0], poolCache: c.poolCacheFor(clusterID, fsName, group)}}
-	t.purger = c.purgerFor(t, func(ctx context.Context, sv string) (func(), error) { return c.lockVolume(ctx, t, sv) })
+	open := func(ctx context.Context) (*target, error) { return c.openWith(ctx, clusterID, fsName, group, creds) }
+	t.purger = c.purgerFor(t, open, func(ctx context.Context, sv string) (func(), error) { return c.lockVolume(ctx, t, sv) })
 	return t, nil
 }
 
@@ -162,6 +178,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	} else if err != nil {
 		return nil, err
 	}
+	defer t.release()
 	if p.Pool != "" && !contains(t.fs.DataPools, p.Pool) {
 		return nil, status.Errorf(codes.InvalidArgument, "parameter %s: %q is not a data pool of file system %q (its data pools: %v)",
 			ParamPool, p.Pool, p.FsName, t.fs.DataPools)
@@ -175,7 +192,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 
 	name, err := t.j.Lookup(req.GetName())
 	if err != nil {
-		return nil, cephStatus(err, "reading the journal")
+		return nil, t.status(err, "reading the journal")
 	}
 	fresh := false
 	if name == "" {
@@ -189,7 +206,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		if errors.Is(err, ErrBusy) {
 			return nil, status.Errorf(codes.Aborted, "reserving name %q: %v", req.GetName(), err)
 		} else if err != nil {
-			return nil, cephStatus(err, "reserving name %q", req.GetName())
+			return nil, t.status(err, "reserving name %q", req.GetName())
 		}
 		if fresh {
 			rcsi.CrashPoint("cephfs-create-after-reserve")
@@ -218,7 +235,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if errors.Is(err, errCreateBusy) {
 		return nil, status.Errorf(codes.Aborted, "creating subvolume %s: %v", name, err)
 	} else if err != nil {
-		return nil, cephStatus(err, "creating subvolume %s in group %s", name, t.group)
+		return nil, t.status(err, "creating subvolume %s in group %s", name, t.group)
 	}
 	rcsi.CrashPoint("cephfs-create-after-subvolume")
 	klog.V(3).InfoS("volume ready", "name", req.GetName(), "volumeID", id.String(), "bytes", sv.Quota, "new", fresh, "duration", time.Since(start))
@@ -250,12 +267,12 @@ func (c *Controller) ensureSubvolume(ctx context.Context, t *target, name string
 			}
 		}
 		if err != nil {
-			return nil, cephStatus(err, "creating subvolume %s in group %s", name, t.group)
+			return nil, t.status(err, "creating subvolume %s in group %s", name, t.group)
 		}
 		return sv, nil
 	}
 	if err != nil {
-		return nil, cephStatus(err, "reading subvolume %s", name)
+		return nil, t.status(err, "reading subvolume %s", name)
 	}
 	if sv.State != stateComplete {
 		return nil, status.Errorf(codes.FailedPrecondition, "subvolume %s is in state %q", name, sv.State)
@@ -303,6 +320,7 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 	} else if err != nil {
 		return nil, err
 	}
+	defer t.release()
 	start := time.Now()
 	unlock, err := c.lockVolume(ctx, t, id.Name)
 	if err != nil {
@@ -311,11 +329,11 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 	defer unlock()
 	name, err := t.j.RequestName(id.Name)
 	if err != nil {
-		return nil, cephStatus(err, "reading the journal")
+		return nil, t.status(err, "reading the journal")
 	}
 	entry, err := t.j.TrashEntry(id.Name)
 	if err != nil {
-		return nil, cephStatus(err, "reading the journal")
+		return nil, t.status(err, "reading the journal")
 	}
 	if entry == "" {
 		// The promise is the whole of the call: from here on the journal
@@ -324,7 +342,7 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 		// trash the mgr's purge threads may hold for seconds).
 		entry = uuid.NewString()
 		if err := t.j.Promise(name, id.Name, entry); err != nil {
-			return nil, cephStatus(err, "recording the removal of %s", id.Name)
+			return nil, t.status(err, "recording the removal of %s", id.Name)
 		}
 	}
 	rcsi.CrashPoint("cephfs-delete-after-promise")
@@ -346,6 +364,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 	if err != nil {
 		return nil, err
 	}
+	defer t.release()
 	if _, err := c.subvolume(t, id); err != nil {
 		return nil, err
 	}
@@ -362,7 +381,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 // subvolume reads the volume's subvolume: NotFound if it does not exist.
 func (c *Controller) subvolume(t *target, id rcsi.VolumeID) (*subvolume, error) {
 	if entry, err := t.j.TrashEntry(id.Name); err != nil {
-		return nil, cephStatus(err, "reading the journal")
+		return nil, t.status(err, "reading the journal")
 	} else if entry != "" {
 		return nil, status.Errorf(codes.NotFound, "volume %s is deleted (its purge is queued)", id.String())
 	}
@@ -370,7 +389,7 @@ func (c *Controller) subvolume(t *target, id rcsi.VolumeID) (*subvolume, error) 
 	if rcsi.Errno(err) == syscall.ENOENT {
 		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id.String())
 	} else if err != nil {
-		return nil, cephStatus(err, "reading volume %s", id.String())
+		return nil, t.status(err, "reading volume %s", id.String())
 	}
 	if sv.State != stateComplete {
 		return nil, status.Errorf(codes.NotFound, "volume %s is removed (subvolume state %q)", id.String(), sv.State)
@@ -403,6 +422,7 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 	if err != nil {
 		return nil, err
 	}
+	defer t.release()
 	unlock, err := c.lockVolume(ctx, t, id.Name)
 	if err != nil {
 		return nil, err
@@ -415,7 +435,7 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 	}
 	if sv.Quota != 0 && sv.Quota < size {
 		if err := t.svs.Resize(sv, size); err != nil {
-			return nil, cephStatus(err, "expanding volume %s", req.GetVolumeId())
+			return nil, t.status(err, "expanding volume %s", req.GetVolumeId())
 		}
 		sv.Quota = size
 	}

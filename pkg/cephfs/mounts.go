@@ -44,25 +44,34 @@ type Mounts struct {
 }
 
 type mountEntry struct {
+	key   string
 	ready chan struct{} // closed once mnt or err is set
 	mnt   *cephfs.MountInfo
 	// lease keeps the RADOS connection under the mount alive as long as
 	// the mount; the journal's I/O contexts come from it too.
 	lease *rcsi.Lease
 	err   error
+	// refs counts the callers using the mount; dropped says it was found
+	// broken and left the cache: the last Release frees it. Both are
+	// guarded by Mounts.mu.
+	refs    int
+	dropped bool
 }
 
-// Mounted is a cached mount and the connection lease it lives on.
+// Mounted is a cached mount and the connection lease it lives on, held until
+// Release.
 type Mounted struct {
 	Mnt   *cephfs.MountInfo
 	Lease *rcsi.Lease
+	m     *Mounts
+	e     *mountEntry
 }
 
 // errNoVolumesDir means the file system has no /volumes directory yet.
 var errNoVolumesDir = fmt.Errorf("the file system has no %s directory (no subvolume group yet)", volumesRoot)
 
-// Mount returns the cached mount of fsName, mounting it on first use. A failed
-// mount is not cached: the next call tries again.
+// Mount returns the cached mount of fsName, mounting it on first use; the
+// caller releases it. A failed mount is not cached: the next call tries again.
 func (m *Mounts) Mount(ctx context.Context, cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (Mounted, error) {
 	sum := sha256.Sum256([]byte(creds.Key))
 	key := fmt.Sprintf("%s\x00%s\x00%s\x00%x\x00%s", cluster.ClusterID, cluster.MonHost(), creds.ID, sum, fsName)
@@ -72,17 +81,23 @@ func (m *Mounts) Mount(ctx context.Context, cluster rcsi.ClusterConfig, creds rc
 	}
 	e, ok := m.mounts[key]
 	if !ok {
-		e = &mountEntry{ready: make(chan struct{})}
+		e = &mountEntry{key: key, ready: make(chan struct{})}
 		m.mounts[key] = e
 	}
+	e.refs++
 	m.mu.Unlock()
 	if ok {
 		select {
 		case <-e.ready:
 		case <-ctx.Done():
+			m.release(e)
 			return Mounted{}, ctx.Err()
 		}
-		return Mounted{Mnt: e.mnt, Lease: e.lease}, e.err
+		if e.err != nil {
+			m.release(e)
+			return Mounted{}, e.err
+		}
+		return Mounted{Mnt: e.mnt, Lease: e.lease, m: m, e: e}, nil
 	}
 	start := time.Now()
 	e.lease, e.err = m.Conns.Acquire(ctx, cluster, creds)
@@ -95,12 +110,57 @@ func (m *Mounts) Mount(ctx context.Context, cluster rcsi.ClusterConfig, creds rc
 	close(e.ready)
 	if e.err != nil {
 		m.mu.Lock()
-		delete(m.mounts, key)
+		if m.mounts[key] == e {
+			delete(m.mounts, key)
+		}
+		e.refs--
 		m.mu.Unlock()
 		return Mounted{}, e.err
 	}
 	klog.V(2).InfoS("mounted CephFS through libcephfs", "cluster", cluster.ClusterID, "fs", fsName, "user", creds.ID, "duration", time.Since(start))
-	return Mounted{Mnt: e.mnt, Lease: e.lease}, nil
+	return Mounted{Mnt: e.mnt, Lease: e.lease, m: m, e: e}, nil
+}
+
+// Release ends the caller's use of the mount.
+func (md Mounted) Release() {
+	if md.e != nil {
+		md.m.release(md.e)
+	}
+}
+
+// Check drops the mount from the cache if err says the cluster cut its client
+// off (blocklisted or evicted: ESHUTDOWN, ENOTCONN), so that the next Mount
+// connects and mounts afresh; the last Release frees it. It returns err.
+func (md Mounted) Check(err error) error {
+	if md.e == nil || !rcsi.Broken(err) {
+		return err
+	}
+	md.Lease.Check(err) // and the RADOS connection under it
+	md.m.mu.Lock()
+	first := !md.e.dropped
+	md.e.dropped = true
+	if md.m.mounts[md.e.key] == md.e {
+		delete(md.m.mounts, md.e.key)
+	}
+	md.m.mu.Unlock()
+	if first {
+		klog.InfoS("the cluster cut off this CephFS client (blocklisted or evicted): the next call mounts again", "err", err)
+	}
+	return err
+}
+
+func (m *Mounts) release(e *mountEntry) {
+	m.mu.Lock()
+	e.refs--
+	free := e.dropped && e.refs == 0 && e.mnt != nil
+	m.mu.Unlock()
+	if free {
+		go func() { // an evicted client's unmount may take a while
+			e.mnt.Unmount()
+			e.mnt.Release()
+			e.lease.Release()
+		}()
+	}
 }
 
 func (m *Mounts) mount(lease *rcsi.Lease, cluster rcsi.ClusterConfig, creds rcsi.Credentials, fsName string) (*cephfs.MountInfo, error) {

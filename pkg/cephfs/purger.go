@@ -19,14 +19,16 @@ const purgeRetry = 30 * time.Second
 // the next purger for the group (or the mgr's purge threads, for what is
 // already in the trash) finishes the work.
 type purger struct {
-	svs  *subvolumes
-	j    *Journal
+	group string
+	// open reaches the group afresh for each round, so that a mount the
+	// cluster cut off is replaced instead of failing forever.
+	open func(ctx context.Context) (*target, error)
 	lock func(ctx context.Context, sv string) (func(), error)
 	wake chan struct{}
 }
 
-func newPurger(svs *subvolumes, j *Journal, lock func(ctx context.Context, sv string) (func(), error)) *purger {
-	p := &purger{svs: svs, j: j, lock: lock, wake: make(chan struct{}, 1)}
+func newPurger(group string, open func(ctx context.Context) (*target, error), lock func(ctx context.Context, sv string) (func(), error)) *purger {
+	p := &purger{group: group, open: open, lock: lock, wake: make(chan struct{}, 1)}
 	p.kick()
 	go p.run()
 	return p
@@ -55,24 +57,34 @@ func (p *purger) run() {
 
 // round purges one batch of promised removals; it reports whether to go on.
 func (p *purger) round() bool {
-	batch, err := p.j.Promised(64)
+	ctx, cancel := context.WithTimeout(context.Background(), rcsi.ConnTimeout)
+	t, err := p.open(ctx)
+	cancel()
 	if err != nil {
-		klog.ErrorS(err, "purger: reading the journal", "group", p.svs.group)
+		klog.ErrorS(err, "purger: reaching the group; will retry", "group", p.group)
+		return false
+	}
+	defer t.release()
+	batch, err := t.j.Promised(64)
+	if err != nil {
+		t.mounted.Check(err)
+		klog.ErrorS(err, "purger: reading the journal", "group", p.group)
 		return false
 	}
 	// One at a time: with four workers the 60-volume batches of make bench
 	// drained 2-10 times slower (renames into the trash wait on the caps
 	// of the mgr's purge threads there, and more workers only queue more).
 	for _, e := range batch {
-		if err := p.purge(e[0], e[1]); err != nil {
-			klog.ErrorS(err, "purger: removing a subvolume failed; will retry", "group", p.svs.group, "subvolume", e[0])
+		if err := p.purge(t, e[0], e[1]); err != nil {
+			t.mounted.Check(err)
+			klog.ErrorS(err, "purger: removing a subvolume failed; will retry", "group", p.group, "subvolume", e[0])
 			return false
 		}
 	}
 	return len(batch) > 0
 }
 
-func (p *purger) purge(sv, entry string) error {
+func (p *purger) purge(t *target, sv, entry string) error {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	unlock, err := p.lock(ctx, sv)
@@ -80,19 +92,19 @@ func (p *purger) purge(sv, entry string) error {
 	if err != nil {
 		return err
 	}
-	err = p.svs.Trash(sv, entry) // a no-op if an earlier purger got this far
+	err = t.svs.Trash(sv, entry) // a no-op if an earlier purger got this far
 	unlock()
 	if err != nil {
 		return err
 	}
 	rcsi.CrashPoint("cephfs-purge-after-trash")
-	if err := p.svs.Purge(entry); err != nil {
+	if err := t.svs.Purge(entry); err != nil {
 		return err
 	}
-	if err := p.j.Done(sv); err != nil {
+	if err := t.j.Done(sv); err != nil {
 		return err
 	}
-	klog.V(3).InfoS("subvolume purged", "group", p.svs.group, "subvolume", sv, "duration", time.Since(start))
+	klog.V(3).InfoS("subvolume purged", "group", p.group, "subvolume", sv, "duration", time.Since(start))
 	return nil
 }
 
@@ -117,9 +129,12 @@ func (c *Controller) ResumePurges() {
 			continue
 		}
 		for _, fs := range all {
-			if _, err := c.openWith(ctx, clusterID, fs.Name, "", creds); err != nil {
+			t, err := c.openWith(ctx, clusterID, fs.Name, "", creds)
+			if err != nil {
 				klog.ErrorS(err, "purges of this file system resume with its first call", "cluster", clusterID, "fs", fs.Name)
+				continue
 			}
+			t.release()
 		}
 		cancel()
 	}

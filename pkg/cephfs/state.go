@@ -80,7 +80,7 @@ func (s *state) fileSystem(conn *rados.Conn, clusterID, fsName string) (*fsInfo,
 
 // purgerFor returns the purger of t's group, starting it (and so resuming
 // the removals its journal promised) on first use.
-func (s *state) purgerFor(t *target, lock func(ctx context.Context, sv string) (func(), error)) *purger {
+func (s *state) purgerFor(t *target, open func(ctx context.Context) (*target, error), lock func(ctx context.Context, sv string) (func(), error)) *purger {
 	key := t.clusterID + "\x00" + t.fs.Name + "\x00" + t.group
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -89,7 +89,7 @@ func (s *state) purgerFor(t *target, lock func(ctx context.Context, sv string) (
 	}
 	p := s.purgers[key]
 	if p == nil {
-		p = newPurger(t.svs, t.j, lock)
+		p = newPurger(t.group, open, lock)
 		s.purgers[key] = p
 	}
 	return p
