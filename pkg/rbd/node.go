@@ -125,7 +125,7 @@ func (n *Node) stale(ctx context.Context, rec *stageRecord) (string, error) {
 		return "the node rebooted since", nil
 	}
 	if m := n.mounters[rec.Mounter]; m != nil {
-		if err := m.Check(ctx, rec.Mapping); isGone(err) {
+		if err := m.Check(ctx, rec.Mapping); rcsi.IsGone(err) {
 			return err.Error(), nil
 		} else if err != nil {
 			return "", status.Errorf(rcsi.Code(err), "cannot tell whether volume %s is still mapped: %v", rec.VolumeID, err)

@@ -107,7 +107,7 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 	if m == nil {
 		return nil, status.Errorf(codes.Internal, "stage record of volume %s names an unknown mounter %q", rec.VolumeID, rec.Mounter)
 	}
-	if err := m.Check(ctx, rec.Mapping); isGone(err) {
+	if err := m.Check(ctx, rec.Mapping); rcsi.IsGone(err) {
 		bad("MappingLost", "%v", err)
 	} else if err != nil {
 		bad("MappingUnchecked", "cannot tell whether the mapping works: %v", err)

@@ -80,7 +80,7 @@ var probes prober
 
 // hungError is the Unavailable answer for a probe that did not return.
 func hungError(what, path string) error {
-	return coded(codes.Unavailable, "%s %s: no answer within %s (hung mount?)", what, path, probeTimeout)
+	return rcsi.Coded(codes.Unavailable, "%s %s: no answer within %s (hung mount?)", what, path, probeTimeout)
 }
 
 // probeErr turns a probe's failure into a status naming what was asked.
@@ -88,7 +88,7 @@ func probeErr(err error, what, path string) error {
 	if errors.Is(err, errHung) {
 		return hungError(what, path)
 	}
-	return coded(rcsi.Code(err), "%s %s: %v", what, path, err)
+	return rcsi.Coded(rcsi.Code(err), "%s %s: %v", what, path, err)
 }
 
 // isMountPoint is mount-utils' IsMountPoint, bounded by probeTimeout.
