@@ -4,10 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"os"
-	"strings"
-
-	"google.golang.org/grpc/codes"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
@@ -45,14 +41,4 @@ func findMapped(out []byte, spec ImageSpec) (string, error) {
 // spec names the mapped image (for finding its device).
 func (m Mapping) spec() ImageSpec {
 	return ImageSpec{Pool: m.Pool, Namespace: m.Namespace, Image: m.Image}
-}
-
-// bootID identifies this boot of the node: mappings and mounts do not
-// survive a reboot, stage records do.
-func bootID() (string, error) {
-	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	if err != nil {
-		return "", rcsi.Coded(codes.Internal, "reading the boot ID: %v", err)
-	}
-	return strings.TrimSpace(string(b)), nil
 }

@@ -54,7 +54,7 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 		m.Pid = pid // a retry after a crash: the image is already exposed
 	} else {
 		if mounted { // its rbd-fuse died: the mount must answer as dead
-			if err := statPath(ctx, dir); !rcsi.FuseDead(err) {
+			if err := rcsi.StatPath(ctx, dir); !rcsi.FuseDead(err) {
 				return m, fmt.Errorf("rbd-fuse mount %s has no rbd-fuse process but does not answer as dead (%v): not replacing it", dir, err)
 			}
 			dev, err := findLoop(file)
@@ -214,11 +214,11 @@ func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
 	if !mounted {
 		return rcsi.Gone("rbd-fuse mount %s is gone", m.FuseDir)
 	}
-	switch err := statPath(ctx, m.FuseDir); {
+	switch err := rcsi.StatPath(ctx, m.FuseDir); {
 	case rcsi.FuseDead(err):
 		return rcsi.Gone("rbd-fuse mount %s is dead (its rbd-fuse exited)", m.FuseDir)
 	case err != nil:
-		return probeErr(err, "checking rbd-fuse mount", m.FuseDir)
+		return rcsi.ProbeError(err, "checking rbd-fuse mount", m.FuseDir)
 	}
 	b, err := loopBackingFile(m.Device)
 	if err != nil {
