@@ -3,6 +3,7 @@ package csi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"syscall"
 
 	"github.com/ceph/go-ceph/rados"
@@ -69,4 +70,39 @@ func Code(err error) codes.Code {
 		return codes.Aborted
 	}
 	return codes.Internal
+}
+
+// codedError is an error with a gRPC code whose text is just its message,
+// so wrapping it (%v, %w) reads well and Code still finds the code.
+type codedError struct {
+	code codes.Code
+	msg  string
+}
+
+func (e *codedError) Error() string { return e.msg }
+
+// GRPCStatus gives the error's code to status.FromError and Code.
+func (e *codedError) GRPCStatus() *status.Status { return status.New(e.code, e.msg) }
+
+// Coded is an error with a gRPC code that reads as just its message when
+// wrapped (a status.Error reads "rpc error: code = ... desc = ...").
+func Coded(code codes.Code, format string, args ...any) error {
+	return &codedError{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// goneError is positive evidence that a mapping or mount no longer exists (as
+// opposed to a check that could not tell).
+type goneError struct{ reason string }
+
+func (e *goneError) Error() string { return e.reason }
+
+// Gone is positive evidence that what a stage made (a mapping, a mount, a
+// daemon) no longer exists, as opposed to a check that could not tell.
+func Gone(format string, args ...any) error { return &goneError{fmt.Sprintf(format, args...)} }
+
+// IsGone tells positive evidence of a lost mapping or mount (Gone) from a
+// failed check.
+func IsGone(err error) bool {
+	var g *goneError
+	return errors.As(err, &g)
 }

@@ -395,8 +395,8 @@ func (c *Controller) cephCSIInstance() string {
 
 // resolveForStage resolves a ceph-csi ID on the node with the stage secrets;
 // an encrypted volume is refused, as this driver cannot open it.
-func (n *Node) resolveForStage(ctx context.Context, h rcsi.CephCSIVolumeID, cluster rcsi.ClusterConfig, creds rcsi.Credentials) (rcsi.VolumeID, error) {
-	lease, err := n.conns.Acquire(ctx, cluster, creds)
+func (s *stager) resolveForStage(ctx context.Context, h rcsi.CephCSIVolumeID, cluster rcsi.ClusterConfig, creds rcsi.Credentials) (rcsi.VolumeID, error) {
+	lease, err := s.conns.Acquire(ctx, cluster, creds)
 	if err != nil {
 		return rcsi.VolumeID{}, cephStatus(err, "reaching cluster %q", h.ClusterID)
 	}

@@ -64,7 +64,7 @@ type Mounter interface {
 	// Refresh makes the device pick up a grown image of at least minSize bytes
 	// (0: whatever size the image has now).
 	Refresh(ctx context.Context, m Mapping, minSize int64) error
-	// Check returns nil for a working mapping, a goneError on positive
+	// Check returns nil for a working mapping, an rcsi.Gone error on positive
 	// evidence that it is lost, and any other error when it cannot tell.
 	Check(ctx context.Context, m Mapping) error
 }

@@ -1,21 +1,19 @@
 package rbd
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // fuseMounter exposes the image as a file with rbd-fuse and puts a loop device
@@ -48,7 +46,7 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 	if err != nil {
 		return m, err
 	}
-	mounted, err := isFuseMounted(dir)
+	mounted, err := rcsi.IsFuseMounted(dir)
 	if err != nil {
 		return m, err
 	}
@@ -56,7 +54,7 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 		m.Pid = pid // a retry after a crash: the image is already exposed
 	} else {
 		if mounted { // its rbd-fuse died: the mount must answer as dead
-			if err := statPath(ctx, dir); !fuseDead(err) {
+			if err := rcsi.StatPath(ctx, dir); !rcsi.FuseDead(err) {
 				return m, fmt.Errorf("rbd-fuse mount %s has no rbd-fuse process but does not answer as dead (%v): not replacing it", dir, err)
 			}
 			dev, err := findLoop(file)
@@ -100,12 +98,12 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 func fuseArgs(spec ImageSpec, dir string) []string {
 	args := []string{
 		"--poolname=" + spec.Pool, "--image=" + spec.Image,
-		"--id=" + spec.Creds.ID, keyFileArg, "--mon-host=" + spec.Monitors,
+		"--id=" + spec.Creds.ID, rcsi.KeyFileArg, "--mon-host=" + spec.Monitors,
 		"--no-mon-config", "--client-mount-timeout=30",
 		// Sizes must follow resizes at once, not after FUSE's attribute cache expires.
 		"-o", "attr_timeout=0,entry_timeout=0",
 	}
-	args = append(args, quietArgs...)
+	args = append(args, rcsi.QuietArgs...)
 	if spec.Namespace != "" {
 		// rbd-fuse's option table knows only the --namespace=NS form.
 		args = append(args, "--namespace="+spec.Namespace)
@@ -119,10 +117,10 @@ func fuseArgs(spec ImageSpec, dir string) []string {
 func (f *fuseMounter) startFuse(ctx context.Context, spec ImageSpec, dir string) error {
 	// rbd-fuse reads the key before it daemonizes; the memfd goes with it.
 	start := time.Now()
-	if _, err := (toolRun{name: "rbd-fuse", args: fuseArgs(spec, dir), creds: &spec.Creds, timeout: 60 * time.Second}).run(ctx); err != nil {
+	if _, err := (rcsi.Tool{Name: "rbd-fuse", Args: fuseArgs(spec, dir), Creds: &spec.Creds, Timeout: 60 * time.Second}).Run(ctx); err != nil {
 		return fmt.Errorf("rbd-fuse for %s: %w", imageName(spec), err)
 	}
-	mounted, err := isFuseMounted(dir)
+	mounted, err := rcsi.IsFuseMounted(dir)
 	if err != nil {
 		return err
 	}
@@ -152,7 +150,7 @@ func (f *fuseMounter) Unmap(ctx context.Context, m Mapping) error {
 	if err != nil {
 		return err
 	}
-	mounted, err := isFuseMounted(m.FuseDir)
+	mounted, err := rcsi.IsFuseMounted(m.FuseDir)
 	if err != nil {
 		return err
 	}
@@ -163,7 +161,7 @@ func (f *fuseMounter) Unmap(ctx context.Context, m Mapping) error {
 	}
 	// The image stays open (and undeletable) until rbd-fuse has exited.
 	if pid > 0 {
-		if err := waitExit(ctx, pid, 60*time.Second); err != nil {
+		if err := rcsi.WaitExit(ctx, pid, 60*time.Second); err != nil {
 			return err
 		}
 	}
@@ -209,106 +207,29 @@ func (f *fuseMounter) Refresh(ctx context.Context, m Mapping, minSize int64) err
 // rbd-fuse died), or the
 // loop device is detached or backed by another file.
 func (f *fuseMounter) Check(ctx context.Context, m Mapping) error {
-	mounted, err := isFuseMounted(m.FuseDir)
+	mounted, err := rcsi.IsFuseMounted(m.FuseDir)
 	if err != nil {
 		return err
 	}
 	if !mounted {
-		return gone("rbd-fuse mount %s is gone", m.FuseDir)
+		return rcsi.Gone("rbd-fuse mount %s is gone", m.FuseDir)
 	}
-	switch err := statPath(ctx, m.FuseDir); {
-	case fuseDead(err):
-		return gone("rbd-fuse mount %s is dead (its rbd-fuse exited)", m.FuseDir)
+	switch err := rcsi.StatPath(ctx, m.FuseDir); {
+	case rcsi.FuseDead(err):
+		return rcsi.Gone("rbd-fuse mount %s is dead (its rbd-fuse exited)", m.FuseDir)
 	case err != nil:
-		return probeErr(err, "checking rbd-fuse mount", m.FuseDir)
+		return rcsi.ProbeError(err, "checking rbd-fuse mount", m.FuseDir)
 	}
 	b, err := loopBackingFile(m.Device)
 	if err != nil {
 		return err
 	}
 	if !strings.HasPrefix(b, m.FuseDir+"/") {
-		return gone("loop device %s is no longer backed by the image", m.Device)
+		return rcsi.Gone("loop device %s is no longer backed by the image", m.Device)
 	}
 	return nil
-}
-
-// fuseDead says whether a FUSE mount's answer shows its server gone: ENOTCONN
-// (connection down) or ECONNABORTED (connection aborted, as the kernel does
-// when the server's /dev/fuse descriptor closes at its exit).
-func fuseDead(err error) bool {
-	return errors.Is(err, unix.ENOTCONN) || errors.Is(err, unix.ECONNABORTED)
-}
-
-// isFuseMounted reports whether a FUSE filesystem is mounted at dir; a mount
-// table that cannot be read is an error, never "not mounted".
-func isFuseMounted(dir string) (bool, error) {
-	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
-	if err != nil {
-		return false, coded(codes.Internal, "reading the mount table: %v", err)
-	}
-	for _, mi := range infos {
-		if mi.MountPoint == dir && strings.HasPrefix(mi.FsType, "fuse") {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 // fusePid finds the live rbd-fuse process serving dir (0 if a full scan of
 // /proc finds none).
-func fusePid(dir string) (int, error) {
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0, coded(codes.Internal, "listing processes: %v", err)
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		args := procArgs(pid)
-		if len(args) > 1 && filepath.Base(args[0]) == "rbd-fuse" && args[len(args)-1] == dir && !isZombie(pid) {
-			return pid, nil
-		}
-	}
-	return 0, nil
-}
-
-func procArgs(pid int) []string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || len(b) == 0 {
-		return nil
-	}
-	return strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-}
-
-func isZombie(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	// The state follows the parenthesised command name.
-	i := bytes.LastIndexByte(b, ')')
-	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
-}
-
-// waitExit waits until pid has exited (or is a zombie).
-func waitExit(ctx context.Context, pid int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for !isZombie(pid) {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("process %d did not exit within %s", pid, timeout)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	return nil
-}
-
-func lastLine(out []byte) string {
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	return lines[len(lines)-1]
-}
+func fusePid(dir string) (int, error) { return rcsi.DaemonPid("rbd-fuse", dir) }

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // Tool timeouts: a listing answers at once unless something is wrong; a map
@@ -29,7 +31,7 @@ type cliMounter struct {
 	tools   []string
 	module  string // kernel module the mapping needs
 	sysfs   string // present when the module is loaded
-	// tmpfsKeys: see toolRun. rbd reads the key itself for krbd (memfd);
+	// tmpfsKeys: see rcsi.Tool. rbd reads the key itself for krbd (memfd);
 	// for nbd it runs rbd-nbd with every descriptor but 0-2 closed, so the
 	// key goes to a short-lived file on tmpfs.
 	tmpfsKeys string
@@ -78,12 +80,12 @@ func imageName(spec ImageSpec) string {
 func (c *cliMounter) mapArgs(spec ImageSpec) []string {
 	args := []string{"device", "map", "--device-type=" + c.devType,
 		"--pool=" + spec.Pool, "--image=" + spec.Image,
-		"--id=" + spec.Creds.ID, keyFileArg, "--mon-host=" + spec.Monitors,
+		"--id=" + spec.Creds.ID, rcsi.KeyFileArg, "--mon-host=" + spec.Monitors,
 		"--no-mon-config", "--client-mount-timeout=30"}
 	if spec.Namespace != "" {
 		args = append(args, "--namespace="+spec.Namespace)
 	}
-	args = append(args, quietArgs...)
+	args = append(args, rcsi.QuietArgs...)
 	if spec.ReadOnly {
 		args = append(args, "--read-only")
 	}
@@ -101,7 +103,7 @@ func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (M
 		return m, nil
 	}
 	start := time.Now()
-	out, err := toolRun{name: "rbd", args: c.mapArgs(spec), creds: &spec.Creds, timeout: mapTimeout, tmpfsKeys: c.tmpfsKeys}.run(ctx)
+	out, err := rcsi.Tool{Name: "rbd", Args: c.mapArgs(spec), Creds: &spec.Creds, Timeout: mapTimeout, TmpfsKeys: c.tmpfsKeys}.Run(ctx)
 	if err != nil {
 		return m, fmt.Errorf("mapping %s: %w", imageName(spec), err)
 	}
@@ -113,8 +115,8 @@ func (c *cliMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (M
 // mapped returns the device an image is mapped at ("" if a successful
 // listing does not show it); a listing that fails or times out is an error.
 func (c *cliMounter) mapped(ctx context.Context, spec ImageSpec) (string, error) {
-	args := append([]string{"device", "list", "--device-type=" + c.devType, "--format=json"}, quietArgs...)
-	out, err := toolRun{name: "rbd", args: args, timeout: listTimeout}.run(ctx)
+	args := append([]string{"device", "list", "--device-type=" + c.devType, "--format=json"}, rcsi.QuietArgs...)
+	out, err := rcsi.Tool{Name: "rbd", Args: args, Timeout: listTimeout}.Run(ctx)
 	if err != nil {
 		return "", err
 	}
@@ -131,8 +133,8 @@ func (c *cliMounter) Unmap(ctx context.Context, m Mapping) error {
 	if dev == "" {
 		return nil // a successful listing says it is not mapped (any more)
 	}
-	args := append([]string{"device", "unmap", "--device-type=" + c.devType, dev}, quietArgs...)
-	if _, err := (toolRun{name: "rbd", args: args, timeout: unmapTimeout}).run(ctx); err != nil {
+	args := append([]string{"device", "unmap", "--device-type=" + c.devType, dev}, rcsi.QuietArgs...)
+	if _, err := (rcsi.Tool{Name: "rbd", Args: args, Timeout: unmapTimeout}).Run(ctx); err != nil {
 		// Gone meanwhile? Only a successful listing may say so.
 		if now, lerr := c.mapped(ctx, m.spec()); lerr == nil && now == "" {
 			return nil
@@ -150,9 +152,9 @@ func (c *cliMounter) Check(ctx context.Context, m Mapping) error {
 	case err != nil:
 		return err
 	case dev == "":
-		return gone("image %s is no longer mapped", imageName(m.spec()))
+		return rcsi.Gone("image %s is no longer mapped", imageName(m.spec()))
 	case dev != m.Device:
-		return gone("image %s is mapped at %s, not %s", imageName(m.spec()), dev, m.Device)
+		return rcsi.Gone("image %s is mapped at %s, not %s", imageName(m.spec()), dev, m.Device)
 	}
 	return nil
 }

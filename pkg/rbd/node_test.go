@@ -1,94 +1,15 @@
 package rbd
 
 import (
-	"context"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"regexp"
-	"runtime"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
-
-	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // testKey is a well-formed cephx key (not a real one).
 const testKey = "AQBSdFhlAAAAABAAtZkGmFNzrBc9t6FGiTFU1w=="
-
-// Concurrent probes of one path share one run; callers that give up leave
-// no goroutine behind; the next probe after the first returns runs anew.
-func TestProberOneFlightPerKey(t *testing.T) {
-	var p prober
-	release := make(chan struct{})
-	var runs atomic.Int32
-	hang := func() (any, error) {
-		runs.Add(1)
-		<-release
-		return "done", nil
-	}
-	base := runtime.NumGoroutine()
-	var wg sync.WaitGroup
-	for i := 0; i < 200; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if _, err := p.do(context.Background(), "k", 20*time.Millisecond, hang); err != errHung {
-				t.Errorf("probe of a hung path: %v, want errHung", err)
-			}
-		}()
-	}
-	wg.Wait()
-	if runs.Load() != 1 || p.inflight() != 1 {
-		t.Fatalf("200 probes of one hung key ran %d times, %d in flight; want 1 and 1", runs.Load(), p.inflight())
-	}
-	// The callers' goroutines are on their way out once wg.Wait returns.
-	for i := 0; runtime.NumGoroutine() > base+1; i++ {
-		if i > 200 {
-			t.Fatalf("%d goroutines after 200 timed-out probes, %d before: want at most one more", runtime.NumGoroutine(), base)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if _, err := p.do(ctx, "k", time.Minute, hang); err != context.Canceled {
-		t.Fatalf("probe with a cancelled context: %v", err)
-	}
-	close(release)
-	for p.inflight() != 0 {
-		time.Sleep(time.Millisecond)
-	}
-	v, err := p.do(context.Background(), "k", time.Second, func() (any, error) { return "fresh", nil })
-	if err != nil || v != "fresh" || runs.Load() != 1 {
-		t.Fatalf("probe after the hung one returned: %v %v (runs %d)", v, err, runs.Load())
-	}
-}
-
-func TestMountOptionsReadOnlyLast(t *testing.T) {
-	for _, c := range []struct {
-		flags []string
-		ro    bool
-		want  []string
-	}{
-		{[]string{"rw", "noatime"}, true, []string{"noatime", "ro"}},
-		{[]string{"noatime", "rw"}, true, []string{"noatime", "ro"}},
-		{nil, true, []string{"ro"}},
-		{[]string{"rw", "noatime"}, false, []string{"rw", "noatime"}},
-	} {
-		got := mountOptions(c.flags, c.ro)
-		if !slices.Equal(got, c.want) {
-			t.Errorf("mountOptions(%v, %v) = %v, want %v", c.flags, c.ro, got, c.want)
-		}
-	}
-}
 
 // Tools get the image by --pool/--namespace/--image (values joined with '='),
 // the key by memfd, and neither an admin socket nor a log file.
@@ -101,7 +22,7 @@ func TestToolArgs(t *testing.T) {
 		"rbd-fuse":       fuseArgs(spec, "/mnt/x"),
 	} {
 		joined := strings.Join(args, " ")
-		for _, want := range []string{"--admin-socket=", "--log-file=", keyFileArg, "--id=u", "--namespace=ns"} {
+		for _, want := range []string{"--admin-socket=", "--log-file=", rcsi.KeyFileArg, "--id=u", "--namespace=ns"} {
 			if !slices.Contains(args, want) {
 				t.Errorf("%s: %q lacks %s", name, joined, want)
 			}
@@ -138,131 +59,6 @@ func TestFindMapped(t *testing.T) {
 	for _, out := range []string{"rbd: error", "[{", "{}"} {
 		if _, err := findMapped([]byte(out), spec); err == nil {
 			t.Fatalf("findMapped(%q) = nil error: unparseable output read as not mapped", out)
-		}
-	}
-}
-
-// A tool that fails is Internal naming it and its stderr (the key stripped);
-// one that hangs is Unavailable within its timeout; the key reaches it as a
-// memfd at fd 3 and is readable through keyFileArg.
-func TestToolRun(t *testing.T) {
-	dir := t.TempDir()
-	tool := filepath.Join(dir, "tool")
-	script := `#!/bin/bash
-case "$1" in
-fail) echo "bad key $(cat /proc/self/fd/3)" >&2; exit 3;;
-hang) exec sleep 100;;
-key) readlink /proc/self/fd/3; cat /proc/self/fd/3;;
-esac
-`
-	if err := os.WriteFile(tool, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	creds := &rcsi.Credentials{ID: "u", Key: testKey}
-	_, err := toolRun{name: tool, args: []string{"fail", "--x"}, creds: creds, timeout: 10 * time.Second}.run(context.Background())
-	if rcsi.Code(err) != codes.Internal || !strings.Contains(err.Error(), "tool fail failed") || !strings.Contains(err.Error(), "bad key <redacted>") {
-		t.Fatalf("failing tool: %v", err)
-	}
-	if strings.Contains(err.Error(), testKey) {
-		t.Fatalf("the key is in the error: %v", err)
-	}
-	start := time.Now()
-	_, err = toolRun{name: tool, args: []string{"hang"}, timeout: 300 * time.Millisecond}.run(context.Background())
-	if rcsi.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "did not answer") || time.Since(start) > 3*time.Second {
-		t.Fatalf("hung tool after %s: %v", time.Since(start), err)
-	}
-	out, err := toolRun{name: tool, args: []string{"key"}, creds: creds, timeout: 10 * time.Second}.run(context.Background())
-	if err != nil || !regexp.MustCompile(`^/memfd:rookzmq-key \(deleted\)\n`+regexp.QuoteMeta(testKey)+`\n$`).Match(out) {
-		t.Fatalf("key as seen by the tool: %q %v", out, err)
-	}
-}
-
-// Saving a stage record fsyncs its directory after the rename; removing it
-// fsyncs the directory after the unlink (seen with strace on a child).
-func TestStateStoreSyncsDirectory(t *testing.T) {
-	if dir := os.Getenv("ROOKZMQ_STATE_CHILD"); dir != "" {
-		s := stateStore{dir: dir}
-		if err := s.save(&stageRecord{VolumeID: "v"}); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.remove("v"); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	if _, err := exec.LookPath("strace"); err != nil {
-		t.Skip("strace is not installed")
-	}
-	dir := t.TempDir()
-	trace := filepath.Join(dir, "trace")
-	cmd := exec.Command("strace", "-f", "-qq", "-o", trace, "-e", "trace=openat,rename,renameat,renameat2,unlink,unlinkat,fsync",
-		os.Args[0], "-test.run", "^TestStateStoreSyncsDirectory$")
-	cmd.Env = append(os.Environ(), "ROOKZMQ_STATE_CHILD="+filepath.Join(dir, "state"))
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	b, err := os.ReadFile(trace)
-	if err != nil {
-		t.Fatal(err)
-	}
-	volumes := filepath.Join(dir, "state", "volumes")
-	// Calls in order, with directory fds resolved from their openat.
-	fds := map[string]string{}
-	var events []string
-	openRe := regexp.MustCompile(`openat\(AT_FDCWD, "([^"]+)", [^)]*\) = (\d+)`)
-	for _, l := range strings.Split(string(b), "\n") {
-		switch {
-		case openRe.MatchString(l):
-			m := openRe.FindStringSubmatch(l)
-			fds[m[2]] = m[1]
-		case strings.Contains(l, "rename") && strings.Contains(l, volumes) && !strings.Contains(l, "= -1"):
-			events = append(events, "rename")
-		case strings.Contains(l, "unlink") && strings.Contains(l, ".json") && strings.Contains(l, volumes) && !strings.Contains(l, "= -1"):
-			events = append(events, "unlink")
-		case strings.Contains(l, "fsync("):
-			if fd := strings.SplitN(l[strings.Index(l, "fsync(")+6:], ")", 2)[0]; fds[fd] == volumes {
-				events = append(events, "fsync-dir")
-			}
-		}
-	}
-	got := strings.Join(events, " ")
-	if !regexp.MustCompile(`rename fsync-dir.*unlink fsync-dir`).MatchString(got) {
-		t.Fatalf("stage record calls %q, want the directory fsynced after the rename and after the unlink\n%s", got, b)
-	}
-}
-
-// For tools that close inherited descriptors before running a helper (rbd
-// with rbd-nbd), the key goes to a 0600 file on tmpfs, named in place of
-// keyFileArg and removed when the tool returns; a directory on disk is refused.
-func TestToolRunTmpfsKey(t *testing.T) {
-	dir := t.TempDir()
-	tool := filepath.Join(dir, "tool")
-	script := `#!/bin/bash
-f=${2#--keyfile=}
-echo "$f"; stat -f -c %T "$f"; stat -c %a "$f"; cat "$f"
-`
-	if err := os.WriteFile(tool, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	keys := filepath.Join("/dev/shm", fmt.Sprintf("rookzmq-test-%d", os.Getpid()))
-	defer os.RemoveAll(keys)
-	creds := &rcsi.Credentials{ID: "u", Key: testKey}
-	out, err := toolRun{name: tool, args: []string{"map", keyFileArg}, creds: creds, timeout: 10 * time.Second, tmpfsKeys: keys}.run(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) != 4 || !strings.HasPrefix(lines[0], keys+"/") || lines[1] != "tmpfs" || lines[2] != "600" || lines[3] != testKey {
-		t.Fatalf("tool saw %q", lines)
-	}
-	if _, err := os.Stat(lines[0]); !os.IsNotExist(err) {
-		t.Fatalf("key file %s left after the tool returned: %v", lines[0], err)
-	}
-	var st unix.Statfs_t
-	if unix.Statfs(dir, &st) == nil && st.Type != unix.TMPFS_MAGIC {
-		_, err := toolRun{name: tool, args: []string{"map", keyFileArg}, creds: creds, timeout: 10 * time.Second, tmpfsKeys: dir}.run(context.Background())
-		if err == nil || !strings.Contains(err.Error(), "not on tmpfs") {
-			t.Fatalf("key file on a disk directory: %v, want a refusal", err)
 		}
 	}
 }

@@ -21,7 +21,7 @@ const (
 	ParamNamePrefix    = "volumeNamePrefix"
 	// ParamAckInterval makes the node flush staged volumes of the class and
 	// publish an ack event every so many seconds.
-	ParamAckInterval = "ackIntervalSeconds"
+	ParamAckInterval = rcsi.KeyAckInterval
 
 	ParamPVCName      = rcsi.KeyPVCName
 	ParamPVCNamespace = rcsi.KeyPVCNamespace
@@ -30,7 +30,7 @@ const (
 	ctxImageName      = "imageName"
 	ctxRadosNamespace = "radosNamespace"
 	// ctxFsType is the StorageClass filesystem, used when the capability names none.
-	ctxFsType = "fsType"
+	ctxFsType = rcsi.KeyFsType
 
 	// The prefix that external-provisioner owns; its keys are always accepted.
 	provisionerPrefix = "csi.storage.k8s.io/"

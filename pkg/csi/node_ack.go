@@ -1,4 +1,4 @@
-package rbd
+package csi
 
 import (
 	"context"
@@ -7,9 +7,12 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
-
-	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
+
+// KeyAckInterval (a StorageClass parameter, so a volume context key) makes
+// the node flush staged volumes of the class and publish an ack event every
+// so many seconds.
+const KeyAckInterval = "ackIntervalSeconds"
 
 // ackTimers flush staged volumes whose StorageClass set ackIntervalSeconds and
 // emit an ack (trigger "interval") each time.
@@ -19,8 +22,8 @@ type ackTimers struct {
 }
 
 // start runs the timer of a staged volume, if its context asks for one.
-func (a *ackTimers) start(n *Node, rec *stageRecord) {
-	secs, err := strconv.Atoi(rec.Context[ParamAckInterval])
+func (a *ackTimers) start(volumeID string, volCtx map[string]string, flush func(ctx context.Context, volumeID string) error) {
+	secs, err := strconv.Atoi(volCtx[KeyAckInterval])
 	if err != nil || secs <= 0 {
 		return
 	}
@@ -29,11 +32,11 @@ func (a *ackTimers) start(n *Node, rec *stageRecord) {
 	if a.cancel == nil {
 		a.cancel = map[string]context.CancelFunc{}
 	}
-	if _, running := a.cancel[rec.VolumeID]; running {
+	if _, running := a.cancel[volumeID]; running {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	a.cancel[rec.VolumeID] = cancel
+	a.cancel[volumeID] = cancel
 	go func(id string, every time.Duration) {
 		t := time.NewTicker(every)
 		defer t.Stop()
@@ -43,11 +46,11 @@ func (a *ackTimers) start(n *Node, rec *stageRecord) {
 				return
 			case <-t.C:
 			}
-			if _, _, err := n.FlushVolume(ctx, id, rcsi.TriggerInterval, nil); err != nil && ctx.Err() == nil {
+			if err := flush(ctx, id); err != nil && ctx.Err() == nil {
 				klog.ErrorS(err, "periodic flush failed", "volumeID", id)
 			}
 		}
-	}(rec.VolumeID, time.Duration(secs)*time.Second)
+	}(volumeID, time.Duration(secs)*time.Second)
 }
 
 // stop ends a volume's timer.
@@ -62,11 +65,17 @@ func (a *ackTimers) stop(volumeID string) {
 
 // ResumeAckTimers restarts the timers of volumes staged before a restart;
 // call it once the event sink is ready.
-func (n *Node) ResumeAckTimers() {
+func (n *Node[A]) ResumeAckTimers() {
 	recs, _ := n.state.all()
 	for _, r := range recs {
 		if r.Staged {
-			n.acks.start(n, r)
+			n.acks.start(r.VolumeID, r.Context, n.intervalFlush)
 		}
 	}
+}
+
+// intervalFlush is an ack timer's flush.
+func (n *Node[A]) intervalFlush(ctx context.Context, volumeID string) error {
+	_, _, err := n.FlushVolume(ctx, volumeID, TriggerInterval, nil)
+	return err
 }

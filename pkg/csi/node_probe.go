@@ -1,4 +1,4 @@
-package rbd
+package csi
 
 import (
 	"context"
@@ -10,15 +10,14 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"k8s.io/mount-utils"
-
-	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
-// probeTimeout bounds how long a call waits on a filesystem probe (stat,
+// ProbeTimeout bounds how long a call waits on a filesystem probe (stat,
 // statfs, mount-point check) of a mount that may hang.
-const probeTimeout = 5 * time.Second
+const ProbeTimeout = 5 * time.Second
 
-var errHung = errors.New("no answer in time")
+// ErrHung is a probe's answer when the filesystem did not answer within ProbeTimeout.
+var ErrHung = errors.New("no answer in time")
 
 // prober runs filesystem probes that a hung FUSE or network mount can block
 // forever. Probes with the same key never overlap: a caller that finds one in
@@ -37,7 +36,7 @@ type flight struct {
 }
 
 // do runs f under key unless a probe of key is in flight, and waits for the
-// result at most timeout (errHung) or until ctx ends.
+// result at most timeout (ErrHung) or until ctx ends.
 func (p *prober) do(ctx context.Context, key string, timeout time.Duration, f func() (any, error)) (any, error) {
 	p.mu.Lock()
 	if p.flights == nil {
@@ -62,7 +61,7 @@ func (p *prober) do(ctx context.Context, key string, timeout time.Duration, f fu
 	case <-fl.done:
 		return fl.val, fl.err
 	case <-t.C:
-		return nil, errHung
+		return nil, ErrHung
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -80,45 +79,48 @@ var probes prober
 
 // hungError is the Unavailable answer for a probe that did not return.
 func hungError(what, path string) error {
-	return coded(codes.Unavailable, "%s %s: no answer within %s (hung mount?)", what, path, probeTimeout)
+	return Coded(codes.Unavailable, "%s %s: no answer within %s (hung mount?)", what, path, ProbeTimeout)
 }
 
-// probeErr turns a probe's failure into a status naming what was asked.
-func probeErr(err error, what, path string) error {
-	if errors.Is(err, errHung) {
+// ProbeError turns a probe's failure into a status naming what was asked
+// (Unavailable for a probe that did not return).
+func ProbeError(err error, what, path string) error {
+	if errors.Is(err, ErrHung) {
 		return hungError(what, path)
 	}
-	return coded(rcsi.Code(err), "%s %s: %v", what, path, err)
+	return Coded(Code(err), "%s %s: %v", what, path, err)
 }
 
-// isMountPoint is mount-utils' IsMountPoint, bounded by probeTimeout.
-func isMountPoint(ctx context.Context, m mount.Interface, path string) (bool, error) {
-	v, err := probes.do(ctx, "mnt\x00"+path, probeTimeout, func() (any, error) { return m.IsMountPoint(path) })
+// IsMountPoint is mount-utils' IsMountPoint, bounded by ProbeTimeout (a
+// shared probe of path).
+func IsMountPoint(ctx context.Context, m mount.Interface, path string) (bool, error) {
+	v, err := probes.do(ctx, "mnt\x00"+path, ProbeTimeout, func() (any, error) { return m.IsMountPoint(path) })
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return false, err
 		}
-		return false, probeErr(err, "checking whether a mount point:", path)
+		return false, ProbeError(err, "checking whether a mount point:", path)
 	}
 	return v.(bool), nil
 }
 
-// isLikelyNotMountPoint is mount-utils' IsLikelyNotMountPoint, bounded by probeTimeout.
-func isLikelyNotMountPoint(ctx context.Context, m mount.Interface, path string) (bool, error) {
-	v, err := probes.do(ctx, "notmnt\x00"+path, probeTimeout, func() (any, error) { return m.IsLikelyNotMountPoint(path) })
+// IsLikelyNotMountPoint is mount-utils' IsLikelyNotMountPoint, bounded by
+// ProbeTimeout (a shared probe of path).
+func IsLikelyNotMountPoint(ctx context.Context, m mount.Interface, path string) (bool, error) {
+	v, err := probes.do(ctx, "notmnt\x00"+path, ProbeTimeout, func() (any, error) { return m.IsLikelyNotMountPoint(path) })
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return true, err
 		}
-		return true, probeErr(err, "checking whether a mount point:", path)
+		return true, ProbeError(err, "checking whether a mount point:", path)
 	}
 	return v.(bool), nil
 }
 
-// statPath is stat(2) of path bounded by probeTimeout; the raw error (e.g.
+// StatPath is stat(2) of path bounded by ProbeTimeout; the raw error (e.g.
 // ENOTCONN from a FUSE mount whose daemon died) is kept for errors.Is.
-func statPath(ctx context.Context, path string) error {
-	_, err := probes.do(ctx, "stat\x00"+path, probeTimeout, func() (any, error) {
+func StatPath(ctx context.Context, path string) error {
+	_, err := probes.do(ctx, "stat\x00"+path, ProbeTimeout, func() (any, error) {
 		var st unix.Stat_t
 		return nil, unix.Stat(path, &st)
 	})

@@ -1,4 +1,4 @@
-package rbd
+package csi
 
 import (
 	"context"
@@ -12,25 +12,23 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
-
-	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // NodePublishVolume bind-mounts the staged filesystem (or the device, for block
 // volumes) at the pod's target path.
-func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	if _, _, err := parseHandle(req.GetVolumeId(), false); err != nil {
+func (n *Node[A]) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	if err := n.stager.CheckVolumeID(req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	target := req.GetTargetPath()
-	if err := rcsi.Required("target_path", target); err != nil {
+	if err := Required("target_path", target); err != nil {
 		return nil, err
 	}
-	if err := rcsi.Required("staging_target_path", req.GetStagingTargetPath()); err != nil {
+	if err := Required("staging_target_path", req.GetStagingTargetPath()); err != nil {
 		return nil, err
 	}
 	vc := req.GetVolumeCapability()
-	if err := rcsi.Capability(vc, checkCapability); err != nil {
+	if err := Capability(vc, n.check); err != nil {
 		return nil, err
 	}
 	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
@@ -51,14 +49,14 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s must be staged again: %s", req.GetVolumeId(), reason)
 	}
 	if (vc.GetBlock() != nil) != rec.Block {
-		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec))
+		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec.Block))
 	}
 	readOnly := req.GetReadonly() || rec.ReadOnly
 	if pub, ok := rec.Targets[target]; ok {
 		if pub.ReadOnly != readOnly {
 			return nil, status.Errorf(codes.AlreadyExists, "volume is published at %s with read_only=%v", target, !readOnly)
 		}
-		if mnt, err := isMountPoint(ctx, n.mounts, target); err == nil && mnt {
+		if mnt, err := IsMountPoint(ctx, n.mounts, target); err == nil && mnt {
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
 	} else if vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER && len(rec.Targets) > 0 {
@@ -67,7 +65,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	var flags []string
 	source := rec.StagingPath
 	if rec.Block {
-		source = rec.Device
+		source = n.stager.BlockDevice(rec)
 		if err := makeFile(target); err != nil {
 			return nil, status.Errorf(codes.Internal, "creating target file %s: %v", target, err)
 		}
@@ -81,10 +79,10 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	// A crash after the mount but before the record was saved: keep that mount.
 	// IsMountPoint reads the mount table: bind mounts can share the parent's device.
 	// "ro" goes last: no "rw" among the mount flags can undo it.
-	opts := append([]string{"bind"}, mountOptions(flags, readOnly)...)
-	mnt, err := isMountPoint(ctx, n.mounts, target)
+	opts := append([]string{"bind"}, MountOptions(flags, readOnly)...)
+	mnt, err := IsMountPoint(ctx, n.mounts, target)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, status.Errorf(rcsi.Code(err), "checking target path %s: %v", target, err)
+		return nil, status.Errorf(Code(err), "checking target path %s: %v", target, err)
 	}
 	if !mnt {
 		if err := n.mounts.Mount(source, target, "", opts); err != nil {
@@ -94,13 +92,13 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	// Emit before recording: a crash in between repeats the event, never loses it.
 	pub := *rec
 	pub.ReadOnly = readOnly
-	if err := n.emit(ctx, rcsi.EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext())); err != nil {
+	if err := n.emit(ctx, EventPublish, &pub, mergeContext(rec.Context, req.GetVolumeContext())); err != nil {
 		return nil, err // kubelet retries; the retry finds the mount and emits
 	}
 	if rec.Targets == nil {
-		rec.Targets = map[string]publication{}
+		rec.Targets = map[string]Publication{}
 	}
-	rec.Targets[target] = publication{ReadOnly: readOnly, Context: req.GetVolumeContext()}
+	rec.Targets[target] = Publication{ReadOnly: readOnly, Context: req.GetVolumeContext()}
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -109,12 +107,12 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 }
 
 // NodeUnpublishVolume unmounts and removes the target path.
-func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+func (n *Node[A]) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	if err := Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	target := req.GetTargetPath()
-	if err := rcsi.Required("target_path", target); err != nil {
+	if err := Required("target_path", target); err != nil {
 		return nil, err
 	}
 	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
@@ -132,7 +130,7 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 	if !published {
 		return &csi.NodeUnpublishVolumeResponse{}, nil // already unpublished
 	}
-	if err := n.emit(ctx, rcsi.EventUnpublish, rec, mergeContext(rec.Context, pub.Context)); err != nil {
+	if err := n.emit(ctx, EventUnpublish, rec, mergeContext(rec.Context, pub.Context)); err != nil {
 		return nil, err
 	}
 	delete(rec.Targets, target)
@@ -144,15 +142,15 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVo
 }
 
 // firstTarget names one target the volume is published at (for messages).
-func firstTarget(rec *stageRecord) string {
+func firstTarget[A any](rec *StageRecord[A]) string {
 	for t := range rec.Targets {
 		return t
 	}
 	return ""
 }
 
-func accessType(rec *stageRecord) string {
-	if rec.Block {
+func accessType(block bool) string {
+	if block {
 		return "block"
 	}
 	return "mount"
@@ -179,4 +177,19 @@ func mergeContext(a, b map[string]string) map[string]string {
 		out[k] = v
 	}
 	return out
+}
+
+// MountOptions puts "ro" last, after the caller's flags, so that no "rw"
+// among them can make a read-only mount writable.
+func MountOptions(flags []string, readOnly bool) []string {
+	var opts []string
+	for _, f := range flags {
+		if !readOnly || f != "rw" {
+			opts = append(opts, f)
+		}
+	}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	return opts
 }

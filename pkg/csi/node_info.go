@@ -1,4 +1,4 @@
-package rbd
+package csi
 
 import (
 	"context"
@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -14,38 +13,35 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
-	"k8s.io/mount-utils"
-
-	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
 
 // NodeGetVolumeStats reports bytes and inodes (or a block device's size)
-// within probeTimeout; a hung mount is Unavailable, not a hung call.
+// within ProbeTimeout; a hung mount is Unavailable, not a hung call.
 // Concurrent calls for one path share one probe, so a hung mount holds one
 // blocked thread however often it is asked about. NodeGetVolumeHealth says why.
-func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
-	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+func (n *Node[A]) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	if err := Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	path := req.GetVolumePath()
-	if err := rcsi.Required("volume_path", path); err != nil {
+	if err := Required("volume_path", path); err != nil {
 		return nil, err
 	}
 	resp, err := boundedStats(ctx, path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return nil, status.Errorf(codes.NotFound, "volume path %s does not exist", path)
-	case errors.Is(err, errHung):
+	case errors.Is(err, ErrHung):
 		return nil, hungError("reading stats of", path)
 	case err != nil:
-		return nil, status.Errorf(rcsi.Code(err), "reading stats of %s: %v", path, err)
+		return nil, status.Errorf(Code(err), "reading stats of %s: %v", path, err)
 	}
 	return resp, nil
 }
 
 // boundedStats runs volumeStats as a shared probe of path.
 func boundedStats(ctx context.Context, path string) (*csi.NodeGetVolumeStatsResponse, error) {
-	v, err := probes.do(ctx, "stats\x00"+path, probeTimeout, func() (any, error) { return volumeStats(path) })
+	v, err := probes.do(ctx, "stats\x00"+path, ProbeTimeout, func() (any, error) { return volumeStats(path) })
 	if err != nil {
 		return nil, err
 	}
@@ -58,7 +54,7 @@ func volumeStats(path string) (*csi.NodeGetVolumeStatsResponse, error) {
 		return nil, err
 	}
 	if fi.Mode()&os.ModeDevice != 0 {
-		size, err := deviceSize(path)
+		size, err := DeviceSize(path)
 		if err != nil {
 			return nil, err
 		}
@@ -75,7 +71,8 @@ func volumeStats(path string) (*csi.NodeGetVolumeStatsResponse, error) {
 	}}, nil
 }
 
-func deviceSize(dev string) (int64, error) {
+// DeviceSize is a block device's size in bytes.
+func DeviceSize(dev string) (int64, error) {
 	f, err := os.Open(dev)
 	if err != nil {
 		return 0, err
@@ -87,8 +84,8 @@ func deviceSize(dev string) (int64, error) {
 
 // NodeGetVolumeHealth reports a dead mapping, a lost or hung mount as
 // INACCESSIBLE (CSI 1.13's successor of VolumeCondition); an empty list is healthy.
-func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
-	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+func (n *Node[A]) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+	if err := Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	rec, err := n.state.load(req.GetVolumeId())
@@ -103,19 +100,18 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 		health.HealthStatuses = append(health.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: reason, Message: fmt.Sprintf(format, args...)})
 	}
-	m := n.mounters[rec.Mounter]
-	if m == nil {
-		return nil, status.Errorf(codes.Internal, "stage record of volume %s names an unknown mounter %q", rec.VolumeID, rec.Mounter)
-	}
-	if err := m.Check(ctx, rec.Mapping); isGone(err) {
+	switch err := n.stager.Check(ctx, rec); {
+	case IsGone(err):
 		bad("MappingLost", "%v", err)
-	} else if err != nil {
+	case errors.Is(err, ErrCorruptRecord):
+		return nil, status.Error(codes.Internal, err.Error())
+	case err != nil:
 		bad("MappingUnchecked", "cannot tell whether the mapping works: %v", err)
 	}
 	paths := []string{req.GetVolumePublishPath()}
 	if !rec.Block {
 		paths = append(paths, rec.StagingPath)
-		if notMnt, err := isLikelyNotMountPoint(ctx, n.mounts, rec.StagingPath); err == nil && notMnt {
+		if notMnt, err := IsLikelyNotMountPoint(ctx, n.mounts, rec.StagingPath); err == nil && notMnt {
 			bad("StagingMountLost", "staging mount %s is gone", rec.StagingPath)
 		} else if err != nil {
 			bad("StagingMountUnchecked", "cannot tell whether %s is mounted: %v", rec.StagingPath, err)
@@ -125,8 +121,8 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 		if p == "" {
 			continue
 		}
-		if _, err := boundedStats(ctx, p); errors.Is(err, errHung) {
-			bad("MountHung", "%s did not answer within %s", p, probeTimeout)
+		if _, err := boundedStats(ctx, p); errors.Is(err, ErrHung) {
+			bad("MountHung", "%s did not answer within %s", p, ProbeTimeout)
 		} else if err != nil {
 			bad("MountUnreadable", "%s: %v", p, err)
 		}
@@ -134,12 +130,13 @@ func (n *Node) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHe
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: health}, nil
 }
 
-// NodeExpandVolume makes the device see the grown image and grows the filesystem online.
-func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
-	if err := rcsi.Required("volume_id", req.GetVolumeId()); err != nil {
+// NodeExpandVolume has the driver make the node see the grown volume (and
+// grow its filesystem online), and emits expand when the size changed.
+func (n *Node[A]) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	if err := Required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
-	if err := rcsi.Required("volume_path", req.GetVolumePath()); err != nil {
+	if err := Required("volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
 	rec, unlock, err := n.begin(ctx, req.GetVolumeId())
@@ -154,27 +151,14 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 		return nil, status.Errorf(codes.NotFound, "volume path %s: %v", req.GetVolumePath(), err)
 	}
 	start := time.Now()
-	if err := n.mounters[rec.Mounter].Refresh(ctx, rec.Mapping, req.GetCapacityRange().GetRequiredBytes()); err != nil {
-		return nil, status.Errorf(codes.Internal, "refreshing device size: %v", err)
-	}
-	if !rec.Block {
-		if _, err := mount.NewResizeFs(n.mounts.Exec).Resize(rec.Device, rec.StagingPath); err != nil {
-			if rec.FsType == "ext4" && strings.Contains(err.Error(), "Permission denied to resize") {
-				// ext4's online resize ioctl demands CAP_SYS_RESOURCE.
-				return nil, status.Errorf(codes.FailedPrecondition,
-					"growing ext4 on %s online needs CAP_SYS_RESOURCE, which this node plugin lacks (run it privileged): %v", rec.Device, err)
-			}
-			return nil, status.Errorf(codes.Internal, "growing %s filesystem on %s: %v", rec.FsType, rec.Device, err)
-		}
-	}
-	size, err := deviceSize(rec.Device)
+	size, err := n.stager.Expand(ctx, rec, req.GetCapacityRange().GetRequiredBytes())
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "reading size of %s: %v", rec.Device, err)
+		return nil, err
 	}
 	klog.InfoS("volume expanded on node", "volumeID", req.GetVolumeId(), "bytes", size, "duration", time.Since(start))
 	if size != rec.Size { // a repeated call that changed nothing emits nothing
 		rec.Size = size
-		if err := n.emit(ctx, rcsi.EventExpand, rec, rec.Context); err != nil {
+		if err := n.emit(ctx, EventExpand, rec, rec.Context); err != nil {
 			return nil, err
 		}
 		if err := n.state.save(rec); err != nil {
@@ -185,20 +169,14 @@ func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRe
 }
 
 // NodeGetInfo returns the node ID.
-func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+func (n *Node[A]) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{NodeId: n.nodeID}, nil
 }
 
 // NodeGetCapabilities lists what this node service does.
-func (n *Node) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+func (n *Node[A]) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
 	var caps []*csi.NodeServiceCapability
-	for _, t := range []csi.NodeServiceCapability_RPC_Type{
-		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
-		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
-		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
-		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
-		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
-	} {
+	for _, t := range n.caps {
 		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{
 			Rpc: &csi.NodeServiceCapability_RPC{Type: t}}})
 	}
