@@ -60,7 +60,7 @@ func NewMounter(name string) (Mounter, error) {
 	case "", MounterFuse:
 		return &fuseMounter{}, nil
 	case MounterKernel:
-		return nil, status.Error(codes.Unimplemented, "the kernel mounter is not implemented yet")
+		return &kernelMounter{}, nil
 	}
 	return nil, status.Errorf(codes.InvalidArgument, "unknown mounter %q (kernel or fuse)", name)
 }

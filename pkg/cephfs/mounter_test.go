@@ -130,6 +130,59 @@ func TestCheckSpecAndTarget(t *testing.T) {
 	}
 }
 
+func TestKernelOptions(t *testing.T) {
+	o, err := parseKernelOptions("noatime,rsize=1048576,nocrc,fsc,ms_mode=secure", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.flags != unix.MS_NOATIME|unix.MS_RDONLY {
+		t.Errorf("flags %#x", o.flags)
+	}
+	spec := testSpec()
+	data := o.mountData(spec)
+	want := "name=csi-cephfs,secret=" + testKey + ",mds_namespace=cephfs,rsize=1048576,nocrc,fsc,ms_mode=secure,mount_timeout=30"
+	if data != want {
+		t.Errorf("data %q, want %q", data, want)
+	}
+	if o, _ := parseKernelOptions("mount_timeout=5", false); !slices.Equal(o.data, []string{"mount_timeout=5"}) {
+		t.Errorf("a given mount_timeout is replaced: %q", o.data)
+	}
+	for in, bad := range map[string]string{
+		"secret=AQB":            "set by the driver",
+		"secretfile=/etc/k":     "set by the driver",
+		"name=admin":            "set by the driver",
+		"mds_namespace=other":   "set by the driver",
+		"rsize=1,bogus":         `"bogus" is not supported`,
+		"snapdirname=a/../b":    "bad value",
+		"rsize":                 "needs a value",
+		"nocrc=1":               "bad value",
+		"rw":                    "read-only",
+		"noatime,,rsize=4096":   "empty option",
+		"recover_session=clean": "",
+	} {
+		_, err := parseKernelOptions(in, in == "rw")
+		if bad == "" {
+			if err != nil {
+				t.Errorf("%q: %v", in, err)
+			}
+			continue
+		}
+		if rcsi.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), bad) {
+			t.Errorf("%q: %v, want InvalidArgument with %q", in, err, bad)
+		}
+	}
+}
+
+func TestKernelSource(t *testing.T) {
+	src, err := kernelSource(context.Background(), []string{"10.0.0.1:6789", "v1:10.0.0.2:6790", "10.0.0.3", "[fd00::1]:6789"}, "/volumes/csi/a/b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "10.0.0.1:6789,10.0.0.2:6790,10.0.0.3:6789,[fd00::1]:6789:/volumes/csi/a/b"; src != want {
+		t.Errorf("%q, want %q", src, want)
+	}
+}
+
 func TestFuseErrorCode(t *testing.T) {
 	for line, want := range map[string]codes.Code{
 		"ceph-fuse[1]: ceph mount failed with (1) Operation not permitted":   codes.PermissionDenied,
@@ -209,7 +262,7 @@ func TestSyncTreeTooDeep(t *testing.T) {
 
 func TestNotMounted(t *testing.T) {
 	dir := t.TempDir()
-	for _, m := range []Mounter{&fuseMounter{}} {
+	for _, m := range []Mounter{&fuseMounter{}, &kernelMounter{}} {
 		err := m.Flush(context.Background(), dir)
 		if rcsi.Code(err) != codes.FailedPrecondition || !errors.Is(err, ErrNotMounted) {
 			t.Errorf("%s: Flush of an unmounted directory: %v", m.Name(), err)
