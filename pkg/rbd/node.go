@@ -464,6 +464,7 @@ func (n *Node) teardown(ctx context.Context, rec *stageRecord, events bool) erro
 		}
 	}
 	if events {
+		rcsi.PausePoint("unstage-before-detach")
 		if err := n.emit(ctx, rcsi.EventDetach, rec, rec.Context); err != nil {
 			return err
 		}

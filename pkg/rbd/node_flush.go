@@ -129,7 +129,8 @@ func (n *Node) StagedVolumes() []rcsi.StagedVolume {
 		if !r.Staged {
 			continue
 		}
-		v := rcsi.StagedVolume{VolumeID: r.VolumeID, PVC: r.Context[ParamPVCName], Namespace: r.Context[ParamPVCNamespace]}
+		v := rcsi.StagedVolume{VolumeID: r.VolumeID, PVC: r.Context[ParamPVCName], Namespace: r.Context[ParamPVCNamespace],
+			Unstaging: r.UnstageAcked}
 		for _, pub := range r.Targets {
 			v.PodNamespace = pub.Context[rcsi.KeyPodNamespace]
 			break
