@@ -290,11 +290,12 @@ func (es *endpoints) add(key string, e Endpoint) error {
 			addr, inner string
 			frame       uint64
 			frames      int
-		}{{e.Events, evAddr, maxSubscriptionBytes, wireFramesEvents}, {e.Control, ctlAddr, maxMessageBytes, wireFramesControl}} {
+			subs        bool
+		}{{e.Events, evAddr, maxSubscriptionBytes, wireFramesEvents, true}, {e.Control, ctlAddr, maxMessageBytes, wireFramesControl, false}} {
 			path, ok := strings.CutPrefix(g.addr, "ipc://")
 			var gd *guard
 			if ok {
-				gd, err = startGuard(path, strings.TrimPrefix(g.inner, "ipc://"), mode, g.frame, g.frames)
+				gd, err = startGuard(path, strings.TrimPrefix(g.inner, "ipc://"), mode, g.frame, g.frames, g.subs)
 			} else {
 				err = errors.New("a guarded endpoint must be ipc")
 			}
