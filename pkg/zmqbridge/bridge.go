@@ -156,6 +156,12 @@ func New(opts Options) (*Bridge, error) {
 	b.opts.Journal.OnSynced = b.onSynced
 	b.opts.Journal.OnAppend = b.recent.put
 	b.opts.Journal.OnRewind = b.recent.rewind
+	// Retention keeps each namespace's newest events, so that no namespace
+	// can push all of another's out of the journal.
+	b.opts.Journal.Class = recordNamespace
+	if b.opts.Journal.KeepPerClass == 0 {
+		b.opts.Journal.KeepPerClass = DefaultKeepPerNamespace
+	}
 	j, err := OpenJournal(b.opts.Journal)
 	if err != nil {
 		b.cancel()

@@ -166,9 +166,17 @@ func (ep *endpoint) mayFlush(namespace, volumeID string) bool {
 	return ep.volumes[volumeID]
 }
 
+// seesClass reports whether the endpoint may see records of a namespace
+// (the journal's retention class, recordNamespace).
+func (ep *endpoint) seesClass(namespace string) bool {
+	return ep.Scope.All || (ep.Scope.Namespace != "" && namespace == ep.Scope.Namespace)
+}
+
 // viewer decides what one requester may replay and flush.
 type viewer interface {
 	sees(r Record) bool
+	// seesClass: whether it may see any record of a namespace.
+	seesClass(namespace string) bool
 	mayFlush(namespace, volumeID string) bool
 }
 

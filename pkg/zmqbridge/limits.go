@@ -16,6 +16,9 @@ const (
 	DefaultQueue            = 16
 	DefaultFlushRate        = 5 // per second, per endpoint
 	DefaultFlushBurst       = 10
+	// DefaultKeepPerNamespace is how many of each namespace's newest events
+	// retention keeps when it drops their segment (JournalOptions.KeepPerClass).
+	DefaultKeepPerNamespace = 100
 )
 
 // socketsPerEndpoint: XPUB, ROUTER, and with metrics a monitor's two PAIR
