@@ -396,7 +396,8 @@ func TestCurveSubscriptionsGivenBack(t *testing.T) {
 		s := rawSub(t, zctx, fmt.Sprintf("tcp://127.0.0.1:%d", port), server.pub, a, "")
 		var got []string
 		for deadline := time.Now().Add(3 * time.Second); len(got) == 0 && time.Now().Before(deadline); {
-			if _, err := b.Emit(context.Background(), Event{Kind: KindAttach, VolumeID: "v", PVC: fmt.Sprint(i), Namespace: "team-a"}); err != nil {
+			if _, err := b.Emit(context.Background(), Event{Kind: KindDetach, // its last grant: a "" counts once, however many grants
+				VolumeID: "v", PVC: fmt.Sprint(i), Namespace: "team-a"}); err != nil {
 				t.Fatal(err)
 			}
 			got = drain(s, 200*time.Millisecond)
