@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -293,6 +294,13 @@ func TestHostilePod(t *testing.T) {
 	for i := 0; i < 10000; i++ {
 		sub.SetSubscribe(fmt.Sprintf("attach/hostile/%05d-%s", i, strings.Repeat("x", 200)))
 	}
+	// A well-behaved subscriber on the same endpoint, after them: its
+	// subscription applies (the cap is per connection).
+	good, _ := zctx.NewSocket(zmq.SUB)
+	good.SetLinger(0)
+	good.SetSubscribe("ack/hostile/")
+	good.Connect("ipc://" + hostile + "/events.sock")
+	defer good.Close()
 	// 1,000 concurrent replays, again and again.
 	var dealers []*zmq.Socket
 	for i := 0; i < 1000; i++ {
@@ -402,6 +410,27 @@ func TestHostilePod(t *testing.T) {
 	t.Logf("%d flushes of the hostile pod's idle volume journaled acks %v", flushes.Load()/2, acks)
 	if int64(len(acks))*10 > flushes.Load()/2 {
 		t.Errorf("%d flushes of an idle volume journaled %d acks, want fewer than 1 in 10", flushes.Load()/2, len(acks))
+	}
+
+	// The hostile pod's own well-behaved subscriber, on the endpoint
+	// holding the 10,000 subscriptions, gets its live events.
+	if err := os.WriteFile(filepath.Join(mine.target, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ack, _, err := ncli.Flush(mine.id, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	good.SetRcvtimeo(5 * time.Second)
+	for {
+		f, err := good.RecvMessage(0)
+		if err != nil {
+			t.Fatalf("a well-behaved subscriber on the endpoint with 10,000 hostile subscriptions did not get ack %d: %v", ack, err)
+		}
+		var ev zmqbridge.Event
+		if json.Unmarshal([]byte(f[len(f)-1]), &ev) == nil && ev.Seq >= ack {
+			break
+		}
 	}
 
 	// A 1 GiB multipart message, streamed raw (libzmq itself would keep an

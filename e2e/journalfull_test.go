@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -258,5 +259,154 @@ func TestAckSaysWhetherFlushed(t *testing.T) {
 	}
 	if strings.Join(acks, ",") != "request=true,unstage=false" {
 		t.Fatalf("acks %v, want request=true, unstage=false", acks)
+	}
+}
+
+// A NodeUnstageVolume whose detach event the journal cannot record (its file
+// system full) fails with Unavailable after unmounting and unmapping. Until
+// kubelet's retry ends it, a flush of that volume is answered "unavailable"
+// (it is neither flushable nor gone), also by a node plugin restarted
+// meanwhile; once the retry succeeded, "not_found". The volume's events:
+// attach, ack, detach, each once.
+func TestDetachJournalFailedFlush(t *testing.T) {
+	dir := newDriverDir(t)
+	events := filepath.Join(dir, "events")
+	if err := os.MkdirAll(events, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", events, "tmpfs", 0, "size=4m,mode=0700"); err != nil {
+		t.Fatalf("mounting a small tmpfs for the events: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(events, syscall.MNT_DETACH) })
+	d := startDriver(t, dir, []string{"ROOKZMQ_PAUSE_AT=unstage-before-detach"})
+	c := ctx(t)
+	prefix := uniquePrefix(t)
+	vc := mountCap("", rwo)
+	stageNew := func(name, pvc string) (id string, vctx map[string]string, staging string) {
+		t.Helper()
+		req := createReq(prefix+name, prefix, 64<<20)
+		req.Parameters["csi.storage.k8s.io/pvc/name"] = pvc
+		req.Parameters["csi.storage.k8s.io/pvc/namespace"] = "team-d"
+		r, err := d.ctrl.CreateVolume(c, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, vctx, staging = r.GetVolume().GetVolumeId(), r.GetVolume().GetVolumeContext(), filepath.Join(t.TempDir(), "s")
+		if _, err := d.node.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			VolumeCapability: vc, VolumeContext: vctx, Secrets: secrets()}); err != nil {
+			t.Fatal(err)
+		}
+		return id, vctx, staging
+	}
+	// The padding volume's events are 40 bytes shorter than the detach.
+	id, _, staging := stageNew("vol", "detach-under-a-full-journal-"+strings.Repeat("x", 40))
+	pad, padCtx, padStaging := stageNew("pad", "p")
+	unstage := func(d *driver) error {
+		_, err := d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		return err
+	}
+	flushCode := func(what string) string {
+		t.Helper()
+		seq, _, err := eventsClient(t, dir).Flush(id, "", "")
+		var re *zmqbridge.ReplyError
+		if !errors.As(err, &re) {
+			t.Fatalf("flush %s: seq %d, %v; want an error reply", what, seq, err)
+		}
+		return re.Code
+	}
+
+	var filler string
+	var padTargets []string
+	defer func() { // on failure, leave nothing behind: free the space, undo it all
+		if !t.Failed() || !d.alive() {
+			return
+		}
+		os.Remove(filler)
+		for _, target := range padTargets {
+			d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: pad, TargetPath: target})
+		}
+		d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: pad, StagingTargetPath: padStaging})
+		unstage(d)
+		for _, v := range []string{id, pad} {
+			d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: v, Secrets: secrets()})
+		}
+	}()
+
+	errc := make(chan error, 1)
+	go func() { errc <- unstage(d) }()
+	for !strings.Contains(readFileString(d.log), `"pause point reached"`) {
+		select {
+		case err := <-errc:
+			t.Fatalf("unstage ended before its pause point: %v", err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	// Meanwhile fill the file system, then the segment's last page with the
+	// padding volume's publishes until one no longer fits: the detach does not.
+	filler = fillFS(t, events)
+	for i := 0; ; i++ {
+		target := filepath.Join(t.TempDir(), "t")
+		padTargets = append(padTargets, target)
+		_, err := d.node.NodePublishVolume(c, &csi.NodePublishVolumeRequest{VolumeId: pad, StagingTargetPath: padStaging,
+			TargetPath: target, VolumeCapability: vc, VolumeContext: padCtx})
+		if status.Code(err) == codes.Unavailable {
+			break
+		}
+		if err != nil || i == 40 {
+			t.Fatalf("padding publish %d: %v", i, err)
+		}
+	}
+	if err := <-errc; status.Code(err) != codes.Unavailable {
+		t.Fatalf("unstage whose detach the full journal refuses: %v, want Unavailable\n%s", err, tail(d.log, 10))
+	}
+	if code := flushCode("after the failed detach"); code != zmqbridge.CodeUnavailable {
+		t.Fatalf("flush of the half-unstaged volume: code %s, want unavailable", code)
+	}
+	d.stop()
+	d = startDriver(t, dir, nil)
+	if code := flushCode("after a restart"); code != zmqbridge.CodeUnavailable {
+		t.Fatalf("flush of the half-unstaged volume after a restart: code %s, want unavailable", code)
+	}
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if err := unstage(d); err != nil {
+		t.Fatalf("retried unstage once there is space: %v", err)
+	}
+	if code := flushCode("after the retried unstage"); code != zmqbridge.CodeNotFound {
+		t.Fatalf("flush of the unstaged volume: code %s, want not_found", code)
+	}
+
+	for _, target := range padTargets {
+		if _, err := d.node.NodePublishVolume(c, &csi.NodePublishVolumeRequest{VolumeId: pad, StagingTargetPath: padStaging,
+			TargetPath: target, VolumeCapability: vc, VolumeContext: padCtx}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: pad, TargetPath: target}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: pad, StagingTargetPath: padStaging}); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{id, pad} {
+		deleteEventually(t, d, v)
+	}
+	recs, _, err := eventsClient(t, dir).Replay(0, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, raw := range recs {
+		var ev zmqbridge.Event
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.VolumeID == id {
+			kinds = append(kinds, ev.Kind)
+		}
+	}
+	if strings.Join(kinds, ",") != "attach,ack,detach" {
+		t.Fatalf("events of the volume %v, want attach, ack, detach", kinds)
 	}
 }

@@ -90,3 +90,25 @@ func TestReadmeMatchesCode(t *testing.T) {
 		t.Error("README's layout does not name the client subcommands demo and events")
 	}
 }
+
+// --events-journal-keep: the default keeps 100 events of each namespace, 0
+// none (the journal's KeepPerClass < 0), a negative value is refused.
+func TestEventsJournalKeepFlag(t *testing.T) {
+	base := []string{"--node", "--nodeid", "n"}
+	for arg, want := range map[string]int{"": 100, "--events-journal-keep=0": -1, "--events-journal-keep=7": 7} {
+		args := base
+		if arg != "" {
+			args = append(args, arg)
+		}
+		f, err := parseServeFlags(args)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := keepPerClass(f.eventsJournalKeep); got != want {
+			t.Errorf("%q: KeepPerClass %d, want %d", arg, got, want)
+		}
+	}
+	if _, err := parseServeFlags(append(base, "--events-journal-keep=-1")); err == nil {
+		t.Error("--events-journal-keep=-1 accepted")
+	}
+}

@@ -75,6 +75,7 @@ type serveFlags struct {
 	metricsAddress, registrationDir                    string
 	eventsTCP, eventsServerKey, eventsClients          string
 	eventsJournalBytes                                 int64
+	eventsJournalKeep                                  int
 	kubeconfig                                         string
 	eventsMaxEndpoints, eventsMaxPodEndpoints          int
 }
@@ -105,6 +106,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.eventsHeartbeat, "events-heartbeat", time.Second, "event heartbeat interval")
 	fs.Int64Var(&f.eventsJournalBytes, "events-journal-bytes", 256<<20, "event journal size limit (oldest segments dropped)")
 	fs.DurationVar(&f.eventsJournalAge, "events-journal-age", 7*24*time.Hour, "event journal age limit")
+	fs.IntVar(&f.eventsJournalKeep, "events-journal-keep", zmqbridge.DefaultKeepPerNamespace, "newest events of each namespace kept when retention drops their journal segment (0: none)")
 	fs.IntVar(&f.eventsMaxEndpoints, "events-max-endpoints", zmqbridge.DefaultMaxEndpoints, "most per-pod event endpoints (events.rookzmq.io volumes) on this node")
 	fs.IntVar(&f.eventsMaxPodEndpoints, "events-max-pod-endpoints", rcsi.DefaultMaxPodEndpoints, "most event endpoints (events.rookzmq.io volumes) of one pod")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
@@ -139,6 +141,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if _, err := strconv.ParseUint(f.eventsMode, 8, 32); err != nil {
 		return nil, fmt.Errorf("--events-mode=%s is not an octal mode", f.eventsMode)
+	}
+	if f.eventsJournalKeep < 0 {
+		return nil, errors.New("--events-journal-keep must not be negative")
 	}
 	if f.eventsMaxEndpoints < 1 || f.eventsMaxPodEndpoints < 1 {
 		return nil, errors.New("--events-max-endpoints and --events-max-pod-endpoints must be at least 1")
@@ -211,7 +216,7 @@ func serve(args []string) error {
 			Curve:        curve,
 			Dir:          f.eventsDir, SocketMode: os.FileMode(mode), Node: f.nodeID, Driver: f.driverName,
 			Heartbeat: f.eventsHeartbeat, Flusher: sink, Metrics: metrics,
-			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge},
+			Journal: zmqbridge.JournalOptions{MaxBytes: f.eventsJournalBytes, MaxAge: f.eventsJournalAge, KeepPerClass: keepPerClass(f.eventsJournalKeep)},
 		})
 		if err != nil {
 			return err
@@ -348,4 +353,13 @@ func curveOptions(f *serveFlags) (*zmqbridge.CurveOptions, error) {
 		return nil, fmt.Errorf("--events-tcp=%s: want HOST:PORT (PORT+1 is the control port)", f.eventsTCP)
 	}
 	return &zmqbridge.CurveOptions{Host: host, Port: port, ServerKeyFile: f.eventsServerKey, ClientsFile: f.eventsClients}, nil
+}
+
+// keepPerClass maps --events-journal-keep to JournalOptions.KeepPerClass, in
+// which 0 means the default and a negative value none.
+func keepPerClass(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }

@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -43,7 +44,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if flushReq != nil {
-		err = flush(ctx, cfg, flushReq, os.Stdout)
+		err = flush(ctx, cfg, flushReq, os.Stdout, os.Stderr)
 	} else {
 		err = subscribe(ctx, cfg, os.Stdout, os.Stderr)
 	}
@@ -91,7 +92,49 @@ type requester struct {
 	zctx    *zmq.Context
 	addr    string
 	timeout time.Duration
+	log     io.Writer // where retries are reported
 	req     *zmq.Socket
+}
+
+// retryable reports whether an error reply's code says "try again later"
+// (docs/events.md, "Error replies"): busy, aborted, unavailable, internal,
+// and codes this client does not know, which count as internal.
+func retryable(code string) bool {
+	switch code {
+	case "", "bad_request", "unauthorized", "not_found", "unsupported", "truncated":
+		return false
+	}
+	return true
+}
+
+// request sends req and returns the reply's raw JSON, sending it again
+// after an error reply that asks for a retry (busy, aborted, unavailable,
+// internal), with exponential backoff, until timeout has passed since the
+// first try; then the last reply stands.
+func (r *requester) request(ctx context.Context, req any) ([]byte, error) {
+	deadline := time.Now().Add(r.timeout)
+	pause := 100 * time.Millisecond
+	for {
+		raw, err := r.call(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		var e struct{ Error, Code string }
+		if json.Unmarshal(raw, &e) != nil || e.Error == "" || !retryable(e.Code) {
+			return raw, nil
+		}
+		wait := pause/2 + time.Duration(rand.Int63n(int64(pause))) // jittered: clients told busy together do not come back together
+		if time.Now().Add(wait).After(deadline) {
+			return raw, nil
+		}
+		fmt.Fprintf(r.log, "%s (code %s); retrying in %s\n", e.Error, e.Code, wait.Round(time.Millisecond))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		pause = min(2*pause, 5*time.Second)
+	}
 }
 
 // call sends req and returns the reply's raw JSON.
@@ -137,17 +180,18 @@ func (r *requester) close() {
 	}
 }
 
-// flush sends one flush request and prints the reply ({"seq":S,"flush_ms":F}:
-// S is the sequence of the "ack" event, published once Ceph has the data).
-func flush(ctx context.Context, cfg config, req map[string]any, out io.Writer) error {
+// flush sends one flush request (again while the reply asks for a retry,
+// within the timeout) and prints the reply ({"seq":S,"flush_ms":F}: S is the
+// sequence of the "ack" event, published once Ceph has the data).
+func flush(ctx context.Context, cfg config, req map[string]any, out, log io.Writer) error {
 	zctx, err := zmq.NewContext()
 	if err != nil {
 		return err
 	}
 	defer zctx.Term()
-	r := &requester{zctx: zctx, addr: cfg.Control, timeout: cfg.Timeout}
+	r := &requester{zctx: zctx, addr: cfg.Control, timeout: cfg.Timeout, log: log}
 	defer r.close()
-	reply, err := r.call(ctx, req)
+	reply, err := r.request(ctx, req)
 	if err != nil {
 		return err
 	}

@@ -3,12 +3,16 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	zmq "github.com/pebbe/zmq4"
 
 	"github.com/rookzmq/rookzmq/pkg/zmqbridge"
 )
@@ -102,7 +106,7 @@ func TestFlush(t *testing.T) {
 			t.Fatalf("parseArgs(%q) = %v, %v", args, req, err)
 		}
 		var o out
-		err = flush(context.Background(), cfg, req, &o)
+		err = flush(context.Background(), cfg, req, &o, io.Discard)
 		want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5,"epoch":"%s"}`, b.Last(), b.Epoch())
 		if args[1] == "w" {
 			want = fmt.Sprintf(`{"error":"volume w is not staged on this node","code":"not_found","epoch":"%s"}`, b.Epoch())
@@ -244,6 +248,126 @@ func TestEpochChange(t *testing.T) {
 			}
 			if st, _ := os.ReadFile(state); !strings.Contains(string(st), b.Epoch()) {
 				t.Errorf("state file %q lacks the new epoch %s", st, b.Epoch())
+			}
+		})
+	}
+}
+
+// gatedFlusher holds a flush of volume "slow" until gate is closed; other
+// volumes are flushed as flusher does.
+type gatedFlusher struct {
+	flusher
+	gate chan struct{}
+}
+
+func (f *gatedFlusher) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uint64, float64, error) {
+	if req.VolumeID == "slow" {
+		<-f.gate
+		return 0, 0, zmqbridge.Errorf(zmqbridge.CodeNotFound, "volume slow is not staged on this node")
+	}
+	return f.flusher.Flush(ctx, req)
+}
+
+// busyBridge starts a bridge whose control endpoint answers busy: its one
+// worker holds a flush until release is called, and a replay fills its
+// queue of one. It returns the bridge's directory.
+func busyBridge(t *testing.T) (dir string, b *zmqbridge.Bridge, release func()) {
+	dir = t.TempDir()
+	f := &gatedFlusher{gate: make(chan struct{})}
+	b, err := zmqbridge.New(zmqbridge.Options{Dir: dir, Node: "n1", Driver: "d", Heartbeat: 100 * time.Millisecond,
+		Flusher: f, Workers: 1, Queue: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.b = b
+	release = sync.OnceFunc(func() { close(f.gate) })
+	t.Cleanup(func() { release(); b.Close() })
+	zctx, _ := zmq.NewContext()
+	var socks []*zmq.Socket
+	t.Cleanup(func() {
+		for _, s := range socks {
+			s.Close()
+		}
+		zctx.Term()
+	})
+	dealer := func() *zmq.Socket {
+		s, _ := zctx.NewSocket(zmq.DEALER)
+		s.SetLinger(0)
+		s.SetRcvtimeo(5 * time.Second)
+		if err := s.Connect("ipc://" + filepath.Join(dir, "control.sock")); err != nil {
+			t.Fatal(err)
+		}
+		socks = append(socks, s)
+		return s
+	}
+	dealer().SendMessage("", `{"op":"flush","volume_id":"slow"}`)
+	time.Sleep(200 * time.Millisecond) // on the worker
+	dealer().SendMessage("", `{"op":"replay"}`)
+	time.Sleep(200 * time.Millisecond) // queued
+	probe := dealer()
+	probe.SendMessage("", `{"op":"replay"}`)
+	if rep, err := probe.RecvMessage(0); err != nil || !strings.Contains(rep[len(rep)-1], `"code":"busy"`) {
+		t.Fatalf("the endpoint is not busy: %q, %v", rep, err)
+	}
+	return dir, b, release
+}
+
+// TestBusyRetried: on a real endpoint that answers busy, the subscriber's
+// replay and a flush request are retried with backoff (each retry reported
+// on stderr) and succeed once the endpoint has room again.
+func TestBusyRetried(t *testing.T) {
+	for name, start := range starters {
+		t.Run(name+"/subscribe", func(t *testing.T) {
+			dir, b, release := busyBridge(t)
+			for i := 0; i < 5; i++ {
+				if _, err := b.Emit(context.Background(), zmqbridge.Event{Kind: "attach", VolumeID: "v", PVC: "p", Namespace: "ns"}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s := start(t, dir)
+			time.Sleep(time.Second) // busy replies meanwhile
+			release()
+			waitFor(t, "the 5 events to be printed", func() bool { return last(t, s) >= 5 })
+			stop(t, s)
+			if got := fmt.Sprint(s.stdout.seqs(t)); got != "[1 2 3 4 5]" {
+				t.Errorf("printed %s, want [1 2 3 4 5]", got)
+			}
+			if !strings.Contains(s.stderr.String(), "code busy") {
+				t.Errorf("no busy reply reported: %q", s.stderr.String())
+			}
+		})
+		t.Run(name+"/flush", func(t *testing.T) {
+			if name == "python" && exec.Command("/usr/bin/python3", "-c", "import zmq").Run() != nil {
+				t.Skip("/usr/bin/python3 cannot import zmq")
+			}
+			dir, b, release := busyBridge(t)
+			var stdout, stderr out
+			done := make(chan error, 1)
+			if name == "go" {
+				cfg, req, err := parseArgs([]string{"--dir", dir, "--timeout", "10", "--flush-volume", "v"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				go func() { done <- flush(context.Background(), cfg, req, &stdout, &stderr) }()
+			} else {
+				cmd := exec.Command("/usr/bin/python3", "../python-subscriber/subscriber.py", "--dir", dir, "--timeout", "10", "--flush-volume", "v")
+				cmd.Stdout, cmd.Stderr = &stdout, &stderr
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				go func() { done <- cmd.Wait() }()
+			}
+			time.Sleep(time.Second) // busy replies meanwhile
+			release()
+			if err := <-done; err != nil {
+				t.Fatalf("flush: %v; stdout %q, stderr %q", err, stdout.String(), stderr.String())
+			}
+			want := fmt.Sprintf(`{"seq":%d,"flush_ms":1.5,"epoch":"%s"}`, b.Last(), b.Epoch())
+			if got := strings.TrimSpace(stdout.String()); got != want {
+				t.Errorf("flush printed %q, want %q", got, want)
+			}
+			if !strings.Contains(stderr.String(), "code busy") {
+				t.Errorf("no busy reply reported: %q", stderr.String())
 			}
 		})
 	}

@@ -73,7 +73,7 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 	if err := sub.Connect(cfg.Events); err != nil {
 		return err
 	}
-	r := &requester{zctx: zctx, addr: cfg.Control, timeout: cfg.Timeout}
+	r := &requester{zctx: zctx, addr: cfg.Control, timeout: cfg.Timeout, log: log}
 	defer r.close()
 
 	// advance records seq as seen, after the event was printed.
@@ -118,7 +118,7 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 	// replay pages from last until the node's last sequence.
 	replay := func() error {
 		for ctx.Err() == nil {
-			raw, err := r.call(ctx, map[string]any{"op": "replay", "since": last, "max": 1000})
+			raw, err := r.request(ctx, map[string]any{"op": "replay", "since": last, "max": 1000})
 			if err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()
@@ -128,9 +128,9 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 				continue
 			}
 			var rep struct {
-				Events            []json.RawMessage
-				Last, First, Next uint64
-				Error, Epoch      string
+				Events             []json.RawMessage
+				Last, First, Next  uint64
+				Error, Code, Epoch string
 			}
 			if err := json.Unmarshal(raw, &rep); err != nil {
 				return fmt.Errorf("bad replay reply: %w", err)
@@ -146,6 +146,9 @@ func subscribe(ctx context.Context, cfg config, out, log io.Writer) error {
 				if err := advance(rep.First - 1); err != nil {
 					return err
 				}
+				continue
+			case rep.Error != "" && retryable(rep.Code): // still busy (or failing) after the requester's retries
+				fmt.Fprintf(log, "replay: %s (code %s); retrying\n", rep.Error, rep.Code)
 				continue
 			case rep.Error != "":
 				return fmt.Errorf("replay: %s", rep.Error)

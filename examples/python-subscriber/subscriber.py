@@ -12,6 +12,7 @@ Needs only pyzmq (Debian: python3-zmq).
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -47,10 +48,38 @@ class Requester:
             raise Stopped()
         raise TimeoutError("no reply from %s within %ss" % (self.addr, self.timeout))
 
+    def request(self, req):
+        """call(req), again after an error reply that asks for a retry (busy,
+        aborted, unavailable, internal), with exponential backoff, until the
+        timeout has passed since the first try; then the last reply stands."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.1
+        while True:
+            rep = self.call(req)
+            if "error" not in rep or not retryable(rep.get("code", "")):
+                return rep
+            wait = pause / 2 + random.random() * pause  # jittered: clients told busy together do not come back together
+            if time.monotonic() + wait > deadline:
+                return rep
+            print("%s (code %s); retrying in %.3fs" % (rep["error"], rep.get("code"), wait), file=sys.stderr)
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
+                if self.stopping():
+                    raise Stopped()
+                time.sleep(min(0.05, end - time.monotonic()))
+            pause = min(2 * pause, 5.0)
+
     def close(self):
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+def retryable(code):
+    """Whether an error reply's code says "try again later" (docs/events.md,
+    "Error replies"): busy, aborted, unavailable, internal, and codes this
+    client does not know, which count as internal."""
+    return code not in ("", "bad_request", "unauthorized", "not_found", "unsupported", "truncated")
 
 
 def topic_of(ev):
@@ -115,7 +144,7 @@ class Subscriber:
         """Page from self.last until the node's last sequence."""
         while True:
             try:
-                rep = self.req.call({"op": "replay", "since": self.last, "max": 1000})
+                rep = self.req.request({"op": "replay", "since": self.last, "max": 1000})
             except TimeoutError as e:
                 print("replay: %s; retrying" % e, file=sys.stderr)
                 time.sleep(1)
@@ -126,6 +155,9 @@ class Subscriber:
                 print("WARNING: journal truncated: events %d..%d are gone; continuing from %d"
                       % (self.last + 1, rep["first"] - 1, rep["first"]), file=sys.stderr)
                 self.advance(rep["first"] - 1)
+                continue
+            if "error" in rep and retryable(rep.get("code", "")):  # still failing after the retries
+                print("replay: %s (code %s); retrying" % (rep["error"], rep.get("code")), file=sys.stderr)
                 continue
             if "error" in rep:
                 raise RuntimeError("replay: %s" % rep["error"])
@@ -195,9 +227,9 @@ def main():
             req = Requester(zctx, args.control, args.timeout, stopping)
             try:
                 if args.flush_volume:
-                    rep = req.call({"op": "flush", "volume_id": args.flush_volume})
+                    rep = req.request({"op": "flush", "volume_id": args.flush_volume})
                 else:
-                    rep = req.call({"op": "flush", "pvc": args.flush_pvc, "namespace": args.flush_namespace})
+                    rep = req.request({"op": "flush", "pvc": args.flush_pvc, "namespace": args.flush_namespace})
             finally:
                 req.close()
             print(json.dumps(rep, separators=(",", ":")), flush=True)

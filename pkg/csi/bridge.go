@@ -30,6 +30,9 @@ type StagedVolume struct {
 	VolumeID, PVC, Namespace string
 	// PodNamespace is the namespace of a pod it is published to.
 	PodNamespace string
+	// Unstaging: NodeUnstageVolume began tearing it down (its unstage ack
+	// was emitted) and has not finished.
+	Unstaging bool
 }
 
 // FlushableVolumes is what the node services offer the event bridge.
@@ -63,6 +66,10 @@ type indexedVolume struct {
 	// The volume's last request-triggered ack, and the device's written
 	// sectors after its flush.
 	ackSeq, ackWrites uint64
+	// unstaging: its unstage has begun and not finished (its detach event
+	// is not journaled yet, e.g. because the journal failed): flushes are
+	// answered "unavailable" until the retried unstage ends.
+	unstaging bool
 }
 
 // Seed fills the index from the staged volumes (call once, before the
@@ -72,7 +79,7 @@ func (s *BridgeSink) Seed() {
 	defer s.mu.Unlock()
 	s.vols = map[string]*indexedVolume{}
 	for _, v := range s.Volumes.StagedVolumes() {
-		iv := &indexedVolume{pvc: v.PVC, namespace: v.Namespace}
+		iv := &indexedVolume{pvc: v.PVC, namespace: v.Namespace, unstaging: v.Unstaging}
 		if iv.namespace == "" {
 			iv.namespace = v.PodNamespace
 		}
@@ -99,6 +106,15 @@ func (s *BridgeSink) VolumeEvent(ctx context.Context, ev VolumeEvent) (uint64, e
 		}
 	}
 	seq, err := s.Bridge.Emit(ctx, out)
+	if ev.Kind == EventDetach && iv != nil {
+		s.mu.Lock()
+		if err != nil {
+			iv.unstaging = true // until the retried unstage journals its detach
+		} else if s.vols[ev.VolumeID] == iv {
+			delete(s.vols, ev.VolumeID)
+		}
+		s.mu.Unlock()
+	}
 	if err != nil {
 		klog.ErrorS(err, "the event journal cannot record an event: failing the call so that it is retried",
 			"kind", ev.Kind, "volumeID", ev.VolumeID)
@@ -127,9 +143,12 @@ func (s *BridgeSink) index(ev VolumeEvent) (zmqbridge.Event, *indexedVolume) {
 	case iv == nil && ev.Kind != EventDetach:
 		iv = &indexedVolume{pvc: out.PVC, namespace: out.Namespace}
 		s.vols[ev.VolumeID] = iv
-	case ev.Kind == EventDetach:
-		delete(s.vols, ev.VolumeID)
+	case iv != nil && ev.Kind == EventAck && ev.Trigger == TriggerUnstage:
+		iv.unstaging = true // its flush answers "unavailable" from now on
+	case iv != nil && ev.Kind == EventAttach:
+		iv.unstaging = false // staged again
 	}
+	// A detach leaves the index once journaled (VolumeEvent).
 	if iv != nil && iv.namespace == "" && ev.Kind == EventPublish {
 		iv.namespace = out.PodNamespace // no provisioner metadata: the pod's namespace is the PVC's
 	}
@@ -161,13 +180,18 @@ func (s *BridgeSink) Flush(ctx context.Context, req zmqbridge.FlushRequest) (uin
 	} else {
 		iv = s.vols[id]
 	}
-	ns := ""
+	ns, unstaging := "", false
 	if iv != nil {
-		ns = iv.namespace
+		ns, unstaging = iv.namespace, iv.unstaging
 	}
 	s.mu.Unlock()
 	if iv == nil || (req.Allowed != nil && !req.Allowed(ns, id)) {
 		return 0, 0, notHere
+	}
+	if unstaging {
+		// Half unstaged (its mount or device may be gone already): neither
+		// flushable nor gone until kubelet's retry of the unstage ends.
+		return 0, 0, zmqbridge.Errorf(zmqbridge.CodeUnavailable, "volume %s is being unstaged on this node; retry", id)
 	}
 	// Checked again under the volume's lock, with the namespace indexed.
 	allowed := func(_, vid string) bool { return req.Allowed == nil || req.Allowed(ns, vid) }

@@ -371,6 +371,7 @@ func (n *Node[A]) teardown(ctx context.Context, rec *StageRecord[A], events bool
 		return status.Errorf(Code(err), "%v", err)
 	}
 	if events {
+		PausePoint("unstage-before-detach")
 		if err := n.emit(ctx, EventDetach, rec, rec.Context); err != nil {
 			return err
 		}

@@ -98,7 +98,8 @@ func (n *Node[A]) StagedVolumes() []StagedVolume {
 		if !r.Staged {
 			continue
 		}
-		v := StagedVolume{VolumeID: r.VolumeID, PVC: r.Context[KeyPVCName], Namespace: r.Context[KeyPVCNamespace]}
+		v := StagedVolume{VolumeID: r.VolumeID, PVC: r.Context[KeyPVCName], Namespace: r.Context[KeyPVCNamespace],
+			Unstaging: r.UnstageAcked}
 		for _, pub := range r.Targets {
 			v.PodNamespace = pub.Context[KeyPodNamespace]
 			break

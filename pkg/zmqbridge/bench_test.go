@@ -95,6 +95,7 @@ type runResult struct {
 	live, replayed, dups int             // bridge: how events reached the subscriber
 	replays              int             // bridge: replay requests made
 	syncs                []time.Duration // bridge: each group commit (one fsync)
+	mallocs              float64         // bridge: heap allocations in this process per event
 	toPub, fromPub       []time.Duration // bridge, paced: emit -> PUB send -> SUB receipt
 }
 
@@ -220,6 +221,8 @@ func bridgeRun(dir string, n, rate int) (*runResult, error) {
 		return nil, err
 	}
 
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
 	ev, emitAt, start := benchEvent(), make([]int64, n), time.Now()
 	for i := 0; i < n; i++ {
 		pacer(start, i, rate)
@@ -237,6 +240,8 @@ func bridgeRun(dir string, n, rate int) (*runResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	runtime.ReadMemStats(&ms1) // every event was journaled and published
+	res.mallocs = float64(ms1.Mallocs-ms0.Mallocs) / float64(n)
 	br.Close() // the publisher has told m of every event
 	m.mu.Lock()
 	res.syncs = slices.Clone(m.syncs)
@@ -392,6 +397,7 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 		row("  bridge live/replayed/duplicate", "", fmt.Sprintf("%d/%d/%d", r.live, r.replayed, r.dups), fmt.Sprintf("%d replay requests", r.replays))
 		row("  bridge events per fsync", "", fmt.Sprintf("%.1f", float64(r.n)/float64(max(len(r.syncs), 1))),
 			fmt.Sprintf("%d fsyncs, each p50 %s, p99 %s", len(r.syncs), ms(pct(r.syncs, 0.5)), ms(pct(r.syncs, 0.99))))
+		row("  bridge heap allocations per event", "", fmt.Sprintf("%.1f", r.mallocs), "in the publishing process (with the benchmark's own records)")
 	}
 	row("", "raw PUB/SUB", "bridge", "")
 	if rawT != nil && brT != nil {

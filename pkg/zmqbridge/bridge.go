@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	zmq "github.com/pebbe/zmq4"
 	"k8s.io/klog/v2"
@@ -95,10 +96,11 @@ type Bridge struct {
 	recent tail          // recent records, published from memory
 	epoch  string        // the journal's epoch
 	// published is the highest sequence the publisher sent; pubWake is
-	// closed (and replaced) each time it advances.
-	pubMu     sync.Mutex
-	published uint64
-	pubWake   chan struct{}
+	// closed (and replaced) when it advances while pubWaiters wait for it.
+	pubMu      sync.Mutex
+	published  uint64
+	pubWake    chan struct{}
+	pubWaiters int
 	// Close: closing refuses new endpoints; adds counts AddEndpoint calls
 	// under way; workers counts replay and flush workers, which use zctx
 	// only under zmu's read lock and not once zdead is set.
@@ -156,6 +158,12 @@ func New(opts Options) (*Bridge, error) {
 	b.opts.Journal.OnSynced = b.onSynced
 	b.opts.Journal.OnAppend = b.recent.put
 	b.opts.Journal.OnRewind = b.recent.rewind
+	// Retention keeps each namespace's newest events, so that no namespace
+	// can push all of another's out of the journal.
+	b.opts.Journal.Class = recordNamespace
+	if b.opts.Journal.KeepPerClass == 0 {
+		b.opts.Journal.KeepPerClass = DefaultKeepPerNamespace
+	}
 	j, err := OpenJournal(b.opts.Journal)
 	if err != nil {
 		b.cancel()
@@ -289,9 +297,12 @@ func (b *Bridge) append(ev Event) (Record, error) {
 	if ev.Driver == "" {
 		ev.Driver = b.opts.Driver
 	}
-	rec, err := b.journal.Append(ev.Topic(), func(seq uint64) []byte {
+	// One allocation for the topic and the JSON: neither changes once built.
+	buf := ev.appendTopic(make([]byte, 0, 416))
+	topic := unsafe.String(unsafe.SliceData(buf), len(buf))
+	rec, err := b.journal.Append(topic, func(seq uint64) []byte {
 		ev.Seq, ev.Time = seq, ""
-		return ev.appendJSON(make([]byte, 0, 384), time.Now())
+		return ev.appendJSON(buf[len(buf):], time.Now())
 	})
 	if err != nil {
 		return Record{}, fmt.Errorf("zmqbridge: journaling %s event: %w", ev.Kind, err)
@@ -376,6 +387,7 @@ func (b *Bridge) publishLoop() {
 	subTicker := time.NewTicker(10 * time.Millisecond)
 	defer subTicker.Stop()
 	subs := subTicker.C
+	var batch []Record // reused: its records are overwritten each round
 	b.endpoints.heartbeat(published)
 	for {
 		select {
@@ -394,7 +406,6 @@ func (b *Bridge) publishLoop() {
 			cmd()
 			continue
 		}
-		var batch []Record
 		for published < b.synced.Load() {
 			synced := b.synced.Load()
 			// A bounded batch: get holds the tail's lock, which Append
@@ -440,14 +451,24 @@ func (b *Bridge) setPublished(seq uint64) {
 	b.pubMu.Lock()
 	if seq > b.published {
 		b.published = seq
-		close(b.pubWake)
-		b.pubWake = make(chan struct{})
+		if b.pubWaiters > 0 {
+			close(b.pubWake)
+			b.pubWake = make(chan struct{})
+		}
 	}
 	b.pubMu.Unlock()
 }
 
 // waitPublished waits until the event seq was sent on the PUB sockets.
 func (b *Bridge) waitPublished(ctx context.Context, seq uint64) error {
+	b.pubMu.Lock()
+	b.pubWaiters++
+	b.pubMu.Unlock()
+	defer func() {
+		b.pubMu.Lock()
+		b.pubWaiters--
+		b.pubMu.Unlock()
+	}()
 	for {
 		b.pubMu.Lock()
 		done, wake := b.published >= seq, b.pubWake

@@ -336,14 +336,47 @@ func (b *Bridge) replay(req Request, v viewer) any {
 	// next is how far this answer looked: a scoped endpoint may skip many
 	// records it may not see, and one request scans at most maxReplayScan.
 	next, scanned := req.Since, 0
+	truncated := func(first uint64) any {
+		return errorReply{Error: "truncated", Code: CodeTruncated, First: first, Last: synced, Epoch: b.epoch}
+	}
 	for len(out.Events) < req.Max && next < synced && scanned < maxReplayScan {
+		if next+1 < b.journal.First() {
+			// Before the segments: what retention kept of the viewer's
+			// namespaces, complete after `lost`.
+			recs, lost, first := b.journal.Kept(next, v.seesClass)
+			if next < lost {
+				if len(out.Events) > 0 || next > req.Since {
+					break // this answer ends before the gap; the next one reports it
+				}
+				return truncated(lost + 1)
+			}
+			all := len(recs) < maxKeptRead
+			for _, r := range recs {
+				if len(out.Events) == req.Max || scanned == maxReplayScan {
+					all = false
+					break
+				}
+				next, scanned = r.Seq, scanned+1
+				if v.sees(r) {
+					out.Events = append(out.Events, r.Data)
+					out.Topics = append(out.Topics, r.Topic)
+				}
+			}
+			if all {
+				next = max(next, first-1)
+			}
+			continue
+		}
 		recs, err := b.journal.Read(next, MaxReplay)
 		var gap *GapError
 		if errors.As(err, &gap) {
+			if next+1 < b.journal.First() {
+				continue // retention dropped it meanwhile: the kept records answer
+			}
 			if len(out.Events) > 0 || next > req.Since {
 				break // this answer ends before the gap; the next one reports it
 			}
-			return errorReply{Error: "truncated", Code: CodeTruncated, First: gap.First, Last: synced, Epoch: b.epoch}
+			return truncated(gap.First)
 		}
 		if err != nil {
 			return b.errReply(CodeInternal, "reading the journal: "+err.Error())

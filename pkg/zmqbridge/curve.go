@@ -45,8 +45,9 @@ type client struct {
 	ns   map[string]bool
 }
 
-func (c *client) allowed(ns string) bool { return c.all || (ns != "" && c.ns[ns]) }
-func (c *client) sees(r Record) bool     { return c.allowed(recordNamespace(r)) }
+func (c *client) allowed(ns string) bool   { return c.all || (ns != "" && c.ns[ns]) }
+func (c *client) sees(r Record) bool       { return c.allowed(recordNamespace(r)) }
+func (c *client) seesClass(ns string) bool { return c.allowed(ns) }
 func (c *client) mayFlush(ns, _ string) bool {
 	return c.allowed(ns)
 }

@@ -371,3 +371,40 @@ func TestCurveBrokenClientsFileFailsClosed(t *testing.T) {
 		t.Errorf("after the fix: got %v", got)
 	}
 }
+
+// A CURVE client's subscriptions are given back when its connection closes:
+// a key reconnecting again and again (its "" granted as one prefix per kind
+// and namespace) still receives events after more reconnects than the
+// endpoint has room for at once. The grants used to be counted but never
+// given back (libzmq hands back the topic asked for, not the grants).
+func TestCurveSubscriptionsGivenBack(t *testing.T) {
+	dir := t.TempDir()
+	server, a := newKeypair(t), newKeypair(t)
+	os.WriteFile(filepath.Join(dir, "server.key"), []byte(server.sec+"\n"), 0o600)
+	clients := filepath.Join(dir, "clients.json")
+	writeClients(t, clients, map[string][]string{a.pub: {"team-a"}})
+	port := freePort(t)
+	b, err := New(Options{Dir: filepath.Join(dir, "ev"), Node: "n1", Heartbeat: 100 * time.Millisecond, MaxSubscriptions: 3,
+		Curve: &CurveOptions{Host: "127.0.0.1", Port: port, ServerKeyFile: filepath.Join(dir, "server.key"), ClientsFile: clients, Reload: time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	zctx, _ := zmq.NewContext()
+	t.Cleanup(func() { zctx.Term() })
+	for i := 0; i < 6; i++ {
+		s := rawSub(t, zctx, fmt.Sprintf("tcp://127.0.0.1:%d", port), server.pub, a, "")
+		var got []string
+		for deadline := time.Now().Add(3 * time.Second); len(got) == 0 && time.Now().Before(deadline); {
+			if _, err := b.Emit(context.Background(), Event{Kind: KindDetach, // its last grant: a "" counts once, however many grants
+				VolumeID: "v", PVC: fmt.Sprint(i), Namespace: "team-a"}); err != nil {
+				t.Fatal(err)
+			}
+			got = drain(s, 200*time.Millisecond)
+		}
+		if len(got) == 0 {
+			t.Fatalf("connection %d of the key (room for 3 at once) receives nothing", i+1)
+		}
+		s.Close()
+	}
+}

@@ -9,7 +9,9 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unsafe"
 
 	zmq "github.com/pebbe/zmq4"
 	"golang.org/x/sys/unix"
@@ -76,39 +78,75 @@ type endpoint struct {
 	volumes map[string]bool // pod scope: the pod's volumes
 }
 
-// podEvent is what pod scope reads from an event.
+// podEvent is what scopes read from an event's JSON.
 type podEvent struct {
-	Kind     string `json:"kind"`
-	VolumeID string `json:"volume_id"`
-	PodUID   string `json:"pod_uid"`
+	Kind      string `json:"kind"`
+	VolumeID  string `json:"volume_id"`
+	PodUID    string `json:"pod_uid"`
+	Namespace string `json:"namespace"`
+}
+
+// recordView is a record as endpoints judge it: what they read from it is
+// decoded once, for all of them (the publisher checks every endpoint).
+type recordView struct {
+	Record
+	ns      string
+	nsDone  bool
+	ev      podEvent
+	decoded int8 // 0: not yet, 1: ev holds the JSON's fields, -1: bad JSON
+}
+
+// namespace is recordNamespace(r), computed once.
+func (v *recordView) namespace() string {
+	if !v.nsDone {
+		v.nsDone = true
+		if v.ns = TopicNamespace(v.Topic); v.ns == "" {
+			if ev, ok := v.event(); ok {
+				v.ns = ev.Namespace
+			}
+		}
+	}
+	return v.ns
+}
+
+// event decodes the record's JSON, once.
+func (v *recordView) event() (*podEvent, bool) {
+	if v.decoded == 0 {
+		var ev podEvent // decoded apart: v itself then stays on its caller's stack
+		v.decoded = -1
+		if json.Unmarshal(v.Data, &ev) == nil {
+			v.ev, v.decoded = ev, 1
+		}
+	}
+	return &v.ev, v.decoded == 1
 }
 
 // sees reports whether the endpoint may see a record (replay: it learns
 // nothing from old records).
 func (ep *endpoint) sees(r Record) bool {
-	ok, _ := ep.check(r)
+	ok, _ := ep.check(&recordView{Record: r})
 	return ok
 }
 
 // check decides whether the endpoint sees a record and, in pod scope, what
 // the record says about the pod's volumes.
-func (ep *endpoint) check(r Record) (bool, *podEvent) {
+func (ep *endpoint) check(v *recordView) (bool, *podEvent) {
 	sc := ep.Scope
 	if sc.All {
 		return true, nil
 	}
-	if sc.Namespace == "" || recordNamespace(r) != sc.Namespace {
+	if sc.Namespace == "" || v.namespace() != sc.Namespace {
 		return false, nil
 	}
 	if sc.PodUID == "" {
 		return true, nil
 	}
-	var ev podEvent
-	if json.Unmarshal(r.Data, &ev) != nil {
+	ev, ok := v.event()
+	if !ok {
 		return false, nil
 	}
 	if ev.PodUID == sc.PodUID {
-		return true, &ev
+		return true, ev
 	}
 	ep.mu.Lock()
 	defer ep.mu.Unlock()
@@ -119,23 +157,15 @@ func (ep *endpoint) check(r Record) (bool, *podEvent) {
 // a volume without PVC the event's namespace field (learned from the pod
 // that published it).
 func recordNamespace(r Record) string {
-	if ns := TopicNamespace(r.Topic); ns != "" {
-		return ns
-	}
-	var ev struct {
-		Namespace string `json:"namespace"`
-	}
-	if json.Unmarshal(r.Data, &ev) != nil {
-		return ""
-	}
-	return ev.Namespace
+	v := recordView{Record: r}
+	return v.namespace()
 }
 
 // observe is sees for the live stream (publish goroutine, in sequence
 // order): a pod-scoped endpoint learns the pod's volumes from its publish
 // events and forgets them at its unpublish events.
-func (ep *endpoint) observe(r Record) bool {
-	ok, ev := ep.check(r)
+func (ep *endpoint) observe(v *recordView) bool {
+	ok, ev := ep.check(v)
 	if ev != nil && ev.VolumeID != "" {
 		ep.mu.Lock()
 		switch ev.Kind {
@@ -166,9 +196,17 @@ func (ep *endpoint) mayFlush(namespace, volumeID string) bool {
 	return ep.volumes[volumeID]
 }
 
+// seesClass reports whether the endpoint may see records of a namespace
+// (the journal's retention class, recordNamespace).
+func (ep *endpoint) seesClass(namespace string) bool {
+	return ep.Scope.All || (ep.Scope.Namespace != "" && namespace == ep.Scope.Namespace)
+}
+
 // viewer decides what one requester may replay and flush.
 type viewer interface {
 	sees(r Record) bool
+	// seesClass: whether it may see any record of a namespace.
+	seesClass(namespace string) bool
 	mayFlush(namespace, volumeID string) bool
 }
 
@@ -177,9 +215,12 @@ var errStopped = errors.New("zmqbridge: the bridge is stopping")
 // endpoints is the set of bound endpoints. Changes run as commands on the
 // goroutines that own the sockets.
 type endpoints struct {
-	b       *Bridge
-	mu      sync.Mutex
-	byKey   map[string]*endpoint
+	b     *Bridge
+	mu    sync.Mutex
+	byKey map[string]*endpoint
+	// list is byKey's endpoints, replaced (never changed) under mu when
+	// byKey changes: the publisher reads it for every event.
+	list    atomic.Pointer[[]*endpoint]
 	adding  map[string]bool // keys being bound
 	dying   []*endpoint     // removed, sockets not closed yet
 	pubCmds chan func()
@@ -290,11 +331,12 @@ func (es *endpoints) add(key string, e Endpoint) error {
 			addr, inner string
 			frame       uint64
 			frames      int
-		}{{e.Events, evAddr, maxSubscriptionBytes, wireFramesEvents}, {e.Control, ctlAddr, maxMessageBytes, wireFramesControl}} {
+			subs        bool
+		}{{e.Events, evAddr, maxSubscriptionBytes, wireFramesEvents, true}, {e.Control, ctlAddr, maxMessageBytes, wireFramesControl, false}} {
 			path, ok := strings.CutPrefix(g.addr, "ipc://")
 			var gd *guard
 			if ok {
-				gd, err = startGuard(path, strings.TrimPrefix(g.inner, "ipc://"), mode, g.frame, g.frames)
+				gd, err = startGuard(path, strings.TrimPrefix(g.inner, "ipc://"), mode, g.frame, g.frames, g.subs)
 			} else {
 				err = errors.New("a guarded endpoint must be ipc")
 			}
@@ -312,7 +354,17 @@ func (es *endpoints) add(key string, e Endpoint) error {
 	es.mu.Lock()
 	defer es.mu.Unlock()
 	es.byKey[key] = ep
+	es.relistLocked()
 	return nil
+}
+
+// relistLocked replaces list after a change of byKey.
+func (es *endpoints) relistLocked() {
+	l := make([]*endpoint, 0, len(es.byKey))
+	for _, ep := range es.byKey {
+		l = append(l, ep)
+	}
+	es.list.Store(&l)
 }
 
 // Socket limits. A subscription message is a topic prefix (<kind>/<namespace>/<pvc>
@@ -391,25 +443,24 @@ func bindWithMode(s *zmq.Socket, addr string, mode os.FileMode) error {
 	return <-errc
 }
 
-// snapshot lists the endpoints.
+// snapshot lists the endpoints; the caller must not change the slice.
 func (es *endpoints) snapshot() []*endpoint {
-	es.mu.Lock()
-	defer es.mu.Unlock()
-	out := make([]*endpoint, 0, len(es.byKey))
-	for _, ep := range es.byKey {
-		out = append(out, ep)
+	if l := es.list.Load(); l != nil {
+		return *l
 	}
-	return out
+	return nil
 }
 
 // publish sends a record on every endpoint that may see it (publish goroutine).
 func (es *endpoints) publish(r Record) {
+	v := recordView{Record: r}
 	for _, ep := range es.snapshot() {
-		if !ep.observe(r) {
+		if !ep.observe(&v) {
 			continue
 		}
-		// Two plain sends: SendMessage's variadic interface{} costs per event.
-		_, err := ep.pub.SendBytes([]byte(r.Topic), zmq.SNDMORE|zmq.DONTWAIT)
+		// Two plain sends: SendMessage's variadic interface{} costs per
+		// event. zmq_send copies the topic's bytes: no copy of them here.
+		_, err := ep.pub.SendBytes(unsafe.Slice(unsafe.StringData(r.Topic), len(r.Topic)), zmq.SNDMORE|zmq.DONTWAIT)
 		if err == nil {
 			_, err = ep.pub.SendBytes(r.Data, zmq.DONTWAIT)
 		}
@@ -437,6 +488,7 @@ func (es *endpoints) remove(key string) {
 	es.mu.Lock()
 	ep := es.byKey[key]
 	delete(es.byKey, key)
+	es.relistLocked()
 	if ep != nil {
 		es.dying = append(es.dying, ep) // closeAll closes it if the loops stop first
 	}
@@ -508,6 +560,7 @@ func (es *endpoints) closeAll() {
 		ep.ctl.Close()
 		delete(es.byKey, k)
 	}
+	es.relistLocked()
 	for _, ep := range es.dying {
 		if !ep.pubClosed {
 			ep.pub.Close()

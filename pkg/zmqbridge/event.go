@@ -54,20 +54,28 @@ type Event struct {
 }
 
 // Topic is <kind>/<namespace>/<pvc>, or <kind>/<volume_id> without a PVC.
-func (e *Event) Topic() string {
+func (e *Event) Topic() string { return string(e.appendTopic(make([]byte, 0, 64))) }
+
+// appendTopic appends the event's topic to b.
+func (e *Event) appendTopic(b []byte) []byte {
+	b = append(append(b, e.Kind...), '/')
 	if e.PVC != "" && e.Namespace != "" {
-		return e.Kind + "/" + e.Namespace + "/" + e.PVC
+		return append(append(append(b, e.Namespace...), '/'), e.PVC...)
 	}
-	return e.Kind + "/" + e.VolumeID
+	return append(b, e.VolumeID...)
 }
 
 // TopicNamespace returns the namespace a topic names, or "" if it names none.
 func TopicNamespace(topic string) string {
-	parts := strings.SplitN(topic, "/", 3)
-	if len(parts) == 3 {
-		return parts[1]
+	_, rest, ok := strings.Cut(topic, "/")
+	if !ok {
+		return ""
 	}
-	return ""
+	ns, _, ok := strings.Cut(rest, "/")
+	if !ok {
+		return ""
+	}
+	return ns
 }
 
 // Marshal encodes the event as the protocol's JSON (what encoding/json

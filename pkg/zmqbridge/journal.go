@@ -44,6 +44,15 @@ type JournalOptions struct {
 	// dropped the records after seq, which never became durable (nobody saw
 	// them): their sequence numbers are given again.
 	OnRewind func(seq uint64)
+	// Class, with KeepPerClass > 0, makes retention keep the newest
+	// KeepPerClass records of each class (Class(record), e.g. a namespace)
+	// of the segments it drops, in a file of their own (see Kept), until
+	// they are older than MaxAge or, past KeepBytes in all (default:
+	// MaxBytes/8, at most 8 MiB), the class holding the most bytes lets its
+	// oldest go. Kept records stay in memory.
+	Class        func(Record) string
+	KeepPerClass int
+	KeepBytes    int64
 }
 
 // ErrTruncated is returned by Read (as a *GapError) when the requested events
@@ -124,6 +133,13 @@ type Journal struct {
 	closed                  bool
 	stopped                 bool // the committer has exited
 	done                    chan struct{}
+	// kept is what retention kept of dropped segments; keepQueue the oldest
+	// segments it drops, waiting for the keeper (keepLoop) to keep what it
+	// keeps of them (a prefix of segs). Only when keeping.
+	kept                         *keptSet
+	keepQueue                    []*segment
+	keepWake, keepStop, keepDone chan struct{}
+	stopKeeper                   sync.Once
 
 	fsyncs atomic.Int64 // file fsyncs and fdatasyncs done, for tests
 }
@@ -146,6 +162,9 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.KeepBytes <= 0 {
+		o.KeepBytes = min(o.MaxBytes/8, 8<<20)
+	}
 	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
@@ -162,6 +181,12 @@ func OpenJournal(o JournalOptions) (*Journal, error) {
 	}
 	j.install(ld)
 	j.synced = j.last
+	j.kept = &keptSet{lost: map[string]uint64{}}
+	if j.keeping() {
+		j.kept = j.loadKept(j.segs[0].first)
+		j.keepWake, j.keepStop, j.keepDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
+		go j.keepLoop()
+	}
 	j.retainLocked(o.Now())
 	go j.commitLoop()
 	return j, nil
@@ -337,7 +362,11 @@ func (j *Journal) Maintain() error {
 		return j.err
 	}
 	now := j.o.Now()
-	if j.sealing == nil && !j.activeFirst.IsZero() && (now.Sub(j.activeFirst) > j.o.MaxAge || j.total > j.o.MaxBytes) {
+	total := j.total
+	for _, s := range j.keepQueue { // on their way out
+		total -= s.size
+	}
+	if j.sealing == nil && !j.activeFirst.IsZero() && (now.Sub(j.activeFirst) > j.o.MaxAge || total > j.o.MaxBytes) {
 		return j.rotateLocked()
 	}
 	j.retainLocked(now)
@@ -348,6 +377,10 @@ func (j *Journal) Maintain() error {
 // at once from the journal, and the committer removes their files after a
 // directory fsync (so a new segment is durable before old ones go).
 func (j *Journal) retainLocked(now time.Time) {
+	if j.keeping() {
+		j.retainKeptLocked(now)
+		return
+	}
 	for len(j.segs) > 1 {
 		s := j.segs[0]
 		if j.total <= j.o.MaxBytes && now.Sub(s.newest) <= j.o.MaxAge {
@@ -473,6 +506,18 @@ func (j *Journal) Bytes() int64 {
 // the data), which the next OpenJournal takes for the end of the data and
 // keeps as the segment's preallocation.
 func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return errClosed
+	}
+	j.mu.Unlock()
+	if j.keepStop != nil {
+		// The keeper ends what it started (a kept file written stands for
+		// segments that must then go), and the committer deletes them.
+		j.stopKeeper.Do(func() { close(j.keepStop) })
+		<-j.keepDone
+	}
 	j.mu.Lock()
 	if j.closed {
 		j.mu.Unlock()

@@ -195,6 +195,7 @@ func (j *Journal) install(ld *loaded) {
 	j.total, j.last, j.written, j.pend = ld.total, ld.last, ld.last, nil
 	j.activeFirst, j.activeLast = ld.newest, ld.newest
 	j.dirDirty = false
+	j.keepQueue = nil // retention queues the new segments again
 }
 
 // epochFile holds the journal's epoch, in its directory.

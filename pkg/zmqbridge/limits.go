@@ -16,6 +16,9 @@ const (
 	DefaultQueue            = 16
 	DefaultFlushRate        = 5 // per second, per endpoint
 	DefaultFlushBurst       = 10
+	// DefaultKeepPerNamespace is how many of each namespace's newest events
+	// retention keeps when it drops their segment (JournalOptions.KeepPerClass).
+	DefaultKeepPerNamespace = 100
 )
 
 // socketsPerEndpoint: XPUB, ROUTER, and with metrics a monitor's two PAIR
@@ -30,13 +33,21 @@ func (o *Options) maxSockets() int {
 }
 
 // applySubscriptions reads the subscription messages peers sent to an
-// endpoint's XPUB socket (manual mode) and applies them: all of them on a
-// node or pod endpoint, a client key's grants on the CURVE endpoint; at most
-// Options.MaxSubscriptions at once per endpoint. A subscription is counted
-// until its peer leaves (libzmq then hands back each subscription it still
-// holds as an unsubscription without metadata); a peer's own unsubscribe
-// removes it but does not give the count back, so no peer can free room by
-// unsubscribing what another holds. Publish goroutine.
+// endpoint's XPUB socket (manual mode) and applies them.
+//
+// On a guarded (pod) endpoint the relay in front of it already bounds each
+// connection's subscriptions and forwards an unsubscription only for a topic
+// that connection holds: each is applied as it comes, and a leaving peer's
+// subscriptions, which libzmq drops with its pipe, need nothing.
+//
+// On the others each is applied on the node endpoint, a client key's grants
+// for it on the CURVE endpoint; at most Options.MaxSubscriptions at once per
+// endpoint (one each, however many grants), since libzmq does not say which
+// connection sent one. A subscription is counted until its peer leaves
+// (libzmq then hands back, without metadata, each topic the peer asked for
+// and did not unsubscribe); a peer's own unsubscribe removes it but does not
+// give the count back, so no peer can free room by unsubscribing what
+// another holds. Publish goroutine.
 func (b *Bridge) applySubscriptions(ep *endpoint) {
 	for i := 0; i < 10000; i++ { // bounded work per round; the rest next round
 		msg, meta, err := ep.pub.RecvBytesWithMetadata(zmq.DONTWAIT, "User-Id", "Socket-Type")
@@ -55,31 +66,49 @@ func (b *Bridge) applySubscriptions(ep *endpoint) {
 		}
 		subscribe, topic := msg[0] == 1, string(msg[1:])
 		fromPeer := meta["Socket-Type"] != ""
+		if ep.Guard {
+			switch {
+			case !fromPeer: // its peer left: libzmq dropped its subscriptions
+			case subscribe:
+				ep.pub.SetSubscribe(topic)
+			default:
+				ep.pub.SetUnsubscribe(topic)
+			}
+			continue
+		}
+		if !fromPeer {
+			// Its peer left: libzmq dropped what was applied for it and hands
+			// back each topic the peer had asked for and not unsubscribed
+			// (not the grants applied for it on the CURVE endpoint).
+			if ep.subs[topic] > 0 {
+				if ep.subs[topic]--; ep.subs[topic] == 0 {
+					delete(ep.subs, topic)
+				}
+				ep.nsub--
+			}
+			continue
+		}
 		topics := []string{topic}
-		if ep.keys != nil && fromPeer {
+		if ep.keys != nil {
 			c := ep.keys.lookup(meta["User-Id"])
 			if c == nil {
 				continue
 			}
 			topics = grants(c, topic, b.opts.Node)
 		}
-		for _, p := range topics {
-			switch {
-			case subscribe && ep.nsub >= b.opts.MaxSubscriptions:
-				b.refusedSubs.log("subscription refused: the endpoint holds the most subscriptions allowed",
-					"endpoint", ep.Events, "max", b.opts.MaxSubscriptions)
-			case subscribe:
+		switch {
+		case subscribe && ep.nsub >= b.opts.MaxSubscriptions:
+			b.refusedSubs.log("subscription refused: the endpoint holds the most subscriptions allowed",
+				"endpoint", ep.Events, "max", b.opts.MaxSubscriptions)
+		case subscribe:
+			for _, p := range topics {
 				ep.pub.SetSubscribe(p)
-				ep.subs[p]++
-				ep.nsub++
-			case ep.subs[p] > 0:
+			}
+			ep.subs[topic]++ // counted as asked: that is what comes back when its peer leaves
+			ep.nsub++
+		default:
+			for _, p := range topics {
 				ep.pub.SetUnsubscribe(p)
-				if !fromPeer { // its peer left: the subscription is gone
-					if ep.subs[p]--; ep.subs[p] == 0 {
-						delete(ep.subs, p)
-					}
-					ep.nsub--
-				}
 			}
 		}
 	}
