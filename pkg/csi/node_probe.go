@@ -126,3 +126,18 @@ func StatPath(ctx context.Context, path string) error {
 	})
 	return err
 }
+
+// ProbeDir opens dir as a directory and closes it, bounded by ProbeTimeout
+// (a shared probe of dir). Unlike stat, which the kernel may answer from its
+// attribute cache, opening a FUSE directory always reaches the daemon. The
+// raw error is kept for errors.Is (MountLost).
+func ProbeDir(ctx context.Context, dir string) error {
+	_, err := probes.do(ctx, "opendir\x00"+dir, ProbeTimeout, func() (any, error) {
+		fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, err
+		}
+		return nil, unix.Close(fd)
+	})
+	return err
+}
