@@ -141,3 +141,10 @@ func ProbeDir(ctx context.Context, dir string) error {
 	})
 	return err
 }
+
+// Probe runs f as a shared probe under key: a probe of key already in flight
+// is joined, not repeated, and the caller waits at most ProbeTimeout
+// (ErrHung) or until ctx ends.
+func Probe(ctx context.Context, key string, f func() (any, error)) (any, error) {
+	return probes.do(ctx, key, ProbeTimeout, f)
+}
