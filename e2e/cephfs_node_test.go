@@ -2,8 +2,8 @@ package e2e
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -52,7 +52,7 @@ func createCephFSVolume(t *testing.T, d *driver, prefix string, size int64, para
 	if err != nil {
 		t.Fatal(err)
 	}
-	v := fsVolume{id: r.GetVolume().GetVolumeId(), staging: filepath.Join(t.TempDir(), "staging"),
+	v := fsVolume{id: r.GetVolume().GetVolumeId(), staging: mountTarget(t),
 		context: r.GetVolume().GetVolumeContext(), capability: mountCap("", rwx)}
 	return v
 }
@@ -194,8 +194,7 @@ func TestCephFSNodeTwoTargets(t *testing.T) {
 	} else if fi, err := os.Stat(k[0]); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("keyring %s: %v %v, want mode 0600", k[0], fi.Mode(), err)
 	}
-	pods := t.TempDir()
-	t1, t2, tro := filepath.Join(pods, "pod1", "mount"), filepath.Join(pods, "pod2", "mount"), filepath.Join(pods, "pod3", "mount")
+	t1, t2, tro := mountTarget(t), mountTarget(t), mountTarget(t)
 	pod := func(name string) map[string]string {
 		return map[string]string{"csi.storage.k8s.io/pod.name": name, "csi.storage.k8s.io/pod.namespace": "team-b", "csi.storage.k8s.io/pod.uid": "uid-" + name}
 	}
@@ -309,6 +308,459 @@ func stageRecords(t *testing.T, dir string) []map[string]any {
 	return out
 }
 
-var _ = context.Background
-var _ = status.Code
-var _ = codes.OK
+// waitReady polls the Identity probe until the driver reports ready
+// (a restarted node first recovers its volumes).
+func waitReady(t *testing.T, d *driver) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		r, err := d.ident.Probe(ctx(t), &csi.ProbeRequest{})
+		if err == nil && r.GetReady().GetValue() {
+			return time.Since(start)
+		}
+		if time.Since(start) > 2*time.Minute {
+			t.Fatalf("not ready after 2 minutes: %v %v\n%s", r, err, tail(d.log, 20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// healthReasons are NodeGetVolumeHealth's reasons for a volume (none: healthy).
+func healthReasons(t *testing.T, d *driver, id, target string) []string {
+	t.Helper()
+	h, err := d.node.NodeGetVolumeHealth(ctx(t), &csi.NodeGetVolumeHealthRequest{VolumeId: id, VolumePublishPath: target})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range h.GetVolumeHealth().GetHealthStatuses() {
+		out = append(out, e.GetReason())
+	}
+	return out
+}
+
+// Flush -> ack means durable in RADOS: what a workload wrote through a pod's
+// target without fsync is read back (size and content) by a separate
+// libcephfs client after the ceph-fuse daemon is SIGKILLed the moment the
+// ack arrives. The control round (the same writes, ceph-fuse killed without a
+// flush) must lose data, or the test proves nothing. Meanwhile: a dead
+// ceph-fuse is reported INACCESSIBLE, its flush is refused (no ack),
+// NodeStageVolume mounts it again and NodePublishVolume binds the lost target
+// again; unstage of a dead mount succeeds.
+func TestCephFSNodeFlushAckDurable(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil)
+	rec := record(t, dir, 0)
+	prefix := uniquePrefix(t)
+	v := createCephFSVolume(t, d, prefix, 1<<30)
+	path := v.context["subvolumePath"]
+	target := mountTarget(t)
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, target, false)
+
+	control := writeWorkload(t, target, "control")
+	pid := cephFusePid(v.staging)
+	killFuse(t, v.staging, pid)
+	control.release()
+	lost := control.lost(t, path)
+	if len(lost) == 0 {
+		t.Fatal("control: every write reached RADOS without a flush, so the flush proves nothing")
+	}
+	t.Logf("control (no flush, ceph-fuse killed): lost %s", strings.Join(lost, "; "))
+	if r := healthReasons(t, d, v.id, target); !slices.Contains(r, "MappingLost") {
+		t.Errorf("health of a volume whose ceph-fuse died: %v, want MappingLost", r)
+	}
+	if _, _, err := eventsClient(t, dir).Flush(v.id, "", ""); err == nil {
+		t.Error("a flush of a dead mount was acknowledged")
+	}
+
+	// The kubelet way back: stage again (the stale stage is cleared and
+	// mounted anew), publish again (the lost bind is made again).
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, target, false)
+	if r := healthReasons(t, d, v.id, target); len(r) != 0 {
+		t.Fatalf("health after staging again: %v", r)
+	}
+	pid = cephFusePid(v.staging)
+	w := writeWorkload(t, target, "flushed")
+	start := time.Now()
+	seq, ms, err := eventsClient(t, dir).Flush(v.id, "", "")
+	syscall.Kill(pid, syscall.SIGKILL) // at once: nothing ceph-fuse does after the ack may count
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("flush request answered in %s (flush %.1f ms, ack seq %d)", time.Since(start), ms, seq)
+	killFuse(t, v.staging, pid)
+	w.release()
+	if lost := w.lost(t, path); len(lost) != 0 {
+		t.Fatalf("lost after the ack and a SIGKILL of ceph-fuse: %s", strings.Join(lost, "; "))
+	}
+	unpublishCephFS(t, d, v, target)
+	unstageCephFS(t, d, v) // of a dead mount
+	if left := cephfsLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+	events := rec.wait(t, 8)
+	var kinds []string
+	for _, ev := range events {
+		kinds = append(kinds, ev.Kind)
+	}
+	// attach, publish; (dead) stage again: attach; publish (the rebind); ack; unpublish; ack; detach
+	want := []string{"attach", "publish", "attach", "publish", "ack", "unpublish", "ack", "detach"}
+	if !slices.Equal(kinds, want) {
+		t.Fatalf("events %v, want %v", kinds, want)
+	}
+	if events[4].Seq != seq || events[4].Flushed == nil || !*events[4].Flushed || events[6].Flushed == nil || *events[6].Flushed {
+		t.Errorf("acks %+v, %+v: want the request's flushed, the dead mount's unstage not", events[4], events[6])
+	}
+	deleteCephFS(t, d, v)
+}
+
+// A driver SIGKILLed while a pod writes: the ceph-fuse mount lives on in its
+// own session, the writer never sees an error, and the restarted driver
+// finds the mount healthy (same daemon), reports ready and serves the volume.
+func TestCephFSNodeDriverKillWriterContinues(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil)
+	prefix := uniquePrefix(t)
+	v := createCephFSVolume(t, d, prefix, 1<<30)
+	target := mountTarget(t)
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, target, false)
+	pid := cephFusePid(v.staging)
+
+	f, err := os.OpenFile(filepath.Join(target, "log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop, done := make(chan struct{}), make(chan error, 1)
+	lines := 0
+	go func() {
+		defer f.Close()
+		for {
+			select {
+			case <-stop:
+				done <- f.Sync()
+				return
+			default:
+			}
+			if _, err := f.WriteString(strings.Repeat("x", 99) + "\n"); err != nil {
+				done <- err
+				return
+			}
+			lines++
+			if lines%10 == 0 {
+				if err := f.Sync(); err != nil {
+					done <- err
+					return
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	d.kill()
+	time.Sleep(500 * time.Millisecond)
+	d = startCephFSNode(t, dir, nil)
+	took := waitReady(t, d)
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatalf("the writer failed across the driver's restart: %v", err)
+	}
+	t.Logf("%d lines written; the restarted driver was ready after %s", lines, took)
+	if now := cephFusePid(v.staging); now != pid {
+		t.Fatalf("ceph-fuse %d replaced by %d: the restart should have found it healthy", pid, now)
+	}
+	if r := healthReasons(t, d, v.id, target); len(r) != 0 {
+		t.Fatalf("health after the restart: %v", r)
+	}
+	if fi, err := os.Stat(filepath.Join(target, "log")); err != nil || fi.Size() != int64(lines)*100 {
+		t.Fatalf("log is %v bytes (%v), want %d", fi.Size(), err, lines*100)
+	}
+	if b, _ := os.ReadFile(d.log); !strings.Contains(string(b), `"recovery of staged volumes done" volumes=1 repaired=0 failed=0`) {
+		t.Errorf("the restarted driver did not check the staged volume:\n%s", tail(d.log, 20))
+	}
+	unpublishCephFS(t, d, v, target)
+	unstageCephFS(t, d, v)
+	if size, _ := readBack(t, v.context["subvolumePath"]+"/log"); size != int64(lines)*100 {
+		t.Fatalf("another client reads %d bytes, want %d", size, lines*100)
+	}
+	if left := cephfsLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+	deleteCephFS(t, d, v)
+}
+
+// ceph-fuse dies while the driver is down: the restarted driver mounts the
+// subvolume again and binds both pod targets (one read-only, one held busy
+// by an open file) again before it reports ready; the pods read and write
+// through them, the read-only one still refuses writes.
+func TestCephFSNodeRecoversDeadFuse(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil)
+	prefix := uniquePrefix(t)
+	v := createCephFSVolume(t, d, prefix, 1<<30)
+	t1, t2 := mountTarget(t), mountTarget(t)
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, t1, false)
+	publishCephFS(t, d, v, t2, true)
+	if err := writeSync(filepath.Join(t1, "before"), []byte("written before ceph-fuse died")); err != nil {
+		t.Fatal(err)
+	}
+	busy, err := os.Open(filepath.Join(t1, "before")) // keeps t1's bind busy
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	pid := cephFusePid(v.staging)
+	d.kill()
+	killFuse(t, v.staging, pid)
+	if _, err := os.ReadFile(filepath.Join(t2, "before")); err == nil {
+		t.Fatal("the target still reads with ceph-fuse dead: the test proves nothing")
+	}
+
+	d = startCephFSNode(t, dir, nil)
+	took := waitReady(t, d)
+	t.Logf("ready %s after the restart", took)
+	now := cephFusePid(v.staging)
+	if now == 0 || now == pid {
+		t.Fatalf("no new ceph-fuse (was %d, now %d)\n%s", pid, now, tail(d.log, 20))
+	}
+	for _, tg := range []string{t1, t2} {
+		if b, err := os.ReadFile(filepath.Join(tg, "before")); err != nil || string(b) != "written before ceph-fuse died" {
+			t.Fatalf("%s after recovery: %q %v\n%s", tg, b, err, tail(d.log, 20))
+		}
+	}
+	if err := writeSync(filepath.Join(t1, "after"), []byte("written after recovery")); err != nil {
+		t.Fatal(err)
+	}
+	readUntil(t, filepath.Join(t2, "after"), []byte("written after recovery"))
+	if err := os.WriteFile(filepath.Join(t2, "nope"), nil, 0o644); !isErrno(err, syscall.EROFS) {
+		t.Errorf("the read-only target after recovery: write %v, want EROFS", err)
+	}
+	if r := healthReasons(t, d, v.id, t1); len(r) != 0 {
+		t.Fatalf("health after recovery: %v", r)
+	}
+	if b, _ := os.ReadFile(d.log); !strings.Contains(string(b), "volume remounted") || !strings.Contains(string(b), `"targets bound again"`) {
+		t.Errorf("the log does not say what recovery did:\n%s", tail(d.log, 20))
+	}
+	busy.Close()
+	unpublishCephFS(t, d, v, t1)
+	unpublishCephFS(t, d, v, t2)
+	unstageCephFS(t, d, v)
+	if left := cephfsLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+	deleteCephFS(t, d, v)
+}
+
+// Stats and health answer within their bound when the mount hangs (its
+// ceph-fuse stopped): Unavailable, and MountHung; they work again after.
+func TestCephFSNodeStatsBounded(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil)
+	v := createCephFSVolume(t, d, uniquePrefix(t), 1<<30)
+	target := mountTarget(t)
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, target, false)
+	pid := cephFusePid(v.staging)
+	syscall.Kill(pid, syscall.SIGSTOP)
+	defer syscall.Kill(pid, syscall.SIGCONT)
+	start := time.Now()
+	_, err := d.node.NodeGetVolumeStats(ctx(t), &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: target})
+	if status.Code(err) != codes.Unavailable || time.Since(start) > 8*time.Second {
+		t.Fatalf("stats of a hung mount: %v after %s, want Unavailable within about 5 s", err, time.Since(start))
+	}
+	start = time.Now()
+	r := healthReasons(t, d, v.id, target)
+	// Three probes (the daemon, the target, the staging path), 5 s each at most.
+	if !slices.Contains(r, "MountHung") || time.Since(start) > 18*time.Second {
+		t.Fatalf("health of a hung mount: %v after %s, want MountHung within about 15 s", r, time.Since(start))
+	}
+	syscall.Kill(pid, syscall.SIGCONT)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		_, err := d.node.NodeGetVolumeStats(ctx(t), &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: target})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stats after the mount answers again: %v", err)
+		}
+	}
+	unpublishCephFS(t, d, v, target)
+	unstageCephFS(t, d, v)
+	deleteCephFS(t, d, v)
+}
+
+// Bad node calls answer precise codes naming the problem, at once, and
+// leave nothing behind: no record, no mount, no key.
+func TestCephFSNodeBadInput(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil)
+	c := ctx(t)
+	prefix := uniquePrefix(t)
+	v := createCephFSVolume(t, d, prefix, 64<<20)
+	missingID := "1-02-c1-06-cephfs-03-csi-" + prefix + "missing"
+	stage := func(f func(r *csi.NodeStageVolumeRequest)) func() error {
+		return func() error { r := v.stageReq(); f(r); _, err := d.node.NodeStageVolume(c, r); return err }
+	}
+	withCtx := func(k, val string) func() error {
+		return stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeContext = mergeMaps(v.context, map[string]string{k: val}) })
+	}
+	badKey := "AQAA8VNlAAAAABAA6Oqqywpz1H7d5jMJlw+a0Q=="
+	cases := []struct {
+		name string
+		call func() error
+		code codes.Code
+		msg  string
+	}{
+		{"stage: no volume ID", stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeId = "" }), codes.InvalidArgument, "volume_id is required"},
+		{"stage: malformed volume ID", stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeId = "junk" }), codes.InvalidArgument, `"junk"`},
+		{"stage: no staging path", stage(func(r *csi.NodeStageVolumeRequest) { r.StagingTargetPath = "" }), codes.InvalidArgument, "staging_target_path is required"},
+		{"stage: no capability", stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeCapability = nil }), codes.InvalidArgument, "volume_capability"},
+		{"stage: block", stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeCapability = blockCap(rwo) }), codes.InvalidArgument,
+			"block access is not supported: a CephFS volume is a shared file system"},
+		{"stage: no secrets", stage(func(r *csi.NodeStageVolumeRequest) { r.Secrets = nil }), codes.InvalidArgument,
+			"missing secrets userID and userKey (or adminID and adminKey)"},
+		{"stage: no user key", stage(func(r *csi.NodeStageVolumeRequest) { r.Secrets = map[string]string{"userID": "x"} }), codes.InvalidArgument,
+			"missing secret userKey"},
+		{"stage: malformed key", stage(func(r *csi.NodeStageVolumeRequest) {
+			r.Secrets = map[string]string{"userID": "x", "userKey": "not-a-key"}
+		}),
+			codes.InvalidArgument, "secret userKey is not a valid cephx key"},
+		{"stage: unknown cluster", stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeId = "1-04-nope-06-cephfs-03-csi-x" }), codes.InvalidArgument,
+			`unknown clusterID "nope"`},
+		{"stage: unknown mounter", withCtx("mounter", "rbd-fuse"), codes.InvalidArgument, `volume_context mounter: unknown mounter "rbd-fuse"`},
+		{"stage: kernel mounter without the ceph module", withCtx("mounter", "kernel"), codes.FailedPrecondition, "no CephFS client"},
+		{"stage: bad fuse option", withCtx("fuseMountOptions", "noatime,debug"), codes.InvalidArgument, `option "debug" is not supported`},
+		{"stage: path outside the subvolume", withCtx("subvolumePath", "/volumes/csi"), codes.InvalidArgument,
+			`volume_context subvolumePath="/volumes/csi" is not a directory of subvolume`},
+		{"stage: path escaping the subvolume", withCtx("subvolumePath", v.context["subvolumePath"]+"/../../other"), codes.InvalidArgument,
+			"is not a directory of subvolume"},
+		{"stage: missing volume", stage(func(r *csi.NodeStageVolumeRequest) { r.VolumeId, r.VolumeContext = missingID, nil }), codes.NotFound,
+			"does not exist"},
+		{"stage: wrong key", stage(func(r *csi.NodeStageVolumeRequest) {
+			r.Secrets = map[string]string{"userID": env["ROOKZMQ_CEPH_CEPHFS_USER"], "userKey": badKey}
+		}), codes.PermissionDenied, "ceph-fuse"},
+		{"publish: not staged", func() error {
+			_, err := d.node.NodePublishVolume(c, v.publishReq(filepath.Join(t.TempDir(), "t"), false, nil))
+			return err
+		}, codes.FailedPrecondition, "is not staged at"},
+		{"publish: no target", func() error {
+			_, err := d.node.NodePublishVolume(c, v.publishReq("", false, nil))
+			return err
+		}, codes.InvalidArgument, "target_path is required"},
+		{"publish: block", func() error {
+			r := v.publishReq(filepath.Join(t.TempDir(), "t"), false, nil)
+			r.VolumeCapability = blockCap(rwo)
+			_, err := d.node.NodePublishVolume(c, r)
+			return err
+		}, codes.InvalidArgument, "block access is not supported"},
+		{"stats: missing path", func() error {
+			_, err := d.node.NodeGetVolumeStats(c, &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: filepath.Join(t.TempDir(), "none")})
+			return err
+		}, codes.NotFound, "does not exist"},
+		{"health: not staged", func() error {
+			_, err := d.node.NodeGetVolumeHealth(c, &csi.NodeGetVolumeHealthRequest{VolumeId: v.id})
+			return err
+		}, codes.NotFound, "is not staged on this node"},
+		{"unpublish: never published", func() error {
+			_, err := d.node.NodeUnpublishVolume(c, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: filepath.Join(t.TempDir(), "t")})
+			return err
+		}, codes.OK, ""},
+		{"unstage: never staged", func() error {
+			_, err := d.node.NodeUnstageVolume(c, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
+			return err
+		}, codes.OK, ""},
+	}
+	for _, tc := range cases {
+		start := time.Now()
+		err := tc.call()
+		if status.Code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.msg) {
+			t.Errorf("%s: got %v (%v), want %v containing %q", tc.name, status.Code(err), err, tc.code, tc.msg)
+		}
+		if took := time.Since(start); took > 30*time.Second {
+			t.Errorf("%s took %s", tc.name, took)
+		}
+		if err != nil && strings.Contains(err.Error(), badKey) || err != nil && strings.Contains(err.Error(), env["ROOKZMQ_CEPH_CEPHFS_KEY"]) {
+			t.Errorf("%s: a key is in the error", tc.name)
+		}
+		if left := cephfsLeftovers(dir); len(left) != 0 {
+			t.Fatalf("%s left:\n%s", tc.name, strings.Join(left, "\n"))
+		}
+	}
+	deleteCephFS(t, d, v)
+}
+
+// No key in the log at -v=10, in an error, in a command line or environment
+// (while ceph-fuse starts, too), nor in the stage record; the keyring file
+// kept for remounts is 0600 and goes with the unstage.
+func TestCephFSNodeSecretsNeverShown(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil, "-v=10")
+	v := createCephFSVolume(t, d, uniquePrefix(t), 64<<20)
+	key := env["ROOKZMQ_CEPH_CEPHFS_KEY"]
+	// A wrong key first: ceph-fuse refuses it; neither key may show.
+	bad := v.stageReq()
+	bad.Secrets = map[string]string{"userID": env["ROOKZMQ_CEPH_CEPHFS_USER"], "userKey": "AQAA8VNlAAAAABAA6Oqqywpz1H7d5jMJlw+a0Q=="}
+	_, err := d.node.NodeStageVolume(ctx(t), bad)
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("stage with a wrong key: %v, want PermissionDenied", err)
+	}
+	stop := make(chan struct{})
+	seen := make(chan []string, 1)
+	go func() {
+		var all []string
+		for {
+			all = append(all, keyExposures(key)...)
+			select {
+			case <-stop:
+				seen <- all
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}()
+	stageCephFS(t, d, v)
+	close(stop)
+	if got := append(<-seen, keyExposures(key)...); len(got) != 0 {
+		t.Fatalf("the key shows in:\n%s", strings.Join(got, "\n"))
+	}
+	recs := stageRecords(t, dir)
+	b, _ := json.Marshal(recs)
+	if len(recs) != 1 || strings.Contains(string(b), key) || recs[0]["userID"] != env["ROOKZMQ_CEPH_CEPHFS_USER"] {
+		t.Fatalf("stage records: %s", b)
+	}
+	k := keyrings(t, dir)
+	if len(k) != 1 {
+		t.Fatalf("keyrings %v", k)
+	}
+	if fi, err := os.Stat(k[0]); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("keyring mode %v %v", fi.Mode(), err)
+	}
+	target := mountTarget(t)
+	publishCephFS(t, d, v, target, false)
+	if _, _, err := eventsClient(t, dir).Flush(v.id, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	unpublishCephFS(t, d, v, target)
+	unstageCephFS(t, d, v)
+	if k := keyrings(t, dir); len(k) != 0 {
+		t.Fatalf("keyrings after unstage: %v", k)
+	}
+	deleteCephFS(t, d, v)
+	d.stop()
+	logb, rerr := os.ReadFile(d.log)
+	if rerr != nil {
+		t.Fatal(rerr)
+	}
+	if !strings.Contains(string(logb), "NodeStageVolume") || !strings.Contains(string(logb), "ceph-fuse mounted") {
+		t.Fatal("the log has no NodeStageVolume or mount line at -v=10: the test proves nothing")
+	}
+	for _, k := range []string{key, bad.Secrets["userKey"]} {
+		if strings.Contains(string(logb), k) || strings.Contains(fmt.Sprint(err), k) {
+			t.Errorf("a key appears in the log or an error (%v)", err)
+		}
+	}
+}
