@@ -764,3 +764,28 @@ func TestCephFSNodeSecretsNeverShown(t *testing.T) {
 		}
 	}
 }
+
+// ackIntervalSeconds: the node flushes a staged CephFS volume and acks it
+// periodically, and stops at unstage.
+func TestCephFSNodeAckInterval(t *testing.T) {
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil)
+	rec := record(t, dir, 0)
+	v := createCephFSVolume(t, d, uniquePrefix(t), 64<<20, "ackIntervalSeconds", "1")
+	target := mountTarget(t)
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, target, false)
+	for _, ev := range rec.wait(t, 4)[2:4] { // attach, publish, 2 periodic acks
+		if ev.Kind != "ack" || ev.Trigger != "interval" || ev.Flushed == nil || !*ev.Flushed {
+			t.Errorf("want periodic acks, got %+v", ev)
+		}
+	}
+	unpublishCephFS(t, d, v, target)
+	unstageCephFS(t, d, v)
+	n := len(rec.snapshot())
+	time.Sleep(2500 * time.Millisecond)
+	if after := rec.snapshot(); len(after) != n || after[n-1].Kind != "detach" {
+		t.Errorf("events after unstage: %+v", after[n-1:])
+	}
+	deleteCephFS(t, d, v)
+}
