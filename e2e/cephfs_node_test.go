@@ -27,7 +27,8 @@ func cephfsUserSecrets() map[string]string {
 	return map[string]string{"userID": env["ROOKZMQ_CEPH_CEPHFS_USER"], "userKey": env["ROOKZMQ_CEPH_CEPHFS_KEY"]}
 }
 
-// startCephFSNode runs the binary as CephFS controller and node (ceph-fuse) in dir.
+// startCephFSNode runs the binary as CephFS controller and node (ceph-fuse)
+// in dir; "--controller=false" among flags leaves the node alone.
 func startCephFSNode(t testing.TB, dir string, extraEnv []string, flags ...string) *driver {
 	t.Helper()
 	return startCephFSDriver(t, dir, extraEnv, append([]string{"--node=true"}, flags...)...)
@@ -416,14 +417,15 @@ func TestCephFSNodeFlushAckDurable(t *testing.T) {
 	deleteCephFS(t, d, v)
 }
 
-// A driver SIGKILLed while a pod writes: the ceph-fuse mount lives on in its
-// own session, the writer never sees an error, and the restarted driver
+// A node plugin SIGKILLed while a pod writes (the controller runs apart, as
+// in a cluster): the ceph-fuse mount lives on in its own session, the writer never sees an error, and the restarted driver
 // finds the mount healthy (same daemon), reports ready and serves the volume.
 func TestCephFSNodeDriverKillWriterContinues(t *testing.T) {
+	ctrl := startCephFSDriver(t, newDriverDir(t), nil) // a killed controller's MDS session would hold caps
 	dir := newDriverDir(t)
-	d := startCephFSNode(t, dir, nil)
+	d := startCephFSNode(t, dir, nil, "--controller=false")
 	prefix := uniquePrefix(t)
-	v := createCephFSVolume(t, d, prefix, 1<<30)
+	v := createCephFSVolume(t, ctrl, prefix, 1<<30)
 	target := mountTarget(t)
 	stageCephFS(t, d, v)
 	publishCephFS(t, d, v, target, false)
@@ -461,7 +463,7 @@ func TestCephFSNodeDriverKillWriterContinues(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	d.kill()
 	time.Sleep(500 * time.Millisecond)
-	d = startCephFSNode(t, dir, nil)
+	d = startCephFSNode(t, dir, nil, "--controller=false")
 	took := waitReady(t, d)
 	time.Sleep(500 * time.Millisecond)
 	close(stop)
@@ -489,7 +491,7 @@ func TestCephFSNodeDriverKillWriterContinues(t *testing.T) {
 	if left := cephfsLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
-	deleteCephFS(t, d, v)
+	deleteCephFS(t, ctrl, v)
 }
 
 // ceph-fuse dies while the driver is down: the restarted driver mounts the
@@ -497,10 +499,11 @@ func TestCephFSNodeDriverKillWriterContinues(t *testing.T) {
 // by an open file) again before it reports ready; the pods read and write
 // through them, the read-only one still refuses writes.
 func TestCephFSNodeRecoversDeadFuse(t *testing.T) {
+	ctrl := startCephFSDriver(t, newDriverDir(t), nil) // a killed controller's MDS session would hold caps
 	dir := newDriverDir(t)
-	d := startCephFSNode(t, dir, nil)
+	d := startCephFSNode(t, dir, nil, "--controller=false")
 	prefix := uniquePrefix(t)
-	v := createCephFSVolume(t, d, prefix, 1<<30)
+	v := createCephFSVolume(t, ctrl, prefix, 1<<30)
 	t1, t2 := mountTarget(t), mountTarget(t)
 	stageCephFS(t, d, v)
 	publishCephFS(t, d, v, t1, false)
@@ -520,7 +523,7 @@ func TestCephFSNodeRecoversDeadFuse(t *testing.T) {
 		t.Fatal("the target still reads with ceph-fuse dead: the test proves nothing")
 	}
 
-	d = startCephFSNode(t, dir, nil)
+	d = startCephFSNode(t, dir, nil, "--controller=false")
 	took := waitReady(t, d)
 	t.Logf("ready %s after the restart", took)
 	now := cephFusePid(v.staging)
@@ -552,7 +555,7 @@ func TestCephFSNodeRecoversDeadFuse(t *testing.T) {
 	if left := cephfsLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
-	deleteCephFS(t, d, v)
+	deleteCephFS(t, ctrl, v)
 }
 
 // Stats and health answer within their bound when the mount hangs (its
@@ -788,4 +791,52 @@ func TestCephFSNodeAckInterval(t *testing.T) {
 		t.Errorf("events after unstage: %+v", after[n-1:])
 	}
 	deleteCephFS(t, d, v)
+}
+
+// A driver SIGKILLed at each point of a stage or unstage leaves nothing a
+// retry does not finish or clean up: the retried stage mounts once, the
+// unstage after it leaves no mount, daemon, record or keyring. The node runs
+// in a process of its own, as in a cluster: a SIGKILLed controller's MDS
+// session would hold the new subvolume's capabilities until it times out.
+func TestCephFSNodeCrashDuringStage(t *testing.T) {
+	ctrl := startCephFSDriver(t, newDriverDir(t), nil)
+	for _, point := range []string{"cephfs-stage-after-keyring", "stage-after-attach", "unstage-after-ack"} {
+		t.Run(point, func(t *testing.T) {
+			dir := newDriverDir(t)
+			d := startCephFSNode(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point}, "--controller=false")
+			v := createCephFSVolume(t, ctrl, uniquePrefix(t), 64<<20)
+			_, err := d.node.NodeStageVolume(ctx(t), v.stageReq())
+			if point == "unstage-after-ack" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err = d.node.NodeUnstageVolume(ctx(t), &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
+			}
+			if err == nil {
+				t.Fatalf("the driver did not crash at %s", point)
+			}
+			for d.alive() {
+				time.Sleep(10 * time.Millisecond)
+			}
+			d = startCephFSNode(t, dir, nil, "--controller=false")
+			waitReady(t, d)
+			if point != "unstage-after-ack" {
+				stageCephFS(t, d, v)
+				if n := strings.Count(strings.Join(cephfsLeftovers(v.staging), "\n"), "process: "); n != 1 {
+					t.Fatalf("%d ceph-fuse daemons after the retried stage, want 1", n)
+				}
+				target := mountTarget(t)
+				publishCephFS(t, d, v, target, false)
+				if err := writeSync(filepath.Join(target, "f"), []byte("after the crash")); err != nil {
+					t.Fatal(err)
+				}
+				unpublishCephFS(t, d, v, target)
+			}
+			unstageCephFS(t, d, v)
+			if left := cephfsLeftovers(dir); len(left) != 0 {
+				t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+			}
+			deleteCephFS(t, ctrl, v)
+		})
+	}
 }

@@ -195,6 +195,7 @@ func (s *stager) PrepareStage(_ context.Context, req *csi.NodeStageVolumeRequest
 		if err := writeKeyring(rec.WorkDir, creds); err != nil {
 			return nil, status.Errorf(codes.Internal, "keeping the key of volume %s for remounts: %v", rec.VolumeID, err)
 		}
+		rcsi.CrashPoint("cephfs-stage-after-keyring")
 		spec := MountSpec{Monitors: cluster.Monitors, FsName: id.Pool, Path: path, Creds: creds, Options: options, ReadOnly: rec.ReadOnly}
 		if err := mounter.Mount(ctx, rec.StagingPath, spec); err != nil {
 			return nil, status.Errorf(rcsi.Code(err), "mounting subvolume %s of %s with %s: %v", path, id.Pool, mounterName, creds.Redact(err.Error()))
