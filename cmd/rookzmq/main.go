@@ -254,7 +254,10 @@ func serve(args []string) error {
 			// node reports ready.
 			n.RecoverInBackground(ctx)
 		}
-		if f.eventsEndpoint != "" {
+		// One plugin per node serves events.rookzmq.io (its socket and
+		// driver name are the node's): the RBD one. CephFS volumes have the
+		// node-wide endpoints only, so far.
+		if f.eventsEndpoint != "" && f.driverType == "rbd" {
 			pods, err := rcsi.NewAPIPods(f.kubeconfig, f.nodeID)
 			if err != nil {
 				return err
