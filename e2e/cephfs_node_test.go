@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -181,6 +183,11 @@ func TestCephFSNodeTwoTargets(t *testing.T) {
 
 	stageCephFS(t, d, v)
 	stageCephFS(t, d, v) // idempotent: no second mount
+	ro := v.stageReq()
+	ro.VolumeCapability = mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)
+	if _, err := d.node.NodeStageVolume(c, ro); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("stage with another capability: %v, want AlreadyExists", err)
+	}
 	fuses := 0
 	for _, l := range cephfsLeftovers(v.staging) {
 		if strings.HasPrefix(l, "process: ") {
@@ -523,9 +530,34 @@ func TestCephFSNodeRecoversDeadFuse(t *testing.T) {
 		t.Fatal("the target still reads with ceph-fuse dead: the test proves nothing")
 	}
 
-	d = startCephFSNode(t, dir, nil, "--controller=false")
+	// Restarted with a 3 s pause before the remount: not ready until it is done.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	d = startCephFSNode(t, dir, []string{"ROOKZMQ_PAUSE_AT=node-recover-remount"}, "--controller=false", "--metrics-address", addr)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(tail(d.log, 50), "pause point reached"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("recovery never paused:\n%s", tail(d.log, 20))
+		}
+	}
+	if r, err := d.ident.Probe(ctx(t), &csi.ProbeRequest{}); err != nil || r.GetReady().GetValue() {
+		t.Errorf("Probe while recovering: %v %v, want not ready", r, err)
+	}
+	if resp, err := http.Get("http://" + addr + "/healthz"); err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("/healthz while recovering: %v %v, want 503", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 	took := waitReady(t, d)
-	t.Logf("ready %s after the restart", took)
+	t.Logf("ready %s after the pause", took)
+	if resp, err := http.Get("http://" + addr + "/healthz"); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz after recovery: %v %v, want 200", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 	now := cephFusePid(v.staging)
 	if now == 0 || now == pid {
 		t.Fatalf("no new ceph-fuse (was %d, now %d)\n%s", pid, now, tail(d.log, 20))
@@ -547,6 +579,9 @@ func TestCephFSNodeRecoversDeadFuse(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(d.log); !strings.Contains(string(b), "volume remounted") || !strings.Contains(string(b), `"targets bound again"`) {
 		t.Errorf("the log does not say what recovery did:\n%s", tail(d.log, 20))
+	}
+	if _, err := busy.Read(make([]byte, 1)); err == nil {
+		t.Error("a file opened through the dead mount still reads") // documented: it stays broken
 	}
 	busy.Close()
 	unpublishCephFS(t, d, v, t1)
@@ -741,6 +776,9 @@ func TestCephFSNodeSecretsNeverShown(t *testing.T) {
 	}
 	if fi, err := os.Stat(k[0]); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("keyring mode %v %v", fi.Mode(), err)
+	}
+	if fi, err := os.Stat(filepath.Dir(k[0])); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("keyring directory mode %v %v", fi.Mode(), err)
 	}
 	target := mountTarget(t)
 	publishCephFS(t, d, v, target, false)

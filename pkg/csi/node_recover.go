@@ -110,6 +110,7 @@ func (n *Node[A]) recoverVolume(ctx context.Context, volumeID string) (bool, err
 		}
 		start := time.Now()
 		klog.InfoS("the stage of a volume is lost: remounting it", "volumeID", volumeID, "reason", reason)
+		PausePoint("node-recover-remount")
 		if err := rm.Remount(ctx, rec); err != nil {
 			return false, fmt.Errorf("remounting: %w", err)
 		}
