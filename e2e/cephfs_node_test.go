@@ -255,6 +255,25 @@ func TestCephFSNodeTwoTargets(t *testing.T) {
 		t.Errorf("health: %v %v", h, err)
 	}
 
+	// Growth is the controller's (the quota); the node reads it back.
+	if _, err := d.ctrl.ControllerExpandVolume(c, &csi.ControllerExpandVolumeRequest{VolumeId: v.id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 512 << 20}, Secrets: cephfsSecrets(t)}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		e, err := d.node.NodeExpandVolume(c, &csi.NodeExpandVolumeRequest{VolumeId: v.id, VolumePath: t1,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: 512 << 20}})
+		if err == nil && e.GetCapacityBytes() == 512<<20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("NodeExpandVolume after the quota grew: %v %v", e, err)
+		}
+	}
+	if _, err := d.node.NodeExpandVolume(c, &csi.NodeExpandVolumeRequest{VolumeId: v.id, VolumePath: t1,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("NodeExpandVolume past the quota: %v, want FailedPrecondition", err)
+	}
 	seq, _, err := eventsClient(t, dir).Flush("", "shared", "team-b")
 	if err != nil {
 		t.Fatal(err)
@@ -271,7 +290,7 @@ func TestCephFSNodeTwoTargets(t *testing.T) {
 	if left := cephfsLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
-	want := []string{"attach", "publish", "publish", "publish", "ack", "unpublish", "unpublish", "unpublish", "ack", "detach"}
+	want := []string{"attach", "publish", "publish", "publish", "expand", "ack", "unpublish", "unpublish", "unpublish", "ack", "detach"}
 	events := rec.wait(t, len(want))
 	var kinds []string
 	for _, ev := range events {
@@ -290,8 +309,11 @@ func TestCephFSNodeTwoTargets(t *testing.T) {
 		events[2].ReadOnly == nil || *events[2].ReadOnly {
 		t.Errorf("publish events: %+v %+v %+v", events[1], events[2], events[3])
 	}
-	if events[4].Seq != seq || events[4].Trigger != "request" || events[8].Trigger != "unstage" {
-		t.Errorf("acks: %+v %+v (flush answered seq %d)", events[4], events[8], seq)
+	if events[4].SizeBytes != 512<<20 {
+		t.Errorf("expand event %+v, want size %d", events[4], 512<<20)
+	}
+	if events[5].Seq != seq || events[5].Trigger != "request" || events[9].Trigger != "unstage" {
+		t.Errorf("acks: %+v %+v (flush answered seq %d)", events[5], events[9], seq)
 	}
 	deleteCephFS(t, d, v)
 	waitNoCephFSOrphans(t, prefix)
