@@ -248,11 +248,11 @@ func TestCephFSBadInput(t *testing.T) {
 			_, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: "junk", Secrets: cephfsSecrets(t)})
 			return err
 		}, codes.OK, ""},
-		{"node stage (stub)", func() error {
-			_, err := d.node.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: missingID, StagingTargetPath: t.TempDir(),
+		{"node stage of a missing volume", func() error {
+			_, err := d.node.NodeStageVolume(c, &csi.NodeStageVolumeRequest{VolumeId: missingID, StagingTargetPath: filepath.Join(t.TempDir(), "s"),
 				VolumeCapability: mountCap("", rwo), Secrets: cephfsSecrets(t)})
 			return err
-		}, codes.Unimplemented, "the CephFS Node service is not implemented yet"},
+		}, codes.NotFound, "does not exist"},
 		{"delete missing", func() error {
 			_, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: missingID, Secrets: cephfsSecrets(t)})
 			return err

@@ -98,7 +98,7 @@ func startCephFSDriver(t testing.TB, dir string, extraEnv []string, flags ...str
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return startDriver(t, dir, extraEnv, append([]string{"--type=cephfs", "--node=false", "--drivername=cephfs.rookzmq.io"}, flags...)...)
+	return startDriver(t, dir, extraEnv, append([]string{"--type=cephfs", "--node=false", "--drivername=cephfs.rookzmq.io", "--default-mounter=fuse"}, flags...)...)
 }
 
 func cephfsParams(extra ...string) map[string]string {

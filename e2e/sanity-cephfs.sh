@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# csi-sanity against the CephFS driver's Identity and Controller services (its
-# Node service is still a stub, so the Node specs are left out) on the
-# throwaway cluster. Usage: sanity-cephfs.sh
+# csi-sanity against the CephFS driver (Identity, Controller and Node services;
+# the node mounts with ceph-fuse as the csi-cephfs user) on the throwaway
+# cluster. Usage: sanity-cephfs.sh
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 SANITY=${CSI_SANITY:-$(go env GOPATH)/bin/csi-sanity}
@@ -17,21 +17,25 @@ ceph auth get-or-create "client.$user" mon 'allow r' mgr 'allow rw' \
 key=$(ceph auth get-key "client.$user")
 mkdir -p "$WORK/creds/c1"
 (umask 077 && printf '%s' "$user" >"$WORK/creds/c1/userID" && printf '%s' "$key" >"$WORK/creds/c1/userKey")
-(umask 077 && for s in CreateVolumeSecret DeleteVolumeSecret ControllerValidateVolumeCapabilitiesSecret ControllerExpandVolumeSecret; do
-	printf '%s:\n  adminID: "%s"\n  adminKey: "%s"\n' "$s" "$user" "$key"
-done >"$WORK/secrets.yaml")
+(umask 077 && {
+	for s in CreateVolumeSecret DeleteVolumeSecret ControllerValidateVolumeCapabilitiesSecret ControllerExpandVolumeSecret; do
+		printf '%s:\n  adminID: "%s"\n  adminKey: "%s"\n' "$s" "$user" "$key"
+	done
+	for s in NodeStageVolumeSecret NodePublishVolumeSecret; do # the mount user
+		printf '%s:\n  userID: "%s"\n  userKey: "%s"\n' "$s" "$ROOKZMQ_CEPH_CEPHFS_USER" "$ROOKZMQ_CEPH_CEPHFS_KEY"
+	done
+} >"$WORK/secrets.yaml")
 printf "clusterID: c1\nfsName: %s\n" "$ROOKZMQ_CEPH_FS_NAME" >"$WORK/params.yaml"
 trap stop_driver EXIT
-start_driver --type=cephfs --drivername=cephfs.rookzmq.io --credentials-dir "$WORK/creds"
+start_driver --type=cephfs --drivername=cephfs.rookzmq.io --default-mounter=fuse --credentials-dir "$WORK/creds"
 
-log "csi-sanity, CephFS Identity and Controller services"
+log "csi-sanity, CephFS Identity, Controller and Node services"
 start=$SECONDS
 set +e
 "$SANITY" --csi.endpoint "unix://$WORK/csi.sock" \
 	--csi.stagingdir "$WORK/staging" --csi.mountdir "$WORK/mount" \
 	--csi.secrets "$WORK/secrets.yaml" --csi.testvolumeparameters "$WORK/params.yaml" \
 	--csi.testvolumesize 536870912 --csi.testvolumeexpandsize 1073741824 \
-	--ginkgo.focus 'Identity Service|Controller Service' \
 	--ginkgo.timeout 10m --ginkgo.no-color >"$WORK/sanity.log" 2>&1
 rc=$?
 set -e
@@ -41,4 +45,4 @@ if [ $rc -ne 0 ]; then
 	echo "--- driver log tail"; tail -30 "$WORK/driver.log"
 	exit $rc
 fi
-log "csi-sanity (CephFS controller) passed in $((SECONDS - start))s"
+log "csi-sanity (CephFS) passed in $((SECONDS - start))s"

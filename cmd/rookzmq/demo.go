@@ -27,10 +27,14 @@ func runDemo(args []string) int {
 	pool := fs.String("pool", "rbd", "RBD pool")
 	user := fs.String("user", "admin", "cephx user (the userID secret)")
 	keyFile := fs.String("keyfile", "", "file holding the cephx key (the userKey secret); never pass keys as arguments")
-	mounter := fs.String("mounter", "rbd-fuse", "mounter parameter")
+	mounter := fs.String("mounter", "rbd-fuse", "mounter parameter (--type=cephfs: fuse or kernel; default the node's)")
 	fsType := fs.String("fstype", "xfs", "filesystem (ext4 grows online only where the plugin has CAP_SYS_RESOURCE)")
 	workDir := fs.String("workdir", "/tmp/rookzmq-demo", "where staging and target paths are made")
 	eventsDir := fs.String("events-dir", "", "the driver's --events-dir: also ask for a write acknowledgement (flush -> ack event)")
+	volType := fs.String("type", "rbd", "rbd, or cephfs: one shared volume published at two target paths at once")
+	fsName := fs.String("fs-name", "cephfs", "CephFS file system (--type=cephfs)")
+	adminUser := fs.String("admin-user", "", "cephx user that provisions (the adminID secret; --type=cephfs)")
+	adminKeyFile := fs.String("admin-keyfile", "", "file holding that user's key (the adminKey secret; --type=cephfs)")
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return 0
 	} else if err != nil {
@@ -42,7 +46,28 @@ func runDemo(args []string) int {
 		return 2
 	}
 	d := &demo{secrets: map[string]string{"userID": *user, "userKey": strings.TrimSpace(string(key))}, eventsDir: *eventsDir}
-	if err := d.run(*endpoint, *clusterID, *pool, *mounter, *fsType, *workDir); err != nil {
+	run := func() error { return d.run(*endpoint, *clusterID, *pool, *mounter, *fsType, *workDir) }
+	switch *volType {
+	case "rbd":
+	case "cephfs":
+		adminKey, err := os.ReadFile(*adminKeyFile)
+		if err != nil || *adminUser == "" {
+			fmt.Fprintf(os.Stderr, "demo: --type=cephfs needs --admin-user and --admin-keyfile (%v)\n", err)
+			return 2
+		}
+		d.adminSecrets = map[string]string{"adminID": *adminUser, "adminKey": strings.TrimSpace(string(adminKey))}
+		fsMounter := "" // the node's default, unless --mounter says otherwise
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "mounter" {
+				fsMounter = *mounter
+			}
+		})
+		run = func() error { return d.runCephFS(*endpoint, *clusterID, *fsName, fsMounter, *workDir) }
+	default:
+		fmt.Fprintf(os.Stderr, "demo: --type=%s: rbd or cephfs\n", *volType)
+		return 2
+	}
+	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "demo FAILED: %v\n", err)
 		return 1
 	}
@@ -51,11 +76,13 @@ func runDemo(args []string) int {
 }
 
 type demo struct {
-	secrets   map[string]string
-	eventsDir string
-	note      string // printed under the current step's line
-	start     time.Time
-	step      int
+	secrets map[string]string
+	// adminSecrets provision CephFS volumes (adminID/adminKey).
+	adminSecrets map[string]string
+	eventsDir    string
+	note         string // printed under the current step's line
+	start        time.Time
+	step         int
 }
 
 // do runs one step and prints its duration.
@@ -193,12 +220,17 @@ func (d *demo) run(endpoint, clusterID, pool, mounter, fsType, workDir string) e
 
 var demoContent = []byte("hello from rookzmq: this line went through the filesystem, a loop device, rbd-fuse and librbd\n")
 
-func writeFile(path string) error {
+func writeFile(path string) error { return writeData(path, demoContent) }
+
+func checkFile(path string) error { return checkData(path, demoContent) }
+
+// writeData writes content to a new file at path and fsyncs it.
+func writeData(path string, content []byte) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(demoContent); err != nil {
+	if _, err := f.Write(content); err != nil {
 		f.Close()
 		return err
 	}
@@ -209,13 +241,14 @@ func writeFile(path string) error {
 	return f.Close()
 }
 
-func checkFile(path string) error {
+// checkData reads path back and compares it with content.
+func checkData(path string, content []byte) error {
 	got, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	if !bytes.Equal(got, demoContent) {
-		return fmt.Errorf("read back %q, wrote %q", got, demoContent)
+	if !bytes.Equal(got, content) {
+		return fmt.Errorf("read back %q, wrote %q", got, content)
 	}
 	return nil
 }

@@ -84,14 +84,14 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs := flag.NewFlagSet("rookzmq", flag.ContinueOnError)
 	klog.InitFlags(fs)
 	f := &serveFlags{}
-	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd or cephfs (CephFS: its Node service is a stub that refuses staging and publishing so far)")
+	fs.StringVar(&f.driverType, "type", "rbd", "volume type to serve: rbd or cephfs")
 	fs.StringVar(&f.driverName, "drivername", "rbd.rookzmq.io", "CSI driver name (default rbd.rookzmq.io, or cephfs.rookzmq.io with --type=cephfs)")
 	fs.BoolVar(&f.controller, "controller", false, "serve the CSI Controller service")
 	fs.BoolVar(&f.node, "node", false, "serve the CSI Node service")
 	fs.StringVar(&f.endpoint, "endpoint", "", "CSI endpoint (unix:///path.sock or tcp://host:port; default unix:///var/lib/kubelet/plugins/<drivername>/csi.sock)")
 	fs.StringVar(&f.nodeID, "nodeid", "", "this node's name (required with --node)")
 	fs.StringVar(&f.clusters, "clusters", "/etc/rookzmq/config.json", "clusters file (ceph-csi config.json format)")
-	fs.StringVar(&f.defaultMounter, "default-mounter", rbd.MounterKRBD, "mounter for volumes whose StorageClass names none: krbd, rbd-nbd or rbd-fuse")
+	fs.StringVar(&f.defaultMounter, "default-mounter", "", "mounter for volumes whose StorageClass names none: krbd (default), rbd-nbd or rbd-fuse; with --type=cephfs fuse (default) or kernel")
 	fs.StringVar(&f.stateDir, "statedir", "", "node state directory that survives restarts (default /var/lib/rookzmq/<drivername>)")
 	fs.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of <clusterID>/userID and <clusterID>/userKey files for calls without secrets (ListVolumes, GetCapacity; with --type=cephfs the provisioning user, also used to resume promised removals at start)")
 	fs.StringVar(&f.cephCSIInstance, "cephcsi-instance-id", rbd.DefaultCephCSIInstance, "--instanceid of the ceph-csi whose volumes are adopted (its journal is csi.volumes.<ID>)")
@@ -157,8 +157,23 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if err := rbd.CheckCephCSIInstance(f.cephCSIInstance); err != nil {
 		return nil, fmt.Errorf("--cephcsi-instance-id: %w", err)
 	}
-	if _, err := rbd.ParseMounterName(f.defaultMounter); err != nil {
-		return nil, fmt.Errorf("--default-mounter: %w", err)
+	switch {
+	case f.driverType == "rbd":
+		if f.defaultMounter == "" {
+			f.defaultMounter = rbd.MounterKRBD
+		}
+		if _, err := rbd.ParseMounterName(f.defaultMounter); err != nil {
+			return nil, fmt.Errorf("--default-mounter: %w", err)
+		}
+	case f.node: // a CephFS controller alone mounts nothing
+		m, err := cephfs.ParseMounterName(f.defaultMounter)
+		if err != nil {
+			return nil, fmt.Errorf("--default-mounter: %w (--type=cephfs: fuse or kernel)", err)
+		}
+		if m == "" {
+			m = cephfs.MounterFuse
+		}
+		f.defaultMounter = m
 	}
 	return f, nil
 }
@@ -193,14 +208,22 @@ func serve(args []string) error {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
 			CephCSIInstance: f.cephCSIInstance}
 	}
-	var node *rbd.Node
-	var nodeStub *cephfs.NodeStub
+	var node nodeService
 	healthy := func() error { return nil }
-	if f.node && f.driverType == "cephfs" {
-		nodeStub = &cephfs.NodeStub{NodeID: f.nodeID}
-	} else if f.node {
+	if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
-		node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink, Conns: conns})
+		if f.driverType == "cephfs" {
+			mounts := &cephfs.Mounts{Conns: conns}
+			if cephfsController != nil {
+				mounts = cephfsController.Mounts
+			} else {
+				defer mounts.Close()
+			}
+			node, err = cephfs.NewNode(cephfs.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter,
+				StateDir: f.stateDir, Events: sink, Mounts: mounts})
+		} else {
+			node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink, Conns: conns})
+		}
 		if err != nil {
 			return err
 		}
@@ -222,10 +245,24 @@ func serve(args []string) error {
 			return err
 		}
 		defer bridge.Close()
-		healthy = bridge.Healthy
+		healthy = func() error {
+			if err := bridge.Healthy(); err != nil {
+				return err
+			}
+			return node.Ready()
+		}
 		sink.Bridge = bridge
 		node.ResumeAckTimers()
-		if f.eventsEndpoint != "" {
+		if n, ok := node.(*cephfs.Node); ok {
+			// ceph-fuse mounts whose daemon died while the driver was down
+			// are remounted, and their targets bound again, before the
+			// node reports ready.
+			n.RecoverInBackground(ctx)
+		}
+		// One plugin per node serves events.rookzmq.io (its socket and
+		// driver name are the node's): the RBD one. CephFS volumes have the
+		// node-wide endpoints only, so far.
+		if f.eventsEndpoint != "" && f.driverType == "rbd" {
 			pods, err := rcsi.NewAPIPods(f.kubeconfig, f.nodeID)
 			if err != nil {
 				return err
@@ -253,6 +290,9 @@ func serve(args []string) error {
 		}
 	}
 	identity := &rcsi.Identity{Name: f.driverName, Version: version, Controller: f.controller, Expansion: true}
+	if node != nil {
+		identity.Ready = func(context.Context) error { return node.Ready() }
+	}
 	srv, err := rcsi.Listen(f.endpoint, metrics.ObserveCall, func(s *grpc.Server) {
 		csi.RegisterIdentityServer(s, identity)
 		if controller != nil {
@@ -263,9 +303,6 @@ func serve(args []string) error {
 		}
 		if node != nil {
 			csi.RegisterNodeServer(s, node)
-		}
-		if nodeStub != nil {
-			csi.RegisterNodeServer(s, nodeStub)
 		}
 	})
 	if err != nil {
@@ -312,6 +349,16 @@ func serve(args []string) error {
 		}
 		return nil
 	}
+}
+
+// nodeService is what serve needs of a driver's node service (rbd.Node,
+// cephfs.Node: both the shared skeleton, rcsi.Node).
+type nodeService interface {
+	csi.NodeServer
+	rcsi.FlushableVolumes
+	PodVolumes(podUID string) []string
+	ResumeAckTimers()
+	Ready() error
 }
 
 // probe calls the driver's own Identity.Probe, so /healthz reflects whether

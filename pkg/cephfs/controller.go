@@ -294,7 +294,8 @@ func volumeContext(p Params, t *target, name, path string) map[string]string {
 		ctxSubvolumeGroup: t.group,
 	}
 	for k, v := range map[string]string{ParamPool: p.Pool, ParamMounter: p.Mounter, ParamKernelMountOptions: p.KernelMountOptions,
-		ParamFuseMountOptions: p.FuseMountOptions, ParamPVCName: p.PVCName, ParamPVCNamespace: p.PVCNamespace, ParamPVName: p.PVName} {
+		ParamFuseMountOptions: p.FuseMountOptions, ParamPVCName: p.PVCName, ParamPVCNamespace: p.PVCNamespace, ParamPVName: p.PVName,
+		ParamAckInterval: p.AckInterval} {
 		if v != "" {
 			vc[k] = v
 		}

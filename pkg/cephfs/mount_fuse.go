@@ -161,7 +161,7 @@ func (f *fuseMounter) Mount(ctx context.Context, target string, spec MountSpec) 
 		}
 		switch perr := probeDir(ctx, target); {
 		case perr == nil:
-			pid, running, err := findProcess(fuseProg, target)
+			pid, running, err := rcsi.FindDaemon(fuseProg, target)
 			switch {
 			case err != nil:
 				return err
@@ -195,7 +195,7 @@ func (f *fuseMounter) start(ctx context.Context, target string, spec MountSpec, 
 	ctx, cancel := context.WithTimeout(ctx, fuseStartTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, fuseProg, args...)
-	cmd.Env = toolEnv()
+	cmd.Env = rcsi.ToolEnv()
 	cmd.ExtraFiles = []*os.File{key}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.WaitDelay = time.Second // a daemon holding our pipes cannot hold us
@@ -206,7 +206,7 @@ func (f *fuseMounter) start(ctx context.Context, target string, spec MountSpec, 
 	what := fmt.Sprintf("ceph-fuse of %s:%s at %s", spec.FsName, spec.Path, target)
 	if err != nil {
 		f.cleanupFailedStart(target)
-		detail := spec.Creds.Redact(lastLine(out.Bytes()))
+		detail := spec.Creds.Redact(rcsi.LastLine(out.Bytes()))
 		if ctx.Err() != nil {
 			return coded(codes.Unavailable, "%s did not start within %s: %s", what, time.Since(start).Round(time.Millisecond), detail)
 		}
@@ -229,7 +229,7 @@ func (f *fuseMounter) cleanupFailedStart(target string) {
 	if err != nil || mi == nil || mi.FsType != fuseFsType {
 		return
 	}
-	if pid, _, err := findProcess(fuseProg, target); err == nil && pid == 0 {
+	if pid, _, err := rcsi.FindDaemon(fuseProg, target); err == nil && pid == 0 {
 		unix.Unmount(target, unix.MNT_DETACH)
 	}
 }
@@ -283,7 +283,7 @@ func (f *fuseMounter) unmount(ctx context.Context, target string) error {
 		if mi.FsType != fuseFsType {
 			return coded(codes.FailedPrecondition, "%s has a %s mount, not ceph-fuse: not unmounting it", target, mi.FsType)
 		}
-		pid, _, err := findProcess(fuseProg, target)
+		pid, _, err := rcsi.FindDaemon(fuseProg, target)
 		if err != nil {
 			return err
 		}
@@ -303,7 +303,7 @@ func (f *fuseMounter) unmount(ctx context.Context, target string) error {
 			return coded(codes.Internal, "unmounting %s: %v", target, err)
 		}
 		if pid > 0 && !lazy {
-			if err := waitExit(ctx, pid, fuseExitTimeout); err != nil {
+			if err := rcsi.WaitExit(ctx, pid, fuseExitTimeout); err != nil {
 				return err
 			}
 		}
@@ -348,19 +348,6 @@ func healthy(ctx context.Context, target, fsType string) error {
 	}
 }
 
-// toolEnv is the environment for Ceph tools: the driver's own, less any Ceph
-// settings that could override the arguments (CEPH_ARGS, CEPH_CONF,
-// CEPH_KEYRING), plus an empty configuration file.
-func toolEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "CEPH_") {
-			env = append(env, kv)
-		}
-	}
-	return append(env, "CEPH_CONF=/dev/null")
-}
-
 // limitedBuffer keeps the first max bytes written to it.
 type limitedBuffer struct {
 	bytes.Buffer
@@ -376,9 +363,4 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 		}
 	}
 	return len(p), nil
-}
-
-func lastLine(out []byte) string {
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	return lines[len(lines)-1]
 }

@@ -57,7 +57,7 @@ func (k *kernelMounter) Available() error {
 	if ctx.Err() != nil {
 		reason = "no answer within " + modprobeTimeout.String()
 	}
-	return coded(codes.FailedPrecondition, "the kernel of this node has no CephFS client: /proc/filesystems lists no ceph and modprobe ceph failed (%s); use mounter %s", lastLine([]byte(reason)), MounterFuse)
+	return coded(codes.FailedPrecondition, "the kernel of this node has no CephFS client: /proc/filesystems lists no ceph and modprobe ceph failed (%s); use mounter %s", rcsi.LastLine([]byte(reason)), MounterFuse)
 }
 
 // kernelHasCeph says whether /proc/filesystems lists ceph.

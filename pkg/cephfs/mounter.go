@@ -68,26 +68,25 @@ func NewMounter(name string) (Mounter, error) {
 // ErrNotMounted is wrapped by Flush's error when nothing is mounted at the target.
 var ErrNotMounted = errors.New("not mounted")
 
-// brokenError is positive evidence that a mount is lost, as opposed to a
-// check that could not tell.
-type brokenError struct{ reason string }
+// brokenError is positive evidence that a mount is lost (an rcsi.Gone, as the
+// node skeleton's Stager.Check answers it), FailedPrecondition for rcsi.Code.
+type brokenError struct{ gone error }
 
-func (e *brokenError) Error() string { return e.reason }
+func (e *brokenError) Error() string { return e.gone.Error() }
+func (e *brokenError) Unwrap() error { return e.gone }
 
 // GRPCStatus makes a broken mount FailedPrecondition for rcsi.Code.
 func (e *brokenError) GRPCStatus() *status.Status {
-	return status.New(codes.FailedPrecondition, e.reason)
+	return status.New(codes.FailedPrecondition, e.gone.Error())
 }
 
 func broken(format string, args ...any) error {
-	return &brokenError{fmt.Sprintf(format, args...)}
+	return &brokenError{rcsi.Gone(format, args...)}
 }
 
-// IsBroken tells Healthy's positive evidence of a lost mount from a failed check.
-func IsBroken(err error) bool {
-	var b *brokenError
-	return errors.As(err, &b)
-}
+// IsBroken tells Healthy's positive evidence of a lost mount from a failed
+// check; it is rcsi.IsGone.
+func IsBroken(err error) bool { return rcsi.IsGone(err) }
 
 // codedError is an error with a gRPC code whose text is just its message, so
 // that wrapping it reads well and rcsi.Code still finds the code.

@@ -3,6 +3,7 @@ package cephfs
 import (
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
@@ -17,6 +18,9 @@ const (
 	ParamKernelMountOptions = "kernelMountOptions"
 	ParamFuseMountOptions   = "fuseMountOptions"
 	ParamNamePrefix         = "volumeNamePrefix"
+	// ParamAckInterval makes the node flush staged volumes of the class and
+	// publish an ack event every so many seconds (as for RBD).
+	ParamAckInterval = rcsi.KeyAckInterval
 
 	ParamPVCName      = rcsi.KeyPVCName
 	ParamPVCNamespace = rcsi.KeyPVCNamespace
@@ -54,6 +58,8 @@ type Params struct {
 	Mounter                              string
 	KernelMountOptions, FuseMountOptions string
 	NamePrefix                           string
+	// AckInterval is ackIntervalSeconds, as given ("" = none).
+	AckInterval string
 	// Kubernetes names passed by external-provisioner --extra-create-metadata.
 	PVCName, PVCNamespace, PVName string
 }
@@ -88,6 +94,11 @@ func ParseParams(in map[string]string) (Params, error) {
 			p.FuseMountOptions = v
 		case ParamNamePrefix:
 			p.NamePrefix = v
+		case ParamAckInterval:
+			if n, err := strconv.Atoi(v); err != nil || n < 1 || n > 86400 {
+				return p, fmt.Errorf("parameter %s=%q: want whole seconds from 1 to 86400", k, v)
+			}
+			p.AckInterval = v
 		case ParamPVCName:
 			p.PVCName = v
 		case ParamPVCNamespace:

@@ -19,7 +19,7 @@ func TestParseParamsAll(t *testing.T) {
 	p, err := ParseParams(map[string]string{
 		"clusterID": "c1", "fsName": "myfs", "pool": "fast", "mounter": "fuse",
 		"kernelMountOptions": "noatime,ms_mode=secure", "fuseMountOptions": "debug",
-		"volumeNamePrefix":            "k8s-",
+		"volumeNamePrefix": "k8s-", "ackIntervalSeconds": "30",
 		"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "ns1", "csi.storage.k8s.io/pv/name": "pvc-1",
 		"csi.storage.k8s.io/provisioner-secret-name": "x",
 	})
@@ -27,7 +27,7 @@ func TestParseParamsAll(t *testing.T) {
 		t.Fatal(err)
 	}
 	if p.FsName != "myfs" || p.Pool != "fast" || p.Mounter != MounterFuse || p.KernelMountOptions != "noatime,ms_mode=secure" ||
-		p.FuseMountOptions != "debug" || p.NamePrefix != "k8s-" || p.PVCName != "data" || p.PVCNamespace != "ns1" || p.PVName != "pvc-1" {
+		p.FuseMountOptions != "debug" || p.NamePrefix != "k8s-" || p.PVCName != "data" || p.PVCNamespace != "ns1" || p.PVName != "pvc-1" || p.AckInterval != "30" {
 		t.Fatalf("parsed %+v", p)
 	}
 }
@@ -48,6 +48,9 @@ func TestParseParamsRejects(t *testing.T) {
 	}{
 		{base("clusterID", "<delete>"), "clusterID is required"},
 		{base("fsName", "<delete>"), "fsName is required"},
+		{base("ackIntervalSeconds", "0"), "ackIntervalSeconds"},
+		{base("ackIntervalSeconds", "x"), "ackIntervalSeconds"},
+		{base("ackIntervalSeconds", "86401"), "ackIntervalSeconds"},
 		{base("fsname", "x"), `unknown parameter "fsname"`},
 		{base("imageFeatures", "layering"), `unknown parameter "imageFeatures"`},
 		{base("mounter", "rbd-fuse"), `unknown mounter "rbd-fuse"`},

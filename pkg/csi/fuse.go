@@ -41,13 +41,26 @@ func IsFuseMounted(dir string) (bool, error) {
 	return false, nil
 }
 
+// MountLost says whether a probe's error shows a mount lost for good: a
+// FUSE daemon gone (FuseDead), a client the cluster evicted and blocklisted
+// (ESHUTDOWN), or a stale handle (ESTALE).
+func MountLost(err error) bool {
+	return FuseDead(err) || errors.Is(err, unix.ESHUTDOWN) || errors.Is(err, unix.ESTALE)
+}
+
 // DaemonPid finds the live process named daemon (its argv[0]'s base name)
 // whose last argument is dir, as a FUSE daemon's mount point is (0 if a full
 // scan of /proc finds none).
 func DaemonPid(daemon, dir string) (int, error) {
+	pid, _, err := FindDaemon(daemon, dir)
+	return pid, err
+}
+
+// FindDaemon is DaemonPid that also returns the process's command line.
+func FindDaemon(daemon, dir string) (int, []string, error) {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0, Coded(codes.Internal, "listing processes: %v", err)
+		return 0, nil, Coded(codes.Internal, "listing processes: %v", err)
 	}
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
@@ -56,10 +69,10 @@ func DaemonPid(daemon, dir string) (int, error) {
 		}
 		args := procArgs(pid)
 		if len(args) > 1 && filepath.Base(args[0]) == daemon && args[len(args)-1] == dir && !isZombie(pid) {
-			return pid, nil
+			return pid, args, nil
 		}
 	}
-	return 0, nil
+	return 0, nil, nil
 }
 
 func procArgs(pid int) []string {
@@ -80,12 +93,12 @@ func isZombie(pid int) bool {
 	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
 }
 
-// WaitExit waits until pid has exited (or is a zombie).
+// WaitExit waits until pid has exited (or is a zombie); Unavailable after timeout.
 func WaitExit(ctx context.Context, pid int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for !isZombie(pid) {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("process %d did not exit within %s", pid, timeout)
+			return Coded(codes.Unavailable, "process %d did not exit within %s", pid, timeout)
 		}
 		select {
 		case <-ctx.Done():

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -33,6 +34,8 @@ type Node[A any] struct {
 	locks         KeyLocks
 	acks          ackTimers
 	caps          []csi.NodeServiceCapability_RPC_Type
+	// recovering is Recover's state (recoverNone, Running, Done).
+	recovering atomic.Int32
 }
 
 // NodeConfig configures NewNode.

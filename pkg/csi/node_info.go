@@ -27,7 +27,13 @@ func (n *Node[A]) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolume
 	if err := Required("volume_path", path); err != nil {
 		return nil, err
 	}
-	resp, err := boundedStats(ctx, path)
+	var resp *csi.NodeGetVolumeStatsResponse
+	var err error
+	if u, ok := n.stager.(UsageReporter); ok {
+		resp, err = boundedUsage(ctx, path, u)
+	} else {
+		resp, err = boundedStats(ctx, path)
+	}
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return nil, status.Errorf(codes.NotFound, "volume path %s does not exist", path)
@@ -42,6 +48,18 @@ func (n *Node[A]) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolume
 // boundedStats runs volumeStats as a shared probe of path.
 func boundedStats(ctx context.Context, path string) (*csi.NodeGetVolumeStatsResponse, error) {
 	v, err := probes.do(ctx, "stats\x00"+path, ProbeTimeout, func() (any, error) { return volumeStats(path) })
+	if err != nil {
+		return nil, err
+	}
+	return v.(*csi.NodeGetVolumeStatsResponse), nil
+}
+
+// boundedUsage runs a driver's Usage as a shared probe of path.
+func boundedUsage(ctx context.Context, path string, u UsageReporter) (*csi.NodeGetVolumeStatsResponse, error) {
+	v, err := probes.do(ctx, "usage\x00"+path, ProbeTimeout, func() (any, error) {
+		usage, err := u.Usage(path)
+		return &csi.NodeGetVolumeStatsResponse{Usage: usage}, err
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -126,3 +126,25 @@ func StatPath(ctx context.Context, path string) error {
 	})
 	return err
 }
+
+// ProbeDir opens dir as a directory and closes it, bounded by ProbeTimeout
+// (a shared probe of dir). Unlike stat, which the kernel may answer from its
+// attribute cache, opening a FUSE directory always reaches the daemon. The
+// raw error is kept for errors.Is (MountLost).
+func ProbeDir(ctx context.Context, dir string) error {
+	_, err := probes.do(ctx, "opendir\x00"+dir, ProbeTimeout, func() (any, error) {
+		fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, err
+		}
+		return nil, unix.Close(fd)
+	})
+	return err
+}
+
+// Probe runs f as a shared probe under key: a probe of key already in flight
+// is joined, not repeated, and the caller waits at most ProbeTimeout
+// (ErrHung) or until ctx ends.
+func Probe(ctx context.Context, key string, f func() (any, error)) (any, error) {
+	return probes.do(ctx, key, ProbeTimeout, f)
+}

@@ -2,11 +2,16 @@ package csi
 
 import (
 	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Concurrent probes of one path share one run; callers that give up leave
@@ -54,5 +59,30 @@ func TestProberOneFlightPerKey(t *testing.T) {
 	v, err := p.do(context.Background(), "k", time.Second, func() (any, error) { return "fresh", nil })
 	if err != nil || v != "fresh" || runs.Load() != 1 {
 		t.Fatalf("probe after the hung one returned: %v %v (runs %d)", v, err, runs.Load())
+	}
+}
+
+// ProbeDir keeps the raw errno (MountLost reads it) and answers for a directory.
+func TestProbeDirAndMountLost(t *testing.T) {
+	dir := t.TempDir()
+	if err := ProbeDir(context.Background(), dir); err != nil {
+		t.Fatalf("ProbeDir of a directory: %v", err)
+	}
+	file := filepath.Join(dir, "f")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := ProbeDir(context.Background(), file); !errors.Is(err, unix.ENOTDIR) || MountLost(err) {
+		t.Errorf("ProbeDir of a file: %v, want ENOTDIR and not a lost mount", err)
+	}
+	for _, e := range []error{unix.ENOTCONN, unix.ECONNABORTED, unix.ESHUTDOWN, unix.ESTALE} {
+		if !MountLost(&os.PathError{Op: "open", Path: dir, Err: e}) {
+			t.Errorf("%v is a lost mount", e)
+		}
+	}
+	for _, e := range []error{unix.EIO, unix.EACCES, ErrHung, context.DeadlineExceeded} {
+		if MountLost(e) {
+			t.Errorf("%v is no evidence of a lost mount", e)
+		}
 	}
 }

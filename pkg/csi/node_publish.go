@@ -51,6 +51,14 @@ func (n *Node[A]) NodePublishVolume(ctx context.Context, req *csi.NodePublishVol
 	if (vc.GetBlock() != nil) != rec.Block {
 		return nil, status.Errorf(codes.InvalidArgument, "volume was staged with access type %s, publish asks for the other", accessType(rec.Block))
 	}
+	// A bind whose mount died (its FUSE daemon exited and the stage was
+	// mounted again since) is removed, then made again below.
+	if perr := StatPath(ctx, target); MountLost(perr) {
+		klog.InfoS("the target's mount is lost: binding it again", "volumeID", req.GetVolumeId(), "target", target, "err", perr)
+		if err := detachAll(target); err != nil {
+			return nil, err
+		}
+	}
 	readOnly := req.GetReadonly() || rec.ReadOnly
 	if pub, ok := rec.Targets[target]; ok {
 		if pub.ReadOnly != readOnly {
@@ -98,7 +106,7 @@ func (n *Node[A]) NodePublishVolume(ctx context.Context, req *csi.NodePublishVol
 	if rec.Targets == nil {
 		rec.Targets = map[string]Publication{}
 	}
-	rec.Targets[target] = Publication{ReadOnly: readOnly, Context: req.GetVolumeContext()}
+	rec.Targets[target] = Publication{ReadOnly: readOnly, Context: req.GetVolumeContext(), Flags: flags}
 	if err := n.state.save(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}

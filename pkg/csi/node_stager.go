@@ -59,3 +59,22 @@ var ErrNothingToFlush = errors.New("nothing to flush")
 // ErrCorruptRecord marks a stage record naming something its driver does not
 // know (e.g. an unknown mounter).
 var ErrCorruptRecord = errors.New("corrupt stage record")
+
+// Remounter is what a Stager adds when it can repair a lost stage in place
+// without a CSI call (a FUSE daemon that died while the node kept running):
+// Node.Recover calls Remount, under the volume's lock, for a staged volume
+// whose Check answers Gone, then binds the staging path into its targets
+// again.
+type Remounter[A any] interface {
+	// Remount makes the stage work again at rec.StagingPath with what the
+	// record (and the driver's files in rec.WorkDir) hold.
+	Remount(ctx context.Context, rec *StageRecord[A]) error
+}
+
+// UsageReporter is what a Stager adds when its volumes know their usage
+// better than statfs(2) of a path tells (CephFS: the quota and recursive
+// statistics). NodeGetVolumeStats runs Usage as a shared probe of the path,
+// bounded by ProbeTimeout; a path that does not exist is os.ErrNotExist.
+type UsageReporter interface {
+	Usage(path string) ([]*csi.VolumeUsage, error)
+}

@@ -54,6 +54,9 @@ type Publication struct {
 	// Context is the publish-time volume context (pod name, namespace and UID
 	// from podInfoOnMount), for the unpublish event.
 	Context map[string]string `json:"context,omitempty"`
+	// Flags are the capability's mount flags (mount volumes), for a bind
+	// made again by Recover.
+	Flags []string `json:"mountFlags,omitempty"`
 }
 
 // MarshalJSON writes the record's fields and its attachment's as one object.

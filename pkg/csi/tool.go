@@ -37,10 +37,10 @@ type Tool struct {
 	TmpfsKeys string
 }
 
-// toolEnv is the environment for Ceph CLI tools: the driver's own, less any
+// ToolEnv is the environment for Ceph CLI tools: the driver's own, less any
 // Ceph settings that could override the arguments (CEPH_ARGS, CEPH_CONF,
 // CEPH_KEYRING), plus an empty configuration file.
-func toolEnv() []string {
+func ToolEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "CEPH_") {
@@ -57,7 +57,7 @@ func (t Tool) Run(ctx context.Context) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, t.Timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, t.Name, t.Args...)
-	cmd.Env = toolEnv()
+	cmd.Env = ToolEnv()
 	cmd.WaitDelay = time.Second // a child holding our pipes cannot hold us
 	redact := func(s string) string { return s }
 	switch {
