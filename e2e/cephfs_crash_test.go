@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand"
 	"os"
@@ -17,7 +18,9 @@ import (
 
 // 20 concurrent CreateVolume calls with one name make exactly one subvolume,
 // and all of them return its volume ID.
-func TestCephFSCreateStorm(t *testing.T) {
+func TestCephFSCreateStorm(t *testing.T) { testCephFSCreateStorm(t, cephfsSecrets(t)) }
+
+func testCephFSCreateStorm(t *testing.T, sec map[string]string) {
 	d := startCephFSDriver(t, newDriverDir(t), nil)
 	prefix := uniquePrefix(t)
 	var wg sync.WaitGroup
@@ -27,7 +30,7 @@ func TestCephFSCreateStorm(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"storm", prefix, 64<<20))
+			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, prefix+"storm", prefix, 64<<20))
 			ids[i], errs[i] = r.GetVolume().GetVolumeId(), err
 		}(i)
 	}
@@ -40,7 +43,7 @@ func TestCephFSCreateStorm(t *testing.T) {
 	if got := subvolumesCLI(t, prefix); len(got) != 1 {
 		t.Fatalf("subvolumes after the storm: %v, want exactly one", got)
 	}
-	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: ids[0], Secrets: cephfsSecrets(t)}); err != nil {
+	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: ids[0], Secrets: sec}); err != nil {
 		t.Fatal(err)
 	}
 	waitNoCephFSOrphans(t, prefix)
@@ -50,20 +53,34 @@ func TestCephFSCreateStorm(t *testing.T) {
 // restarted and retried, leaves no orphan subvolume and no journal entry. A
 // removal promised before the crash is finished even if nobody retries it.
 func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
+	testCephFSCrash(t, cephfsSecrets(t), "cephfs-create-after-reserve", "cephfs-create-after-mkdir", "cephfs-create-after-subvolume")
+}
+
+// testCephFSCrash kills the controller at each of createPoints, then in
+// DeleteVolume and in the purge, provisioning with sec.
+func testCephFSCrash(t *testing.T, sec map[string]string, createPoints ...string) {
 	dir := newDriverDir(t)
 	prefix := uniquePrefix(t)
-	for _, point := range []string{"cephfs-create-after-reserve", "cephfs-create-after-mkdir", "cephfs-create-after-subvolume"} {
+	for _, point := range createPoints {
 		t.Run(point, func(t *testing.T) {
 			name := prefix + point
+			req := cephfsCreateReqAs(sec, name, prefix, 64<<20)
+			req.Parameters["csi.storage.k8s.io/pvc/name"] = "pvc-" + point
 			d := startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
-			if _, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20)); err == nil {
+			if _, err := d.ctrl.CreateVolume(ctx(t), req); err == nil {
 				t.Fatal("CreateVolume succeeded through its crash point")
 			}
 			waitDead(t, d)
 			d = startCephFSDriver(t, dir, nil)
-			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20))
+			r, err := d.ctrl.CreateVolume(ctx(t), req)
 			if err != nil {
 				t.Fatalf("retry after crash: %v", err)
+			}
+			// The retry finishes what the crash interrupted, metadata included.
+			var meta map[string]string
+			if err := json.Unmarshal([]byte(subvolumeCLI(t, "metadata ls", r.GetVolume().GetVolumeContext()["subvolumeName"])), &meta); err != nil ||
+				meta["csi.storage.k8s.io/pvc/name"] != "pvc-"+point {
+				t.Errorf("subvolume metadata after the retry: %v, %v", meta, err)
 			}
 			if n := len(cephfsJournal(t, name)); n != 2 {
 				t.Errorf("journal has %d keys for %s, want 2", n, name)
@@ -72,7 +89,7 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 				t.Errorf("subvolumes: %v, want one", got)
 			}
 			subvolumeCLI(t, "info", r.GetVolume().GetVolumeContext()["subvolumeName"])
-			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: cephfsSecrets(t)}); err != nil {
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec}); err != nil {
 				t.Fatal(err)
 			}
 			waitNoCephFSOrphans(t, prefix)
@@ -82,14 +99,14 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 	for _, retry := range []bool{true, false} {
 		t.Run(fmt.Sprintf("cephfs-delete-after-promise/retry=%v", retry), func(t *testing.T) {
 			d := startCephFSDriver(t, dir, nil)
-			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"del", prefix, 64<<20))
+			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, prefix+"del", prefix, 64<<20))
 			if err != nil {
 				t.Fatal(err)
 			}
 			d.stop()
 			d = startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-delete-after-promise"})
 			id := r.GetVolume().GetVolumeId()
-			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err == nil {
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err == nil {
 				t.Fatal("DeleteVolume succeeded through its crash point")
 			}
 			waitDead(t, d)
@@ -98,13 +115,13 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 			}
 			d = startCephFSDriver(t, dir, nil)
 			if retry {
-				if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+				if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err != nil {
 					t.Fatalf("retry after crash: %v", err)
 				}
 			} else {
 				// Any call that reaches the group resumes its purger.
 				if _, err := d.ctrl.ValidateVolumeCapabilities(ctx(t), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
-					VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: cephfsSecrets(t)}); status.Code(err) != codes.NotFound {
+					VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: sec}); status.Code(err) != codes.NotFound {
 					t.Fatalf("ValidateVolumeCapabilities of a volume being deleted: %v, want NotFound", err)
 				}
 			}
@@ -116,12 +133,12 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 	// process finishes the purge without any DeleteVolume retry.
 	t.Run("cephfs-purge-after-trash", func(t *testing.T) {
 		d := startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-purge-after-trash"})
-		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"purge", prefix, 64<<20))
+		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, prefix+"purge", prefix, 64<<20))
 		if err != nil {
 			t.Fatal(err)
 		}
 		id := r.GetVolume().GetVolumeId()
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err != nil {
 			t.Fatal(err)
 		}
 		waitDead(t, d)
@@ -134,8 +151,8 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 		if err := os.MkdirAll(filepath.Join(creds, "c1"), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		os.WriteFile(filepath.Join(creds, "c1", "userID"), []byte(cephfsSecrets(t)["adminID"]), 0o600)
-		os.WriteFile(filepath.Join(creds, "c1", "userKey"), []byte(cephfsSecrets(t)["adminKey"]), 0o600)
+		os.WriteFile(filepath.Join(creds, "c1", "userID"), []byte(sec["adminID"]), 0o600)
+		os.WriteFile(filepath.Join(creds, "c1", "userKey"), []byte(sec["adminKey"]), 0o600)
 		d = startCephFSDriver(t, dir, nil, "--credentials-dir", creds)
 		waitNoCephFSOrphans(t, prefix)
 		d.stop()
@@ -144,7 +161,9 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 
 // SIGKILL at random moments of CreateVolume and DeleteVolume: every retry
 // completes and nothing is orphaned.
-func TestCephFSRandomKills(t *testing.T) {
+func TestCephFSRandomKills(t *testing.T) { testCephFSRandomKills(t, cephfsSecrets(t)) }
+
+func testCephFSRandomKills(t *testing.T, sec map[string]string) {
 	dir := newDriverDir(t)
 	prefix := uniquePrefix(t)
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
@@ -153,32 +172,32 @@ func TestCephFSRandomKills(t *testing.T) {
 		d := startCephFSDriver(t, dir, nil)
 		var wg sync.WaitGroup
 		wg.Add(1)
-		go func() { defer wg.Done(); d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20)) }()
+		go func() { defer wg.Done(); d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, name, prefix, 64<<20)) }()
 		time.Sleep(time.Duration(rng.Intn(30)) * time.Millisecond)
 		d.kill()
 		wg.Wait()
 		d = startCephFSDriver(t, dir, nil)
-		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20))
+		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, name, prefix, 64<<20))
 		if err != nil {
 			t.Fatalf("create retry after kill: %v", err)
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: cephfsSecrets(t)})
+			d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec})
 		}()
 		time.Sleep(time.Duration(rng.Intn(10)) * time.Millisecond)
 		d.kill()
 		wg.Wait()
 		d = startCephFSDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: cephfsSecrets(t)}); err != nil {
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec}); err != nil {
 			t.Fatalf("delete retry after kill: %v", err)
 		}
 		d.stop()
 	}
 	// A new process resumes any purge a kill interrupted on its first call.
 	d := startCephFSDriver(t, dir, nil)
-	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: "1-02-c1-06-cephfs-03-csi-" + prefix + "none", Secrets: cephfsSecrets(t)}); err != nil {
+	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: "1-02-c1-06-cephfs-03-csi-" + prefix + "none", Secrets: sec}); err != nil {
 		t.Fatal(err)
 	}
 	waitNoCephFSOrphans(t, prefix)

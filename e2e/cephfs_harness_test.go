@@ -110,10 +110,15 @@ func cephfsParams(extra ...string) map[string]string {
 }
 
 func cephfsCreateReq(t testing.TB, name, prefix string, size int64) *csi.CreateVolumeRequest {
+	return cephfsCreateReqAs(cephfsSecrets(t), name, prefix, size)
+}
+
+// cephfsCreateReqAs is cephfsCreateReq with the provisioner secrets sec.
+func cephfsCreateReqAs(sec map[string]string, name, prefix string, size int64) *csi.CreateVolumeRequest {
 	return &csi.CreateVolumeRequest{
 		Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
 		VolumeCapabilities: []*csi.VolumeCapability{mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)},
-		Parameters:         cephfsParams("volumeNamePrefix", prefix), Secrets: cephfsSecrets(t),
+		Parameters:         cephfsParams("volumeNamePrefix", prefix), Secrets: sec,
 	}
 }
 
