@@ -213,6 +213,9 @@ func TestCephFSBadInput(t *testing.T) {
 		return func() error { r := good(); f(r); _, err := d.ctrl.CreateVolume(c, r); return err }
 	}
 	missingID := "1-02-c1-06-cephfs-03-csi-" + prefix + "missing"
+	noCaps := cephUser(t, "rookzmq-e2e-nocaps-"+strings.TrimSuffix(prefix, "-"), true)
+	noPath := cephUser(t, "rookzmq-e2e-nopath-"+strings.TrimSuffix(prefix, "-"), true,
+		"mon", "allow r", "osd", "allow rw tag cephfs metadata=*")
 	cases := []struct {
 		name string
 		call func() error
@@ -241,9 +244,14 @@ func TestCephFSBadInput(t *testing.T) {
 		{"wrong key", with(func(r *csi.CreateVolumeRequest) {
 			r.Secrets = map[string]string{"adminID": cephfsProvisioner, "adminKey": "AQAAAAAAAAAAABAAAAAAAAAAAAAAAAAAAAAAAA=="}
 		}), codes.PermissionDenied, "connecting to cluster"},
-		{"ceph-csi caps (no p flag)", with(func(r *csi.CreateVolumeRequest) {
-			r.Secrets = map[string]string{"adminID": env["ROOKZMQ_CEPH_CEPHFS_USER"], "adminKey": env["ROOKZMQ_CEPH_CEPHFS_KEY"]}
-		}), codes.PermissionDenied, "allow rwps path=/volumes"},
+		// ceph-csi's caps work, through the mgr (cephfs_mgr_test.go); a
+		// user with neither path's caps is refused, naming both.
+		{"no caps at all", with(func(r *csi.CreateVolumeRequest) { r.Secrets = noCaps }),
+			codes.PermissionDenied, "either mds 'allow rwps fsname=<fs> path=/volumes'"},
+		{"neither MDS nor mgr caps", with(func(r *csi.CreateVolumeRequest) { r.Secrets = noPath }),
+			codes.PermissionDenied, "neither through libcephfs (the MDS refused this user a libcephfs mount of /volumes"},
+		{"neither MDS nor mgr caps (names the caps)", with(func(r *csi.CreateVolumeRequest) { r.Secrets = noPath }),
+			codes.PermissionDenied, "or mgr 'allow rw' (the mgr volumes module"},
 		{"expand missing", func() error {
 			_, err := d.ctrl.ControllerExpandVolume(c, &csi.ControllerExpandVolumeRequest{VolumeId: missingID,
 				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}, Secrets: cephfsSecrets(t)})

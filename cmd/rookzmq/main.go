@@ -76,6 +76,7 @@ type serveFlags struct {
 	eventsTCP, eventsServerKey, eventsClients          string
 	eventsJournalBytes                                 int64
 	kubeconfig                                         string
+	cephfsCapsRecheck                                  time.Duration
 	eventsMaxEndpoints, eventsMaxPodEndpoints          int
 }
 
@@ -107,6 +108,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.eventsJournalAge, "events-journal-age", 7*24*time.Hour, "event journal age limit")
 	fs.IntVar(&f.eventsMaxEndpoints, "events-max-endpoints", zmqbridge.DefaultMaxEndpoints, "most per-pod event endpoints (events.rookzmq.io volumes) on this node")
 	fs.IntVar(&f.eventsMaxPodEndpoints, "events-max-pod-endpoints", rcsi.DefaultMaxPodEndpoints, "most event endpoints (events.rookzmq.io volumes) of one pod")
+	fs.DurationVar(&f.cephfsCapsRecheck, "cephfs-caps-recheck", cephfs.DefaultCapsRecheck, "with --type=cephfs: how long a provisioner user without the MDS caps of the fast path (ceph-csi's caps) provisions through the mgr volumes module before its caps are probed again")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -142,6 +144,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if f.eventsMaxEndpoints < 1 || f.eventsMaxPodEndpoints < 1 {
 		return nil, errors.New("--events-max-endpoints and --events-max-pod-endpoints must be at least 1")
+	}
+	if f.cephfsCapsRecheck <= 0 {
+		return nil, fmt.Errorf("--cephfs-caps-recheck=%s must be positive", f.cephfsCapsRecheck)
 	}
 	if f.eventsTCP != "" && (f.eventsServerKey == "" || f.eventsClients == "") {
 		return nil, errors.New("--events-tcp needs --events-curve-server-key and --events-curve-clients")
@@ -182,7 +187,8 @@ func serve(args []string) error {
 		host, _ := os.Hostname()
 		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName + "\x00" + host + "\x00" + f.endpoint}
 		defer mounts.Close()
-		cephfsController = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		cephfsController = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
+			CapsRecheck: f.cephfsCapsRecheck}
 		go cephfsController.ResumePurges()
 	} else if f.controller {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
