@@ -227,8 +227,9 @@ func setCaps(t testing.TB, name string, caps ...string) {
 }
 
 // madeByFastPath says whether subvolume name's base directory holds the
-// libcephfs path's create lock file (the mgr path makes none), read as
-// client.admin through a libcephfs mount of its own.
+// libcephfs path's create lock file (the mgr path makes none; a create
+// retried on the fast path makes one too), read as client.admin through a
+// libcephfs mount of its own.
 func madeByFastPath(t testing.TB, name string) bool {
 	t.Helper()
 	m, err := gocephfs.CreateFromRados(adminConn)

@@ -265,3 +265,48 @@ func evictUser(t *testing.T, user string) {
 		t.Fatalf("no MDS session of client.%s", user)
 	}
 }
+
+// A create the mgr path left without its metadata (killed between `fs
+// subvolume create` and `metadata set`) and retried after the user got the
+// fast path's caps is finished by the fast path: the PVC name is recorded
+// in the mgr's .meta, which `ceph fs subvolume metadata ls` reads.
+func TestCephFSMetadataAfterPathChange(t *testing.T) {
+	user := fmt.Sprintf("rookzmq-e2e-pathchange-%d", time.Now().UnixNano()%1e9)
+	sec := cephUser(t, user, true, "mon", "allow r", "mgr", "allow rw", "osd", "allow rw tag cephfs metadata=*")
+	dir := newDriverDir(t)
+	prefix := uniquePrefix(t)
+	req := cephfsCreateReqAs(sec, prefix+"pvc", prefix, 32<<20)
+	req.Parameters["csi.storage.k8s.io/pvc/name"] = "data"
+	d := startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-create-after-mgr-create"})
+	if _, err := d.ctrl.CreateVolume(ctx(t), req); err == nil {
+		t.Fatal("CreateVolume succeeded through its crash point")
+	}
+	waitDead(t, d)
+	setCaps(t, user, fastCaps()...)
+	d = startCephFSDriver(t, dir, nil)
+	r, err := d.ctrl.CreateVolume(ctx(t), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := r.GetVolume().GetVolumeContext()["subvolumeName"]
+	// Both processes log to one file: the first went through the mgr and
+	// reached its crash point, the second did not go through the mgr.
+	if logCount(t, d, "crash point reached") != 1 || logCount(t, d, mgrPathLog) != 1 {
+		t.Fatal("not one create through the mgr then a retry through libcephfs: the test proves nothing")
+	}
+	var meta map[string]string
+	if err := json.Unmarshal([]byte(subvolumeCLI(t, "metadata ls", name)), &meta); err != nil || meta["csi.storage.k8s.io/pvc/name"] != "data" {
+		t.Errorf("subvolume metadata after the retry: %v, %v", meta, err)
+	}
+	var info struct {
+		BytesQuota any    `json:"bytes_quota"`
+		State      string `json:"state"`
+	}
+	if err := json.Unmarshal([]byte(subvolumeCLI(t, "info", name)), &info); err != nil || info.BytesQuota != float64(32<<20) || info.State != "complete" {
+		t.Errorf("info after the fast path rewrote .meta: %+v, %v", info, err)
+	}
+	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec}); err != nil {
+		t.Fatal(err)
+	}
+	waitNoCephFSOrphans(t, prefix)
+}

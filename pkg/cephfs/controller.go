@@ -258,6 +258,8 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	}
 	if errors.Is(err, errCreateBusy) {
 		return nil, status.Errorf(codes.Aborted, "creating subvolume %s: %v", name, err)
+	} else if _, coded := status.FromError(err); err != nil && coded {
+		return nil, err // ensureSubvolume's, with its context already
 	} else if err != nil {
 		return nil, t.status(err, "creating subvolume %s in group %s", name, t.group)
 	}
