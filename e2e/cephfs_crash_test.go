@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand"
 	"os"
@@ -17,7 +18,9 @@ import (
 
 // 20 concurrent CreateVolume calls with one name make exactly one subvolume,
 // and all of them return its volume ID.
-func TestCephFSCreateStorm(t *testing.T) {
+func TestCephFSCreateStorm(t *testing.T) { testCephFSCreateStorm(t, cephfsSecrets(t)) }
+
+func testCephFSCreateStorm(t *testing.T, sec map[string]string) {
 	d := startCephFSDriver(t, newDriverDir(t), nil)
 	prefix := uniquePrefix(t)
 	var wg sync.WaitGroup
@@ -27,7 +30,7 @@ func TestCephFSCreateStorm(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"storm", prefix, 64<<20))
+			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, prefix+"storm", prefix, 64<<20))
 			ids[i], errs[i] = r.GetVolume().GetVolumeId(), err
 		}(i)
 	}
@@ -40,7 +43,7 @@ func TestCephFSCreateStorm(t *testing.T) {
 	if got := subvolumesCLI(t, prefix); len(got) != 1 {
 		t.Fatalf("subvolumes after the storm: %v, want exactly one", got)
 	}
-	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: ids[0], Secrets: cephfsSecrets(t)}); err != nil {
+	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: ids[0], Secrets: sec}); err != nil {
 		t.Fatal(err)
 	}
 	waitNoCephFSOrphans(t, prefix)
@@ -50,20 +53,34 @@ func TestCephFSCreateStorm(t *testing.T) {
 // restarted and retried, leaves no orphan subvolume and no journal entry. A
 // removal promised before the crash is finished even if nobody retries it.
 func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
+	testCephFSCrash(t, cephfsSecrets(t), "cephfs-create-after-reserve", "cephfs-create-after-mkdir", "cephfs-create-after-subvolume")
+}
+
+// testCephFSCrash kills the controller at each of createPoints, then in
+// DeleteVolume and in the purge, provisioning with sec.
+func testCephFSCrash(t *testing.T, sec map[string]string, createPoints ...string) {
 	dir := newDriverDir(t)
 	prefix := uniquePrefix(t)
-	for _, point := range []string{"cephfs-create-after-reserve", "cephfs-create-after-mkdir", "cephfs-create-after-subvolume"} {
+	for _, point := range createPoints {
 		t.Run(point, func(t *testing.T) {
 			name := prefix + point
+			req := cephfsCreateReqAs(sec, name, prefix, 64<<20)
+			req.Parameters["csi.storage.k8s.io/pvc/name"] = "pvc-" + point
 			d := startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=" + point})
-			if _, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20)); err == nil {
+			if _, err := d.ctrl.CreateVolume(ctx(t), req); err == nil {
 				t.Fatal("CreateVolume succeeded through its crash point")
 			}
 			waitDead(t, d)
 			d = startCephFSDriver(t, dir, nil)
-			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20))
+			r, err := d.ctrl.CreateVolume(ctx(t), req)
 			if err != nil {
 				t.Fatalf("retry after crash: %v", err)
+			}
+			// The retry finishes what the crash interrupted, metadata included.
+			var meta map[string]string
+			if err := json.Unmarshal([]byte(subvolumeCLI(t, "metadata ls", r.GetVolume().GetVolumeContext()["subvolumeName"])), &meta); err != nil ||
+				meta["csi.storage.k8s.io/pvc/name"] != "pvc-"+point {
+				t.Errorf("subvolume metadata after the retry: %v, %v", meta, err)
 			}
 			if n := len(cephfsJournal(t, name)); n != 2 {
 				t.Errorf("journal has %d keys for %s, want 2", n, name)
@@ -72,7 +89,7 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 				t.Errorf("subvolumes: %v, want one", got)
 			}
 			subvolumeCLI(t, "info", r.GetVolume().GetVolumeContext()["subvolumeName"])
-			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: cephfsSecrets(t)}); err != nil {
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec}); err != nil {
 				t.Fatal(err)
 			}
 			waitNoCephFSOrphans(t, prefix)
@@ -82,14 +99,14 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 	for _, retry := range []bool{true, false} {
 		t.Run(fmt.Sprintf("cephfs-delete-after-promise/retry=%v", retry), func(t *testing.T) {
 			d := startCephFSDriver(t, dir, nil)
-			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"del", prefix, 64<<20))
+			r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, prefix+"del", prefix, 64<<20))
 			if err != nil {
 				t.Fatal(err)
 			}
 			d.stop()
 			d = startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-delete-after-promise"})
 			id := r.GetVolume().GetVolumeId()
-			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err == nil {
+			if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err == nil {
 				t.Fatal("DeleteVolume succeeded through its crash point")
 			}
 			waitDead(t, d)
@@ -98,13 +115,13 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 			}
 			d = startCephFSDriver(t, dir, nil)
 			if retry {
-				if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+				if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err != nil {
 					t.Fatalf("retry after crash: %v", err)
 				}
 			} else {
 				// Any call that reaches the group resumes its purger.
 				if _, err := d.ctrl.ValidateVolumeCapabilities(ctx(t), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
-					VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: cephfsSecrets(t)}); status.Code(err) != codes.NotFound {
+					VolumeCapabilities: []*csi.VolumeCapability{mountCap("", rwo)}, Secrets: sec}); status.Code(err) != codes.NotFound {
 					t.Fatalf("ValidateVolumeCapabilities of a volume being deleted: %v, want NotFound", err)
 				}
 			}
@@ -116,12 +133,12 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 	// process finishes the purge without any DeleteVolume retry.
 	t.Run("cephfs-purge-after-trash", func(t *testing.T) {
 		d := startCephFSDriver(t, dir, []string{"ROOKZMQ_CRASH_AT=cephfs-purge-after-trash"})
-		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, prefix+"purge", prefix, 64<<20))
+		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, prefix+"purge", prefix, 64<<20))
 		if err != nil {
 			t.Fatal(err)
 		}
 		id := r.GetVolume().GetVolumeId()
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err != nil {
 			t.Fatal(err)
 		}
 		waitDead(t, d)
@@ -134,8 +151,8 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 		if err := os.MkdirAll(filepath.Join(creds, "c1"), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		os.WriteFile(filepath.Join(creds, "c1", "userID"), []byte(cephfsSecrets(t)["adminID"]), 0o600)
-		os.WriteFile(filepath.Join(creds, "c1", "userKey"), []byte(cephfsSecrets(t)["adminKey"]), 0o600)
+		os.WriteFile(filepath.Join(creds, "c1", "userID"), []byte(sec["adminID"]), 0o600)
+		os.WriteFile(filepath.Join(creds, "c1", "userKey"), []byte(sec["adminKey"]), 0o600)
 		d = startCephFSDriver(t, dir, nil, "--credentials-dir", creds)
 		waitNoCephFSOrphans(t, prefix)
 		d.stop()
@@ -144,7 +161,9 @@ func TestCephFSCrashDuringCreateAndDelete(t *testing.T) {
 
 // SIGKILL at random moments of CreateVolume and DeleteVolume: every retry
 // completes and nothing is orphaned.
-func TestCephFSRandomKills(t *testing.T) {
+func TestCephFSRandomKills(t *testing.T) { testCephFSRandomKills(t, cephfsSecrets(t)) }
+
+func testCephFSRandomKills(t *testing.T, sec map[string]string) {
 	dir := newDriverDir(t)
 	prefix := uniquePrefix(t)
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
@@ -153,32 +172,32 @@ func TestCephFSRandomKills(t *testing.T) {
 		d := startCephFSDriver(t, dir, nil)
 		var wg sync.WaitGroup
 		wg.Add(1)
-		go func() { defer wg.Done(); d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20)) }()
+		go func() { defer wg.Done(); d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, name, prefix, 64<<20)) }()
 		time.Sleep(time.Duration(rng.Intn(30)) * time.Millisecond)
 		d.kill()
 		wg.Wait()
 		d = startCephFSDriver(t, dir, nil)
-		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReq(t, name, prefix, 64<<20))
+		r, err := d.ctrl.CreateVolume(ctx(t), cephfsCreateReqAs(sec, name, prefix, 64<<20))
 		if err != nil {
 			t.Fatalf("create retry after kill: %v", err)
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: cephfsSecrets(t)})
+			d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec})
 		}()
 		time.Sleep(time.Duration(rng.Intn(10)) * time.Millisecond)
 		d.kill()
 		wg.Wait()
 		d = startCephFSDriver(t, dir, nil)
-		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: cephfsSecrets(t)}); err != nil {
+		if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: r.GetVolume().GetVolumeId(), Secrets: sec}); err != nil {
 			t.Fatalf("delete retry after kill: %v", err)
 		}
 		d.stop()
 	}
 	// A new process resumes any purge a kill interrupted on its first call.
 	d := startCephFSDriver(t, dir, nil)
-	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: "1-02-c1-06-cephfs-03-csi-" + prefix + "none", Secrets: cephfsSecrets(t)}); err != nil {
+	if _, err := d.ctrl.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: "1-02-c1-06-cephfs-03-csi-" + prefix + "none", Secrets: sec}); err != nil {
 		t.Fatal(err)
 	}
 	waitNoCephFSOrphans(t, prefix)
@@ -194,6 +213,9 @@ func TestCephFSBadInput(t *testing.T) {
 		return func() error { r := good(); f(r); _, err := d.ctrl.CreateVolume(c, r); return err }
 	}
 	missingID := "1-02-c1-06-cephfs-03-csi-" + prefix + "missing"
+	noCaps := cephUser(t, "rookzmq-e2e-nocaps-"+strings.TrimSuffix(prefix, "-"), true)
+	noPath := cephUser(t, "rookzmq-e2e-nopath-"+strings.TrimSuffix(prefix, "-"), true,
+		"mon", "allow r", "osd", "allow rw tag cephfs metadata=*")
 	cases := []struct {
 		name string
 		call func() error
@@ -222,9 +244,14 @@ func TestCephFSBadInput(t *testing.T) {
 		{"wrong key", with(func(r *csi.CreateVolumeRequest) {
 			r.Secrets = map[string]string{"adminID": cephfsProvisioner, "adminKey": "AQAAAAAAAAAAABAAAAAAAAAAAAAAAAAAAAAAAA=="}
 		}), codes.PermissionDenied, "connecting to cluster"},
-		{"ceph-csi caps (no p flag)", with(func(r *csi.CreateVolumeRequest) {
-			r.Secrets = map[string]string{"adminID": env["ROOKZMQ_CEPH_CEPHFS_USER"], "adminKey": env["ROOKZMQ_CEPH_CEPHFS_KEY"]}
-		}), codes.PermissionDenied, "allow rwps path=/volumes"},
+		// ceph-csi's caps work, through the mgr (cephfs_mgr_test.go); a
+		// user with neither path's caps is refused, naming both.
+		{"no caps at all", with(func(r *csi.CreateVolumeRequest) { r.Secrets = noCaps }),
+			codes.PermissionDenied, "either mds 'allow rwps fsname=<fs> path=/volumes'"},
+		{"neither MDS nor mgr caps", with(func(r *csi.CreateVolumeRequest) { r.Secrets = noPath }),
+			codes.PermissionDenied, "neither through libcephfs (the MDS refused this user a libcephfs mount of /volumes"},
+		{"neither MDS nor mgr caps (names the caps)", with(func(r *csi.CreateVolumeRequest) { r.Secrets = noPath }),
+			codes.PermissionDenied, "or mgr 'allow rw' (the mgr volumes module"},
 		{"expand missing", func() error {
 			_, err := d.ctrl.ControllerExpandVolume(c, &csi.ControllerExpandVolumeRequest{VolumeId: missingID,
 				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}, Secrets: cephfsSecrets(t)})
@@ -263,6 +290,11 @@ func TestCephFSBadInput(t *testing.T) {
 		if status.Code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.msg) {
 			t.Errorf("%s: got %v (%v), want %v containing %q", tc.name, status.Code(err), err, tc.code, tc.msg)
 		}
+	}
+	// The refused users reserved nothing (the promise of "delete missing"
+	// names another volume).
+	if keys := cephfsJournal(t, prefix+"bad"); len(keys) != 0 {
+		t.Errorf("journal keys after the refused calls: %v", keys)
 	}
 	// Same name, a size the existing volume does not fit: AlreadyExists.
 	r, err := d.ctrl.CreateVolume(c, good())

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 
+	gocephfs "github.com/ceph/go-ceph/cephfs"
 	"github.com/ceph/go-ceph/rados"
 	"github.com/container-storage-interface/spec/lib/go/csi"
 )
@@ -110,10 +111,15 @@ func cephfsParams(extra ...string) map[string]string {
 }
 
 func cephfsCreateReq(t testing.TB, name, prefix string, size int64) *csi.CreateVolumeRequest {
+	return cephfsCreateReqAs(cephfsSecrets(t), name, prefix, size)
+}
+
+// cephfsCreateReqAs is cephfsCreateReq with the provisioner secrets sec.
+func cephfsCreateReqAs(sec map[string]string, name, prefix string, size int64) *csi.CreateVolumeRequest {
 	return &csi.CreateVolumeRequest{
 		Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
 		VolumeCapabilities: []*csi.VolumeCapability{mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)},
-		Parameters:         cephfsParams("volumeNamePrefix", prefix), Secrets: cephfsSecrets(t),
+		Parameters:         cephfsParams("volumeNamePrefix", prefix), Secrets: sec,
 	}
 }
 
@@ -157,4 +163,100 @@ func cephfsJournal(t testing.TB, s string) []string {
 		}
 	}
 	return out
+}
+
+// Provisioning users with ceph-csi's documented CephFS caps
+// (docs/capabilities.md): up to v3.10 no MDS caps at all; since v3.11 MDS
+// 'r' on /volumes and 'rws' on the group, never the p flag. With either the
+// controller provisions through the mgr volumes module.
+const (
+	cephCSIProvisioner    = "rookzmq-e2e-cephcsi-prov"
+	cephCSI311Provisioner = "rookzmq-e2e-cephcsi311-prov"
+)
+
+// cephCSISecrets are the adminID/adminKey of a user with exactly ceph-csi's
+// CephFS provisioner caps up to v3.10: mon 'allow r' mgr 'allow rw' osd
+// 'allow rw tag cephfs metadata=*'.
+func cephCSISecrets(t testing.TB) map[string]string {
+	return cephUser(t, cephCSIProvisioner, false, "mon", "allow r", "mgr", "allow rw", "osd", "allow rw tag cephfs metadata=*")
+}
+
+// cephCSI311Secrets are those of a user with ceph-csi's caps since v3.11.
+func cephCSI311Secrets(t testing.TB) map[string]string {
+	fs, group := env["ROOKZMQ_CEPH_FS_NAME"], env["ROOKZMQ_CEPH_SUBVOLUMEGROUP"]
+	return cephUser(t, cephCSI311Provisioner, false, "mgr", "allow rw",
+		"osd", "allow rw tag cephfs metadata="+fs+", allow rw tag cephfs data="+fs,
+		"mds", "allow r fsname="+fs+" path=/volumes, allow rws fsname="+fs+" path=/volumes/"+group,
+		"mon", "allow r fsname="+fs)
+}
+
+// fastCaps are the caps of the libcephfs path (cephfsProvisioner's).
+func fastCaps() []string {
+	fs := env["ROOKZMQ_CEPH_FS_NAME"]
+	return []string{"mon", "allow r", "mgr", "allow rw", "osd", "allow rw tag cephfs metadata=" + fs + ", allow rw tag cephfs data=" + fs,
+		"mds", "allow rwps fsname=" + fs + " path=/volumes"}
+}
+
+// cephUser makes client.name hold exactly caps (none: a new user with no
+// caps at all) and returns its adminID/adminKey; temporary users are removed
+// when t ends.
+func cephUser(t testing.TB, name string, temporary bool, caps ...string) map[string]string {
+	t.Helper()
+	if out, err := cephCLI("auth", "get-or-create-key", "client."+name); err != nil {
+		t.Fatalf("creating client.%s: %v: %s", name, err, out)
+	}
+	if temporary {
+		t.Cleanup(func() { cephCLI("auth", "rm", "client."+name) })
+	}
+	if len(caps) > 0 {
+		setCaps(t, name, caps...)
+	}
+	key, err := cephCLI("auth", "get-key", "client."+name)
+	if err != nil {
+		t.Fatalf("key of client.%s: %v: %s", name, err, key)
+	}
+	return map[string]string{"adminID": name, "adminKey": strings.TrimSpace(key)}
+}
+
+// setCaps replaces the caps of client.name.
+func setCaps(t testing.TB, name string, caps ...string) {
+	t.Helper()
+	if out, err := cephCLI(append([]string{"auth", "caps", "client." + name}, caps...)...); err != nil {
+		t.Fatalf("setting the caps of client.%s: %v: %s", name, err, out)
+	}
+}
+
+// madeByFastPath says whether subvolume name's base directory holds the
+// libcephfs path's create lock file (the mgr path makes none; a create
+// retried on the fast path makes one too), read as client.admin through a
+// libcephfs mount of its own.
+func madeByFastPath(t testing.TB, name string) bool {
+	t.Helper()
+	m, err := gocephfs.CreateFromRados(adminConn)
+	if err == nil {
+		err = m.SelectFilesystem(env["ROOKZMQ_CEPH_FS_NAME"])
+	}
+	if err == nil {
+		err = m.Mount()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { m.Unmount(); m.Release() }()
+	base := "/volumes/" + env["ROOKZMQ_CEPH_SUBVOLUMEGROUP"] + "/" + name
+	if _, err := m.Statx(base+"/.meta", gocephfs.StatxBasicStats, 0); err != nil {
+		t.Fatalf("subvolume %s: %v", name, err)
+	}
+	_, err = m.Statx(base+"/.rookzmq-create.lock", gocephfs.StatxBasicStats, 0)
+	return err == nil
+}
+
+// logCount counts the lines of d's log that contain s.
+func logCount(t testing.TB, d *driver, s string) int {
+	t.Helper()
+	b, err := os.ReadFile(d.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(string(b), s)
 }

@@ -10,14 +10,16 @@ import (
 // Two CephFS controller processes (as during a rollout) asked at the same
 // moment to create the same names agree on one subvolume per name: both
 // return its ID, and no second subvolume or journal entry is left behind.
-func TestCephFSCreateRaceTwoProcesses(t *testing.T) {
+func TestCephFSCreateRaceTwoProcesses(t *testing.T) { testCephFSCreateRace(t, cephfsSecrets(t)) }
+
+func testCephFSCreateRace(t *testing.T, sec map[string]string) {
 	a := startCephFSDriver(t, newDriverDir(t), nil)
 	b := startCephFSDriver(t, newDriverDir(t), nil)
 	c := ctx(t)
 	prefix := uniquePrefix(t)
 	seen := map[string]bool{}
 	for _, d := range []*driver{a, b} { // warm both connections and mounts
-		r, err := d.ctrl.CreateVolume(c, cephfsCreateReq(t, prefix+"warm", prefix, 16<<20))
+		r, err := d.ctrl.CreateVolume(c, cephfsCreateReqAs(sec, prefix+"warm", prefix, 16<<20))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -25,7 +27,7 @@ func TestCephFSCreateRaceTwoProcesses(t *testing.T) {
 	}
 	const n = 12
 	ids := createOnBoth(t, a, b, n, func(i int) *csi.CreateVolumeRequest {
-		return cephfsCreateReq(t, fmt.Sprintf("%sv%d", prefix, i), prefix, 16<<20)
+		return cephfsCreateReqAs(sec, fmt.Sprintf("%sv%d", prefix, i), prefix, 16<<20)
 	})
 	for i, p := range ids {
 		if p[0] != p[1] {
@@ -40,7 +42,7 @@ func TestCephFSCreateRaceTwoProcesses(t *testing.T) {
 		if id == "" {
 			continue
 		}
-		if _, err := a.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: id, Secrets: cephfsSecrets(t)}); err != nil {
+		if _, err := a.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: id, Secrets: sec}); err != nil {
 			t.Errorf("delete %s: %v", id, err)
 		}
 	}

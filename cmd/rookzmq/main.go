@@ -77,6 +77,7 @@ type serveFlags struct {
 	eventsJournalBytes                                 int64
 	eventsJournalKeep                                  int
 	kubeconfig                                         string
+	cephfsCapsRecheck                                  time.Duration
 	eventsMaxEndpoints, eventsMaxPodEndpoints          int
 }
 
@@ -109,6 +110,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.IntVar(&f.eventsJournalKeep, "events-journal-keep", zmqbridge.DefaultKeepPerNamespace, "newest events of each namespace kept when retention drops their journal segment (0: none)")
 	fs.IntVar(&f.eventsMaxEndpoints, "events-max-endpoints", zmqbridge.DefaultMaxEndpoints, "most per-pod event endpoints (events.rookzmq.io volumes) on this node")
 	fs.IntVar(&f.eventsMaxPodEndpoints, "events-max-pod-endpoints", rcsi.DefaultMaxPodEndpoints, "most event endpoints (events.rookzmq.io volumes) of one pod")
+	fs.DurationVar(&f.cephfsCapsRecheck, "cephfs-caps-recheck", cephfs.DefaultCapsRecheck, "with --type=cephfs: how long a provisioner user without the MDS caps of the fast path (ceph-csi's caps) provisions through the mgr volumes module before its caps are probed again")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -147,6 +149,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if f.eventsMaxEndpoints < 1 || f.eventsMaxPodEndpoints < 1 {
 		return nil, errors.New("--events-max-endpoints and --events-max-pod-endpoints must be at least 1")
+	}
+	if f.cephfsCapsRecheck <= 0 {
+		return nil, fmt.Errorf("--cephfs-caps-recheck=%s must be positive", f.cephfsCapsRecheck)
 	}
 	if f.eventsTCP != "" && (f.eventsServerKey == "" || f.eventsClients == "") {
 		return nil, errors.New("--events-tcp needs --events-curve-server-key and --events-curve-clients")
@@ -202,7 +207,8 @@ func serve(args []string) error {
 		host, _ := os.Hostname()
 		mounts := &cephfs.Mounts{Conns: conns, Instance: f.driverName + "\x00" + host + "\x00" + f.endpoint}
 		defer mounts.Close()
-		cephfsController = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir}}
+		cephfsController = &cephfs.Controller{Clusters: clusters, Conns: conns, Mounts: mounts, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},
+			CapsRecheck: f.cephfsCapsRecheck}
 		go cephfsController.ResumePurges()
 	} else if f.controller {
 		controller = &rbd.Controller{Clusters: clusters, Conns: conns, Known: &rcsi.KnownCredentials{Dir: f.credentialsDir},

@@ -37,8 +37,13 @@ type Controller struct {
 	Mounts   *Mounts
 	// Known remembers credentials per cluster for calls that carry none.
 	Known *rcsi.KnownCredentials
+	// CapsRecheck is how long a user found without the caps of the
+	// libcephfs path keeps provisioning through the mgr before the next
+	// probe (0: DefaultCapsRecheck).
+	CapsRecheck time.Duration
 
 	locks rcsi.KeyLocks
+	paths paths
 	state
 }
 
@@ -48,19 +53,36 @@ type target struct {
 	conn      admin.RadosCommander
 	fs        fsInfo
 	group     string
-	svs       *subvolumes
+	svs       store
 	j         *Journal
 	purger    *purger
-	mounted   Mounted
+	// mounted is the libcephfs mount (the fast path); lease is the
+	// connection of the mgr path, nil on the fast one.
+	mounted Mounted
+	lease   *rcsi.Lease
 }
 
-// release ends t's use of its mount.
-func (t *target) release() { t.mounted.Release() }
+// release ends t's use of its mount or connection.
+func (t *target) release() {
+	t.mounted.Release()
+	if t.lease != nil {
+		t.lease.Release()
+	}
+}
+
+// check drops t's mount or connection if err says the cluster cut its client
+// off, so that the next call connects again; it returns err.
+func (t *target) check(err error) error {
+	if t.lease != nil {
+		return t.lease.Check(err)
+	}
+	return t.mounted.Check(err)
+}
 
 // status is cephStatus, after dropping t's mount if err says the cluster cut
 // its client off (the next call mounts again).
 func (t *target) status(err error, format string, args ...any) error {
-	if rcsi.Broken(t.mounted.Check(err)) {
+	if rcsi.Broken(t.check(err)) {
 		return status.Errorf(codes.Unavailable, "%s: cluster %q cut off this controller's client (blocklisted or evicted); the next call mounts again: %v",
 			fmt.Sprintf(format, args...), t.clusterID, err)
 	}
@@ -88,8 +110,8 @@ func (c *Controller) openWith(ctx context.Context, clusterID, fsName, group stri
 		return nil, cephStatus(err, "connecting to cluster %q", clusterID)
 	}
 	fs, err := c.fileSystem(lease.Conn(), clusterID, fsName)
-	lease.Release()
 	if err != nil {
+		lease.Release()
 		return nil, err
 	}
 	if group == "" {
@@ -98,32 +120,34 @@ func (c *Controller) openWith(ctx context.Context, clusterID, fsName, group stri
 	if group == "" {
 		group = DefaultSubvolumeGroup
 	}
-	m, err := c.Mounts.Mount(ctx, cluster, creds, fsName)
-	if errors.Is(err, errNoVolumesDir) {
-		lease, err = c.Conns.Acquire(ctx, cluster, creds)
-		if err == nil {
-			err = c.createGroup(lease.Conn(), fsName, group)
-			lease.Release()
-		}
-		if err == nil {
-			m, err = c.Mounts.Mount(ctx, cluster, creds, fsName)
-		}
-	}
+	viaMgr, m, err := c.choosePath(ctx, cluster, creds, fs, group, lease.Conn())
 	if err != nil {
-		return nil, cephStatus(err, "mounting file system %q", fsName)
+		lease.Release()
+		return nil, err
 	}
-	mnt := m.Mnt
-	io, err := m.Lease.IOContext(fs.MetadataPool, JournalNamespace)
+	t := &target{clusterID: clusterID, fs: *fs, group: group}
+	if viaMgr {
+		t.lease, t.conn = lease, lease.Conn()
+		t.svs = newMgrSubvolumes(t.conn, fs.Name, group)
+	} else {
+		lease.Release()
+		t.mounted, t.conn = m, m.Lease.Conn()
+		t.svs = &subvolumes{mnt: m.Mnt, group: group, defaultPool: fs.DataPools[0], poolCache: c.poolCacheFor(clusterID, fsName, group)}
+	}
+	ioLease := t.lease
+	if ioLease == nil {
+		ioLease = m.Lease
+	}
+	io, err := ioLease.IOContext(fs.MetadataPool, JournalNamespace)
 	if err != nil {
-		m.Release()
-		return nil, cephStatus(m.Check(err), "opening the metadata pool %q of file system %q", fs.MetadataPool, fsName)
+		err = cephStatus(t.check(err), "opening the metadata pool %q of file system %q", fs.MetadataPool, fsName)
+		t.release()
+		return nil, err
 	}
-	conn := m.Lease.Conn()
+	t.j = NewJournal(io, group)
 	if c.Known != nil {
 		c.Known.Remember(clusterID, creds)
 	}
-	t := &target{clusterID: clusterID, conn: conn, fs: *fs, group: group, j: NewJournal(io, group), mounted: m,
-		svs: &subvolumes{mnt: mnt, group: group, defaultPool: fs.DataPools[0], poolCache: c.poolCacheFor(clusterID, fsName, group)}}
 	open := func(ctx context.Context) (*target, error) { return c.openWith(ctx, clusterID, fsName, group, creds) }
 	t.purger = c.purgerFor(t, open, func(ctx context.Context, sv string) (func(), error) { return c.lockVolume(ctx, t, sv) })
 	return t, nil
@@ -234,6 +258,8 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	}
 	if errors.Is(err, errCreateBusy) {
 		return nil, status.Errorf(codes.Aborted, "creating subvolume %s: %v", name, err)
+	} else if _, coded := status.FromError(err); err != nil && coded {
+		return nil, err // ensureSubvolume's, with its context already
 	} else if err != nil {
 		return nil, t.status(err, "creating subvolume %s in group %s", name, t.group)
 	}
@@ -254,12 +280,7 @@ func (c *Controller) ensureSubvolume(ctx context.Context, t *target, name string
 		sv, err = t.svs.Get(name)
 	}
 	if rcsi.Errno(err) == syscall.ENOENT {
-		user := map[string]string{}
-		for k, v := range map[string]string{rcsi.KeyPVCName: p.PVCName, rcsi.KeyPVCNamespace: p.PVCNamespace, rcsi.KeyPVName: p.PVName} {
-			if v != "" {
-				user[k] = v
-			}
-		}
+		user := userMeta(p)
 		sv, err = t.svs.Create(name, size, p.Pool, user, fresh)
 		if errors.Is(err, errNoGroup) {
 			if err = c.createGroup(t.conn, t.fs.Name, t.group); err == nil {
@@ -282,7 +303,34 @@ func (c *Controller) ensureSubvolume(ctx context.Context, t *target, name string
 			"volume name is in use by subvolume %s with a quota of %d bytes, which does not fit capacity range [%d, %d]",
 			name, sv.Quota, r.GetRequiredBytes(), r.GetLimitBytes())
 	}
+	if user := userMeta(p); !subset(user, sv.User) {
+		// A create interrupted between the subvolume and its metadata.
+		if err := t.svs.SetUser(name, user); err != nil {
+			return nil, t.status(err, "recording the metadata of subvolume %s", name)
+		}
+	}
 	return sv, nil
+}
+
+// userMeta is the subvolume metadata a request asks for (--extra-create-metadata).
+func userMeta(p Params) map[string]string {
+	user := map[string]string{}
+	for k, v := range map[string]string{rcsi.KeyPVCName: p.PVCName, rcsi.KeyPVCNamespace: p.PVCNamespace, rcsi.KeyPVName: p.PVName} {
+		if v != "" {
+			user[k] = v
+		}
+	}
+	return user
+}
+
+// subset says every key of a has the same value in b.
+func subset(a, b map[string]string) bool {
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
 }
 
 func volumeContext(p Params, t *target, name, path string) map[string]string {
@@ -435,7 +483,7 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 		return nil, err
 	}
 	if sv.Quota != 0 && sv.Quota < size {
-		if err := t.svs.Resize(sv, size); err != nil {
+		if err := t.svs.Resize(id.Name, sv, size); err != nil {
 			return nil, t.status(err, "expanding volume %s", req.GetVolumeId())
 		}
 		sv.Quota = size
@@ -475,8 +523,7 @@ func cephStatus(err error, format string, args ...any) error {
 	}
 	code := rcsi.Code(err)
 	if code == codes.PermissionDenied {
-		return status.Errorf(code, "%s: %v (the provisioner user needs MDS caps 'allow rwps path=/volumes': the p flag sets quotas and layouts)",
-			fmt.Sprintf(format, args...), err)
+		return status.Errorf(code, "%s: %v (%s)", fmt.Sprintf(format, args...), err, capsHint)
 	}
 	return status.Errorf(code, "%s: %v", fmt.Sprintf(format, args...), err)
 }

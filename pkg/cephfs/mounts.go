@@ -240,3 +240,14 @@ func fileSystems(conn *rados.Conn) ([]fsInfo, error) {
 	}
 	return all, nil
 }
+
+// discard drops the mount from the cache (a probe found the user cannot use
+// it); the last Release frees it.
+func (md Mounted) discard() {
+	md.m.mu.Lock()
+	md.e.dropped = true
+	if md.m.mounts[md.e.key] == md.e {
+		delete(md.m.mounts, md.e.key)
+	}
+	md.m.mu.Unlock()
+}

@@ -15,7 +15,9 @@ const purgeRetry = 30 * time.Second
 
 // purger finishes the removals a group's journal has promised: it moves the
 // subvolume to the trash (/volumes/_deleting, as `ceph fs subvolume rm`
-// does), purges the trash entry and then forgets the promise. The journal is its queue, so a crash loses nothing:
+// does), purges the trash entry and then forgets the promise. On the mgr
+// path it runs `ceph fs subvolume rm` instead and leaves the purge to the
+// mgr. The journal is its queue, so a crash loses nothing:
 // the next purger for the group (or the mgr's purge threads, for what is
 // already in the trash) finishes the work.
 type purger struct {
@@ -67,7 +69,7 @@ func (p *purger) round() bool {
 	defer t.release()
 	batch, err := t.j.Promised(64)
 	if err != nil {
-		t.mounted.Check(err)
+		t.check(err)
 		klog.ErrorS(err, "purger: reading the journal", "group", p.group)
 		return false
 	}
@@ -76,7 +78,7 @@ func (p *purger) round() bool {
 	// of the mgr's purge threads there, and more workers only queue more).
 	for _, e := range batch {
 		if err := p.purge(t, e[0], e[1]); err != nil {
-			t.mounted.Check(err)
+			t.check(err)
 			klog.ErrorS(err, "purger: removing a subvolume failed; will retry", "group", p.group, "subvolume", e[0])
 			return false
 		}

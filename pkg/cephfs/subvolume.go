@@ -250,7 +250,7 @@ func (s *subvolumes) readInheritedPool() (string, error) {
 }
 
 // Resize sets the quota of a complete subvolume.
-func (s *subvolumes) Resize(sv *subvolume, quota int64) error {
+func (s *subvolumes) Resize(_ string, sv *subvolume, quota int64) error {
 	p, err := rel(sv.Path)
 	if err != nil {
 		return err
@@ -259,6 +259,23 @@ func (s *subvolumes) Resize(sv *subvolume, quota int64) error {
 		return fmt.Errorf("setting the quota of %s: %w", sv.Path, err)
 	}
 	return nil
+}
+
+// SetUser adds user metadata to .meta (rewritten through a temporary file
+// and a rename). Our own Create writes it with .meta in one rename; a
+// subvolume the mgr path made may lack it after a crash.
+func (s *subvolumes) SetUser(name string, user map[string]string) error {
+	meta, err := s.readMeta(name)
+	if err != nil {
+		return err
+	}
+	if meta[metaUser] == nil {
+		meta[metaUser] = map[string]string{}
+	}
+	for k, v := range user {
+		meta[metaUser][k] = v
+	}
+	return s.writeMeta(s.base(name), meta)
 }
 
 // Exists says whether the base directory of name exists.
