@@ -78,6 +78,7 @@ type serveFlags struct {
 	eventsJournalKeep                                  int
 	kubeconfig                                         string
 	cephfsCapsRecheck                                  time.Duration
+	fuseCgroup                                         string
 	eventsMaxEndpoints, eventsMaxPodEndpoints          int
 }
 
@@ -112,6 +113,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.IntVar(&f.eventsMaxPodEndpoints, "events-max-pod-endpoints", rcsi.DefaultMaxPodEndpoints, "most event endpoints (events.rookzmq.io volumes) of one pod")
 	fs.DurationVar(&f.cephfsCapsRecheck, "cephfs-caps-recheck", cephfs.DefaultCapsRecheck, "with --type=cephfs: how long a provisioner user without the MDS caps of the fast path (ceph-csi's caps) provisions through the mgr volumes module before its caps are probed again")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
+	fs.StringVar(&f.fuseCgroup, "fuse-cgroup", "", "cgroup (a directory at the root of every cgroup hierarchy) the node plugin moves its rbd-fuse daemons into, so they outlive its container; needs the host's PID namespace and /sys/fs/cgroup. Empty: they stay in the plugin's cgroup and die with its container")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -180,6 +182,14 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 		}
 		f.defaultMounter = m
 	}
+	if err := rcsi.CheckDaemonCgroupName(f.fuseCgroup); err != nil {
+		return nil, fmt.Errorf("--fuse-cgroup: %w", err)
+	}
+	if f.fuseCgroup != "" && f.node && os.Getpid() == 1 {
+		// PID 1 of its own PID namespace: the kernel kills every process in
+		// it when this one exits, whatever their cgroup.
+		return nil, errors.New("--fuse-cgroup: the node plugin is PID 1 of its own PID namespace, so its rbd-fuse daemons would die with it: run it in the host's (hostPID: true)")
+	}
 	return f, nil
 }
 
@@ -218,6 +228,10 @@ func serve(args []string) error {
 	healthy := func() error { return nil }
 	if f.node {
 		sink := &rcsi.BridgeSink{Driver: f.driverName, Metrics: metrics}
+		var daemons *rcsi.DaemonCgroup
+		if f.fuseCgroup != "" {
+			daemons = &rcsi.DaemonCgroup{Name: f.fuseCgroup}
+		}
 		if f.driverType == "cephfs" {
 			mounts := &cephfs.Mounts{Conns: conns}
 			if cephfsController != nil {
@@ -228,7 +242,8 @@ func serve(args []string) error {
 			node, err = cephfs.NewNode(cephfs.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter,
 				StateDir: f.stateDir, Events: sink, Mounts: mounts})
 		} else {
-			node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir, Events: sink, Conns: conns})
+			node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir,
+				Events: sink, Conns: conns, Daemons: daemons})
 		}
 		if err != nil {
 			return err
@@ -259,12 +274,12 @@ func serve(args []string) error {
 		}
 		sink.Bridge = bridge
 		node.ResumeAckTimers()
-		if n, ok := node.(*cephfs.Node); ok {
-			// ceph-fuse mounts whose daemon died while the driver was down
-			// are remounted, and their targets bound again, before the
-			// node reports ready.
-			n.RecoverInBackground(ctx)
-		}
+		// Before the node reports ready: ceph-fuse mounts whose daemon died
+		// while the driver was down are remounted and their targets bound
+		// again; the rbd-fuse daemons of working stages are moved into
+		// --fuse-cgroup if a plugin that stopped early left them elsewhere.
+		node.RecoverInBackground(ctx)
+
 		// One plugin per node serves events.rookzmq.io (its socket and
 		// driver name are the node's): the RBD one. CephFS volumes have the
 		// node-wide endpoints only, so far.
@@ -365,6 +380,7 @@ type nodeService interface {
 	PodVolumes(podUID string) []string
 	ResumeAckTimers()
 	Ready() error
+	RecoverInBackground(ctx context.Context) <-chan struct{}
 }
 
 // probe calls the driver's own Identity.Probe, so /healthz reflects whether

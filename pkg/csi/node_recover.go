@@ -50,7 +50,7 @@ func (n *Node[A]) RecoverInBackground(ctx context.Context) <-chan struct{} {
 // finds it lost (not a reboot: kubelet stages again after one) is
 // remounted in place, if the driver is a Remounter, and then the staging path
 // is bound again into each target whose bind is lost; a working stage gets
-// only its lost binds back. A volume it cannot repair is logged and left as
+// only its lost binds back. A working stage is then kept (Keeper). A volume it cannot repair is logged and left as
 // it is: NodeGetVolumeHealth reports it, NodeStageVolume clears and stages
 // it again. It returns how many volumes it repaired and how many it could not.
 func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
@@ -62,6 +62,7 @@ func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 		klog.ErrorS(err, "reading the stage records: no recovery")
 		return 0, 1
 	}
+	healthy := 0
 	for _, r := range recs {
 		if !r.Staged {
 			continue // a stage cut short: kubelet retries it
@@ -73,10 +74,13 @@ func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 			klog.ErrorS(err, "cannot recover a staged volume: NodeStageVolume will stage it again", "volumeID", r.VolumeID)
 		case did:
 			repaired++
+		default:
+			healthy++
 		}
 	}
 	if len(recs) > 0 {
-		klog.InfoS("recovery of staged volumes done", "volumes", len(recs), "repaired", repaired, "failed", failed, "duration", time.Since(start))
+		klog.InfoS("recovery of staged volumes done", "volumes", len(recs), "healthy", healthy, "repaired", repaired, "failed", failed,
+			"duration", time.Since(start))
 	}
 	return repaired, failed
 }
@@ -119,6 +123,13 @@ func (n *Node[A]) recoverVolume(ctx context.Context, volumeID string) (bool, err
 		}
 		klog.InfoS("volume remounted", "volumeID", volumeID, "duration", time.Since(start))
 		remounted = true
+	}
+	if k, ok := n.stager.(Keeper[A]); ok {
+		vals, err := k.Keep(ctx, rec)
+		if err != nil {
+			return remounted, fmt.Errorf("the stage works but may not outlive the driver: %w", err)
+		}
+		klog.InfoS("staged volume kept", append([]any{"volumeID", volumeID}, vals...)...)
 	}
 	rebound, err := n.rebindTargets(ctx, rec, remounted)
 	if rebound > 0 {

@@ -78,3 +78,12 @@ type Remounter[A any] interface {
 type UsageReporter interface {
 	Usage(path string) ([]*csi.VolumeUsage, error)
 }
+
+// Keeper is what a Stager adds when a working stage runs processes that must
+// be made to outlive the driver's container (rbd-fuse daemons moved out of
+// its cgroup): Node.Recover calls Keep, under the volume's lock, for every
+// staged volume that works (after a remount too), before the node is ready.
+type Keeper[A any] interface {
+	// Keep returns key/value pairs for the volume's log line.
+	Keep(ctx context.Context, rec *StageRecord[A]) (logValues []any, err error)
+}

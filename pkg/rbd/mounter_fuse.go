@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
@@ -18,9 +19,11 @@ import (
 
 // fuseMounter exposes the image as a file with rbd-fuse and puts a loop device
 // on top of it. rbd-fuse daemonizes into its own session, so it outlives a
-// restart of the driver.
+// restart of the driver; moved into daemons' cgroup, it outlives the node
+// plugin's container too.
 type fuseMounter struct {
-	mounts mount.Interface
+	mounts  mount.Interface
+	daemons *rcsi.DaemonCgroup
 }
 
 func (f *fuseMounter) Name() string { return MounterFuse }
@@ -52,6 +55,9 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 	}
 	if pid > 0 && mounted {
 		m.Pid = pid // a retry after a crash: the image is already exposed
+		if err := f.adopt(pid, dir); err != nil {
+			return m, err
+		}
 	} else {
 		if mounted { // its rbd-fuse died: the mount must answer as dead
 			if err := rcsi.StatPath(ctx, dir); !rcsi.FuseDead(err) {
@@ -77,6 +83,9 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 		if m.Pid, err = fusePid(dir); err != nil {
 			return m, err
 		}
+		if err := f.adopt(m.Pid, dir); err != nil {
+			return m, err
+		}
 	}
 	dev, err := findLoop(file)
 	if err != nil {
@@ -91,6 +100,27 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 	}
 	m.Device = dev
 	return m, nil
+}
+
+// adopt moves the rbd-fuse daemon serving dir into the daemons' cgroup (if
+// one is configured and it is not there yet). A daemon left in the node
+// plugin's cgroup would die with its pod and fail the volume's I/O: that is
+// FailedPrecondition, not a volume to hand out.
+func (f *fuseMounter) adopt(pid int, dir string) error {
+	if !f.daemons.Enabled() {
+		return nil
+	}
+	if pid == 0 {
+		return rcsi.Coded(codes.Internal, "no rbd-fuse process serves %s", dir)
+	}
+	if ok, err := f.daemons.Holds(pid); err == nil && ok {
+		return nil
+	}
+	if err := f.daemons.Adopt(pid); err != nil {
+		return rcsi.Coded(codes.FailedPrecondition, "rbd-fuse %d for %s would not outlive the node plugin: %v", pid, dir, err)
+	}
+	klog.V(3).InfoS("rbd-fuse moved out of the node plugin's cgroup", "pid", pid, "dir", dir, "cgroup", f.daemons.Name)
+	return nil
 }
 
 // fuseArgs is rbd-fuse's command line: every value joined to its option with

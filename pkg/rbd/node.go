@@ -47,6 +47,9 @@ type NodeConfig struct {
 	Events   rcsi.EventSink
 	// Conns caches Ceph connections (for ceph-csi volume IDs); nil: a private cache.
 	Conns *rcsi.Conns
+	// Daemons, if set, is where rbd-fuse daemons go so they outlive the node
+	// plugin's container; nil: they stay in the plugin's cgroup.
+	Daemons *rcsi.DaemonCgroup
 }
 
 // NewNode builds the node service with all three mounters.
@@ -65,7 +68,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		mounters: map[string]Mounter{
 			MounterKRBD: newKRBD(),
 			MounterNBD:  newNBD(tmpfsKeys),
-			MounterFuse: &fuseMounter{mounts: mounts},
+			MounterFuse: &fuseMounter{mounts: mounts, daemons: cfg.Daemons},
 		},
 		defaultMounter: def,
 		mounts:         mounts,

@@ -1,0 +1,122 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// cgroupOf reads /proc/PID/cgroup as hierarchy -> path.
+func cgroupOf(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(l, ":", 3)
+		m[f[1]] = f[2]
+	}
+	return m
+}
+
+func inCgroupEverywhere(t *testing.T, pid int, name string) bool {
+	t.Helper()
+	for h, p := range cgroupOf(t, pid) {
+		if p != "/"+name {
+			t.Logf("rbd-fuse %d: hierarchy %q: %s", pid, h, p)
+			return false
+		}
+	}
+	return true
+}
+
+// cgroupRoots lists the host's cgroup hierarchy roots (v1 and unified).
+func cgroupRoots(t *testing.T) []string {
+	t.Helper()
+	var roots []string
+	for _, e := range strings.Split(strings.TrimSpace(string(must(os.ReadFile("/proc/self/mountinfo")))), "\n") {
+		f := strings.Fields(e)
+		i := indexOf(f, "-")
+		if i > 0 && (f[i+1] == "cgroup" || f[i+1] == "cgroup2") && f[3] == "/" {
+			roots = append(roots, f[4])
+		}
+	}
+	if len(roots) == 0 {
+		t.Fatal("no cgroup mounts")
+	}
+	return roots
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func indexOf(f []string, s string) int {
+	for i, x := range f {
+		if x == s {
+			return i
+		}
+	}
+	return -1
+}
+
+// With --fuse-cgroup, the node plugin moves each rbd-fuse daemon into that
+// cgroup in every hierarchy (out of its container's, which the runtime kills
+// with the pod), and a restarted plugin moves one it finds elsewhere (started
+// by a plugin that died before it could move it) before it serves.
+func TestFuseDaemonCgroup(t *testing.T) {
+	name := fmt.Sprintf("rookzmq-e2e-%d", time.Now().UnixNano()%1e9)
+	roots := cgroupRoots(t)
+	t.Cleanup(func() {
+		for _, r := range roots {
+			os.Remove(filepath.Join(r, name)) // empty by then
+		}
+	})
+	dir := newDriverDir(t)
+	d := startDriver(t, dir, nil, "--fuse-cgroup="+name)
+	prefix := uniquePrefix(t)
+	s := createStagePublish(t, d, prefix, 64<<20, mountCap("ext4", rwo))
+	pid := fuseProcessPid(dir)
+	if pid == 0 {
+		t.Fatal("no rbd-fuse process")
+	}
+	if !inCgroupEverywhere(t, pid, name) {
+		t.Fatalf("rbd-fuse %d is not in cgroup %s in every hierarchy", pid, name)
+	}
+	// As a daemon a plugin could not move: back to the root cgroups.
+	d.kill()
+	for _, r := range roots {
+		if err := os.WriteFile(filepath.Join(r, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			t.Fatalf("moving %d back to %s: %v", pid, r, err)
+		}
+	}
+	if inCgroupEverywhere(t, pid, name) {
+		t.Fatal("rbd-fuse still in the cgroup after moving it out")
+	}
+	d = startDriver(t, dir, nil, "--fuse-cgroup="+name)
+	waitReady(t, d)
+	if !inCgroupEverywhere(t, pid, name) {
+		t.Fatalf("the restarted plugin is ready, but rbd-fuse %d is not back in cgroup %s", pid, name)
+	}
+	log := string(must(os.ReadFile(d.log)))
+	if !strings.Contains(log, fmt.Sprintf(`"staged volume kept" volumeID=%q mounter="rbd-fuse" pid=%d`, s.id, pid)) ||
+		!strings.Contains(log, `"recovery of staged volumes done" volumes=1 healthy=1 repaired=0 failed=0`) {
+		t.Fatalf("the restarted plugin did not report the staged volume healthy:\n%s", tail(d.log, 30))
+	}
+	if err := writeSync(filepath.Join(s.target, "after"), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	unpublishUnstageDelete(t, d, s)
+	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}

@@ -1,0 +1,197 @@
+package csi
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"k8s.io/mount-utils"
+)
+
+// DaemonCgroup moves the daemons that serve a node's mounts (rbd-fuse) into a
+// cgroup of their own at the root of every cgroup hierarchy, out of the node
+// plugin's container. When the node plugin's pod goes (deleted, restarted,
+// upgraded), the container runtime and kubelet kill every process left in its
+// container's and pod's cgroups; a FUSE server killed that way fails every
+// I/O of the pods using its mount. With the node plugin in the host PID
+// namespace, a daemon in this cgroup outlives the pod.
+type DaemonCgroup struct {
+	// Name is the cgroup's directory under each hierarchy's root ("" disables).
+	Name string
+
+	// Where the process tables are read (tests): default /proc/self/mountinfo,
+	// /proc/self/cgroup and /proc.
+	mountinfo, selfCgroup, proc string
+}
+
+// Enabled says whether daemons are moved at all.
+func (d *DaemonCgroup) Enabled() bool { return d != nil && d.Name != "" }
+
+// CheckDaemonCgroupName accepts a cgroup name: one path element, no dots or slashes.
+func CheckDaemonCgroupName(name string) error {
+	if name == "" {
+		return nil
+	}
+	if name == "." || name == ".." || strings.ContainsAny(name, "/\x00\n") || len(name) > 100 {
+		return fmt.Errorf("cgroup name %q: want one directory name", name)
+	}
+	return nil
+}
+
+func (d *DaemonCgroup) paths() (mountinfo, self, proc string) {
+	mountinfo, self, proc = d.mountinfo, d.selfCgroup, d.proc
+	if mountinfo == "" {
+		mountinfo = "/proc/self/mountinfo"
+	}
+	if self == "" {
+		self = "/proc/self/cgroup"
+	}
+	if proc == "" {
+		proc = "/proc"
+	}
+	return
+}
+
+// hierarchy is one cgroup hierarchy as this process sees it.
+type hierarchy struct {
+	controllers string // "cpu,cpuacct", "name=systemd"; "" for cgroup v2
+	root        string // where the hierarchy's root directory is mounted
+}
+
+// hierarchies finds, for every hierarchy in /proc/self/cgroup, a mount that
+// shows its root: one whose Root is "/" and under which this process's own
+// cgroup exists. A container's private cgroup mounts show only its own
+// cgroup; the node plugin needs the host's (the chart mounts the host's /sys).
+func (d *DaemonCgroup) hierarchies() ([]hierarchy, error) {
+	mi, self, _ := d.paths()
+	infos, err := mount.ParseMountInfo(mi)
+	if err != nil {
+		return nil, fmt.Errorf("reading the mount table: %w", err)
+	}
+	own, err := readCgroupFile(self)
+	if err != nil {
+		return nil, err
+	}
+	var out []hierarchy
+	for _, c := range own {
+		var found string
+		for _, m := range infos {
+			if m.Root != "/" || !cgroupMountOf(m, c.controllers) {
+				continue
+			}
+			if fi, err := os.Stat(filepath.Join(m.MountPoint, c.path)); err == nil && fi.IsDir() {
+				found = m.MountPoint
+				break
+			}
+		}
+		if found == "" {
+			what := "cgroup v2"
+			if c.controllers != "" {
+				what = "cgroup hierarchy " + c.controllers
+			}
+			return nil, fmt.Errorf("no mount of %s shows its root (only the container's own cgroup is mounted?): "+
+				"the node plugin needs the host's /sys/fs/cgroup", what)
+		}
+		out = append(out, hierarchy{controllers: c.controllers, root: found})
+	}
+	return out, nil
+}
+
+// cgroupMountOf says whether m mounts the hierarchy of the given controllers.
+func cgroupMountOf(m mount.MountInfo, controllers string) bool {
+	if controllers == "" {
+		return m.FsType == "cgroup2"
+	}
+	if m.FsType != "cgroup" {
+		return false
+	}
+	for _, c := range strings.Split(controllers, ",") {
+		if !slices.Contains(m.SuperOptions, c) {
+			return false
+		}
+	}
+	return true
+}
+
+type cgroupLine struct{ controllers, path string }
+
+// readCgroupFile parses /proc/PID/cgroup ("ID:controllers:path" lines).
+func readCgroupFile(path string) ([]cgroupLine, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", path, err)
+	}
+	var out []cgroupLine
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		f := strings.SplitN(sc.Text(), ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		// f[1] == "": cgroup v2, alone or as the unified hierarchy of a
+		// hybrid host (runc puts containers in it too).
+		out = append(out, cgroupLine{f[1], f[2]})
+	}
+	return out, nil
+}
+
+// Adopt moves pid, with all its threads, into the cgroup in every hierarchy;
+// a hierarchy it cannot reach or write is an error naming it.
+func (d *DaemonCgroup) Adopt(pid int) error {
+	if !d.Enabled() {
+		return nil
+	}
+	hs, err := d.hierarchies()
+	if err != nil {
+		return err
+	}
+	for _, h := range hs {
+		dir := filepath.Join(h.root, d.Name)
+		if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("creating cgroup %s: %w", dir, err)
+		}
+		if slices.Contains(strings.Split(h.controllers, ","), "cpuset") {
+			// A new cpuset cgroup has no CPUs or memory nodes: take the root's.
+			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+				cur, err := os.ReadFile(filepath.Join(dir, f))
+				if err == nil && len(bytes.TrimSpace(cur)) == 0 {
+					v, err := os.ReadFile(filepath.Join(h.root, f))
+					if err != nil {
+						return fmt.Errorf("reading %s: %w", filepath.Join(h.root, f), err)
+					}
+					if err := os.WriteFile(filepath.Join(dir, f), v, 0); err != nil {
+						return fmt.Errorf("setting %s: %w", filepath.Join(dir, f), err)
+					}
+				}
+			}
+		}
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			return fmt.Errorf("moving process %d into cgroup %s: %w", pid, dir, err)
+		}
+	}
+	return nil
+}
+
+// Holds reports whether pid is in the cgroup in every hierarchy it belongs to.
+func (d *DaemonCgroup) Holds(pid int) (bool, error) {
+	if !d.Enabled() {
+		return false, nil
+	}
+	_, _, proc := d.paths()
+	lines, err := readCgroupFile(filepath.Join(proc, strconv.Itoa(pid), "cgroup"))
+	if err != nil {
+		return false, err
+	}
+	for _, l := range lines {
+		if l.path != "/"+d.Name {
+			return false, nil
+		}
+	}
+	return len(lines) > 0, nil
+}
