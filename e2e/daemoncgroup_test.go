@@ -120,3 +120,57 @@ func TestFuseDaemonCgroup(t *testing.T) {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
 }
+
+// A node plugin in a cgroup namespace of its own (containerd's default on
+// cgroup v2) sees its cgroup as the root and may not move a process above it:
+// it joins the host's cgroup namespace to move rbd-fuse. Here the driver runs
+// under `unshare --cgroup` from a cgroup of its own, and the test process
+// stands for the host's init (ROOKZMQ_HOST_CGROUPNS_PID).
+func TestFuseDaemonCgroupFromOwnCgroupNamespace(t *testing.T) {
+	name := fmt.Sprintf("rookzmq-e2e-%d", time.Now().UnixNano()%1e9)
+	jail := name + "-plugin"
+	roots := cgroupRoots(t)
+	for _, r := range roots {
+		if err := os.Mkdir(filepath.Join(r, jail), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasSuffix(r, "/cpuset") {
+			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+				os.WriteFile(filepath.Join(r, jail, f), must(os.ReadFile(filepath.Join(r, f))), 0)
+			}
+		}
+	}
+	t.Cleanup(func() {
+		for _, r := range roots {
+			os.Remove(filepath.Join(r, name))
+			os.Remove(filepath.Join(r, jail)) // empty once the driver is gone
+		}
+	})
+	// The wrapper enters the plugin's cgroup in every hierarchy, then a new
+	// cgroup namespace rooted there, then runs the driver.
+	var enter strings.Builder
+	for _, r := range roots {
+		fmt.Fprintf(&enter, "echo $$ > %s/cgroup.procs && ", filepath.Join(r, jail))
+	}
+	wrapper := []string{"sh", "-c", enter.String() + `exec unshare --cgroup "$@"`, "wrap"}
+	env := []string{fmt.Sprintf("%s=%d", "ROOKZMQ_HOST_CGROUPNS_PID", os.Getpid())}
+	dir := newDriverDir(t)
+	d := startDriverVia(t, dir, wrapper, env, "--fuse-cgroup="+name)
+	own, _ := os.Readlink("/proc/self/ns/cgroup")
+	theirs, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/cgroup", d.cmd.Process.Pid))
+	if own == theirs || theirs == "" {
+		t.Fatalf("the driver is not in a cgroup namespace of its own (%q, ours %q)", theirs, own)
+	}
+	s := createStagePublish(t, d, uniquePrefix(t), 64<<20, mountCap("ext4", rwo))
+	pid := fuseProcessPid(dir)
+	if pid == 0 {
+		t.Fatal("no rbd-fuse process")
+	}
+	if !inCgroupEverywhere(t, pid, name) {
+		t.Fatalf("rbd-fuse %d is not in cgroup %s in every hierarchy", pid, name)
+	}
+	unpublishUnstageDelete(t, d, s)
+	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}

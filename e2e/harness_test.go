@@ -105,6 +105,13 @@ func newDriverDir(t testing.TB) string {
 // environment and flags, and connects to it.
 func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *driver {
 	t.Helper()
+	return startDriverVia(t, dir, nil, extraEnv, flags...)
+}
+
+// startDriverVia is startDriver with the binary run by a wrapper command
+// (e.g. unshare), which must exec it with the arguments that follow.
+func startDriverVia(t testing.TB, dir string, wrapper []string, extraEnv []string, flags ...string) *driver {
+	t.Helper()
 	d := &driver{t: t, dir: dir, sock: filepath.Join(dir, "csi.sock"), log: filepath.Join(dir, "driver.log")}
 	os.Remove(d.sock)
 	args := append([]string{"--controller", "--node", "--registration-dir=", "--endpoint", "unix://" + d.sock, "--nodeid", "e2e-node",
@@ -115,7 +122,8 @@ func startDriver(t testing.TB, dir string, extraEnv []string, flags ...string) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.cmd = exec.Command(binPath, args...)
+	argv := append(append(append([]string{}, wrapper...), binPath), args...)
+	d.cmd = exec.Command(argv[0], argv[1:]...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	d.cmd.Env = append(os.Environ(), extraEnv...)
 	if err := d.cmd.Start(); err != nil {

@@ -7,12 +7,20 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
 )
+
+// HostCgroupNSPidEnv names the environment variable that gives the PID whose
+// cgroup namespace counts as the host's (default 1, the host's init, seen in
+// the host PID namespace), so tests can run the driver in a cgroup namespace
+// of its own. Unset in production.
+const HostCgroupNSPidEnv = "ROOKZMQ_HOST_CGROUPNS_PID"
 
 // DaemonCgroup moves the daemons that serve a node's mounts (rbd-fuse) into a
 // cgroup of their own at the root of every cgroup hierarchy, out of the node
@@ -21,6 +29,11 @@ import (
 // container's and pod's cgroups; a FUSE server killed that way fails every
 // I/O of the pods using its mount. With the node plugin in the host PID
 // namespace, a daemon in this cgroup outlives the pod.
+//
+// A container in a cgroup namespace of its own (the default of containerd on
+// cgroup v2) sees its own cgroup as the root and may not move a process out
+// of it: the work is done on a thread that joined the host's cgroup namespace
+// (that of PID 1 in the host PID namespace) for the purpose, and then ends.
 type DaemonCgroup struct {
 	// Name is the cgroup's directory under each hierarchy's root ("" disables).
 	Name string
@@ -46,11 +59,13 @@ func CheckDaemonCgroupName(name string) error {
 
 func (d *DaemonCgroup) paths() (mountinfo, self, proc string) {
 	mountinfo, self, proc = d.mountinfo, d.selfCgroup, d.proc
+	// This thread's views: cgroup paths and cgroup mounts' roots are shown
+	// relative to the reading thread's cgroup namespace.
 	if mountinfo == "" {
-		mountinfo = "/proc/self/mountinfo"
+		mountinfo = "/proc/thread-self/mountinfo"
 	}
 	if self == "" {
-		self = "/proc/self/cgroup"
+		self = "/proc/thread-self/cgroup"
 	}
 	if proc == "" {
 		proc = "/proc"
@@ -141,12 +156,64 @@ func readCgroupFile(path string) ([]cgroupLine, error) {
 	return out, nil
 }
 
+// onHostThread runs f on a thread of its own in the host's cgroup namespace
+// (joined if this process is in another); the thread ends with f.
+func (d *DaemonCgroup) onHostThread(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the goroutine's end takes the thread, and its
+		// cgroup namespace, along.
+		runtime.LockOSThread()
+		if d.mountinfo == "" { // not a test's fake tree
+			if err := joinHostCgroupNS(); err != nil {
+				errc <- err
+				return
+			}
+		}
+		errc <- f()
+	}()
+	return <-errc
+}
+
+// joinHostCgroupNS moves the calling (locked) thread into the cgroup
+// namespace of the host's PID 1 if it is in another one. A PID 1 whose
+// namespace cannot be read (not the host's init, or one that hides it) leaves
+// the thread where it is: the caller's checks then tell whether the host's
+// cgroups are reachable from there.
+func joinHostCgroupNS() error {
+	hostPid := "1"
+	if p := os.Getenv(HostCgroupNSPidEnv); p != "" {
+		hostPid = p
+	}
+	host, err := os.Readlink("/proc/" + hostPid + "/ns/cgroup")
+	if err != nil {
+		return nil
+	}
+	own, err := os.Readlink("/proc/thread-self/ns/cgroup")
+	if err != nil || own == host {
+		return nil
+	}
+	f, err := os.Open("/proc/" + hostPid + "/ns/cgroup")
+	if err != nil {
+		return fmt.Errorf("opening the host's cgroup namespace: %w", err)
+	}
+	defer f.Close()
+	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWCGROUP); err != nil {
+		return fmt.Errorf("joining the host's cgroup namespace: %w", err)
+	}
+	return nil
+}
+
 // Adopt moves pid, with all its threads, into the cgroup in every hierarchy;
 // a hierarchy it cannot reach or write is an error naming it.
 func (d *DaemonCgroup) Adopt(pid int) error {
 	if !d.Enabled() {
 		return nil
 	}
+	return d.onHostThread(func() error { return d.adopt(pid) })
+}
+
+func (d *DaemonCgroup) adopt(pid int) error {
 	hs, err := d.hierarchies()
 	if err != nil {
 		return err
@@ -183,6 +250,15 @@ func (d *DaemonCgroup) Holds(pid int) (bool, error) {
 	if !d.Enabled() {
 		return false, nil
 	}
+	var held bool
+	err := d.onHostThread(func() (err error) {
+		held, err = d.holds(pid)
+		return err
+	})
+	return held, err
+}
+
+func (d *DaemonCgroup) holds(pid int) (bool, error) {
 	_, _, proc := d.paths()
 	lines, err := readCgroupFile(filepath.Join(proc, strconv.Itoa(pid), "cgroup"))
 	if err != nil {
