@@ -345,6 +345,16 @@ func (n *Node[A]) teardown(ctx context.Context, rec *StageRecord[A], events bool
 	defer cancel()
 	if !events || !rec.UnstageAcked {
 		ack, err := n.flush(ctx, rec)
+		if err != nil && !errors.Is(err, ErrNothingToFlush) {
+			// A flush through a mapping or mount that died (its FUSE daemon
+			// killed) fails for ever: what it held is lost, and the volume
+			// must still go.
+			if reason, serr := n.stale(ctx, rec); serr == nil && reason != "" {
+				klog.ErrorS(err, "flush failed on a volume whose stage is gone: what it had not flushed is lost",
+					"volumeID", rec.VolumeID, "reason", reason)
+				err = ErrNothingToFlush
+			}
+		}
 		if errors.Is(err, ErrNothingToFlush) {
 			// The mount or device is already gone: nothing of it is cached here.
 			ack, err = n.ackEvent(rec, 0), nil
