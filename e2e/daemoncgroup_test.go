@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -172,5 +173,16 @@ func TestFuseDaemonCgroupFromOwnCgroupNamespace(t *testing.T) {
 	unpublishUnstageDelete(t, d, s)
 	if left := nodeLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}
+
+// As PID 1 of a PID namespace of its own, whose members the kernel kills
+// when it exits whatever their cgroup, the node plugin refuses --fuse-cgroup
+// and says to run it in the host's.
+func TestFuseCgroupRefusedAsPID1(t *testing.T) {
+	out, err := exec.Command("unshare", "--pid", "--fork", binPath, "--node", "--nodeid", "n", "--registration-dir=",
+		"--fuse-cgroup=rookzmq-e2e-x").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "PID 1 of its own PID namespace") || !strings.Contains(string(out), "hostPID") {
+		t.Fatalf("--fuse-cgroup as PID 1: %v\n%s", err, out)
 	}
 }
