@@ -148,6 +148,10 @@ func loadCephEnv() error {
 // with the images loaded.
 func bringUp() error {
 	images := []string{"bin/rookzmq-image.tar", "bin/csi-provisioner-image.tar", "bin/csi-resizer-image.tar"}
+	if os.Getenv("ROOKZMQ_E2E_TEST") != "" {
+		// What Kubernetes' storage tests start (e2e/image/build.sh e2e-images).
+		images = append(images, "bin/e2e-busybox-image.tar", "bin/e2e-agnhost-image.tar", "bin/e2e-nginx-image.tar")
+	}
 	switch mode := os.Getenv("E2E_CLUSTER"); mode {
 	case "", "local":
 		if _, err := sh("e2e/k8s/cluster.sh", "up"); err != nil {
@@ -205,9 +209,10 @@ func connectCeph() error {
 	return err
 }
 
-// installChart installs charts/rookzmq with the CI images and one rbd-fuse
-// StorageClass, and waits until kubelet has registered both drivers.
-func installChart(tag string) error {
+// installChart installs (or upgrades to) charts/rookzmq with the CI images,
+// tagged tag, and the rbd-fuse StorageClasses, with extra helm arguments; it
+// waits until the pods are ready and kubelet has registered both drivers.
+func installChart(tag string, extra ...string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -259,8 +264,8 @@ node:
 	if err := os.WriteFile(values, []byte(v), 0o600); err != nil {
 		return err
 	}
-	if _, err := sh("helm", "upgrade", "--install", release, "charts/rookzmq", "--namespace", namespace,
-		"--values", values, "--wait", "--timeout", "3m"); err != nil {
+	if _, err := sh("helm", append([]string{"upgrade", "--install", release, "charts/rookzmq", "--namespace", namespace,
+		"--values", values, "--wait", "--timeout", "3m"}, extra...)...); err != nil {
 		return err
 	}
 	logf("helm install done in %s", time.Since(start).Round(100*time.Millisecond))
@@ -312,6 +317,12 @@ func checkNoOrphans() error {
 	})
 	if err != nil {
 		return fmt.Errorf("after the suite, PVs or images are left (images %v): %w", left, err)
+	}
+	if m := os.Getenv("E2E_CLUSTER"); m == "" || m == "local" {
+		// The node is this machine: no rbd-fuse of the suite's images may run.
+		if pids := fuseDaemons(namePrefix); len(pids) > 0 {
+			return fmt.Errorf("after the suite, rbd-fuse daemons of its images still run: pids %v", pids)
+		}
 	}
 	return nil
 }
