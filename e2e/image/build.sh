@@ -20,6 +20,7 @@
 #
 # Usage: e2e/image/build.sh rookzmq OUT.tar TAG
 #        e2e/image/build.sh sidecars OUTDIR     csi-provisioner and csi-resizer images
+#        e2e/image/build.sh e2e-images OUTDIR   images Kubernetes' storage e2e tests run
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -194,6 +195,61 @@ sidecars() {
 	done
 }
 
+# The images Kubernetes' storage e2e tests start (e2e/k8s/upstream), under
+# E2E_REPO, which KUBE_TEST_REPO_LIST (e2e/k8s/upstream/repo-list.yaml) makes
+# the framework use instead of registry.k8s.io (not reachable here):
+#   busybox:1.37.0-1  BusyBox from Debian's busybox-static (Debian ships 1.35.0);
+#   agnhost:2.56      agnhost built from the k8s.io/kubernetes that e2e.test
+#                     is built from (its VERSION says 2.56), on that busybox;
+#   nginx:1.14-4      the busybox image again: the storage tests only run a
+#                     shell in it (volumes' exec check), never nginx;
+#   pause:3.10.1      the cluster's pause program.
+E2E_REPO=rookzmq.local/e2e-test-images
+e2e_images() {
+	local outdir=$1 tool deb root agnhost upstream
+	mkdir -p "$outdir" "$CACHE/e2e"
+	tool=$(image_tool)
+	deb=$(compgen -G "$CACHE/e2e/busybox-static_*.deb" | head -1 || true)
+	if [[ -z $deb ]]; then
+		log "apt-get download busybox-static ..."
+		(cd "$CACHE/e2e" && apt-get download busybox-static >/dev/null 2>&1) ||
+			{ apt-get update -q >/dev/null && (cd "$CACHE/e2e" && apt-get download busybox-static >/dev/null 2>&1); } ||
+			die "apt-get download busybox-static failed"
+		deb=$(ls "$CACHE"/e2e/busybox-static_*.deb | head -1)
+	fi
+	root=$(mktemp -d)
+	dpkg-deb -x "$deb" "$root/x"
+	mkdir -p "$root/bb/bin" "$root/bb/usr" "$root/bb/etc" "$root/bb/tmp" "$root/bb/root"
+	chmod 1777 "$root/bb/tmp"
+	cp "$root/x/bin/busybox" "$root/bb/bin/busybox"
+	local a
+	for a in $("$root/bb/bin/busybox" --list); do
+		[[ $a == busybox ]] || ln -s busybox "$root/bb/bin/$a"
+	done
+	ln -s bin "$root/bb/sbin"
+	ln -s ../bin "$root/bb/usr/bin"
+	ln -s ../bin "$root/bb/usr/sbin"
+	printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$root/bb/etc/passwd"
+	printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/bb/etc/group"
+	"$tool" -o "$outdir/e2e-busybox-image.tar" -tag "$E2E_REPO/busybox:1.37.0-1" -dir "$root/bb" -cmd sh ||
+		die "assembling busybox failed"
+	"$tool" -o "$outdir/e2e-nginx-image.tar" -tag "$E2E_REPO/nginx:1.14-4" -dir "$root/bb" -cmd sh ||
+		die "assembling the nginx stand-in failed"
+	upstream=$ROOT/e2e/k8s/upstream
+	agnhost=$CACHE/e2e/agnhost-$(cat "$upstream/go.sum" | sha256sum | cut -c1-12)
+	if [[ ! -x $agnhost ]]; then
+		log "go build k8s.io/kubernetes/test/images/agnhost ..."
+		(cd "$upstream" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -ldflags "-s -w" -o "$agnhost.tmp" \
+			k8s.io/kubernetes/test/images/agnhost) || die "building agnhost failed"
+		mv "$agnhost.tmp" "$agnhost"
+	fi
+	mkdir -p "$root/ag"
+	cp "$agnhost" "$root/ag/agnhost"
+	"$tool" -o "$outdir/e2e-agnhost-image.tar" -tag "$E2E_REPO/agnhost:2.56" -dir "$root/bb" -dir "$root/ag" -entrypoint /agnhost ||
+		die "assembling agnhost failed"
+	rm -rf "$root"
+}
+
 case "${1:-}" in
 rookzmq)
 	[[ $# -eq 3 ]] || die "usage: $0 rookzmq OUT.tar TAG"
@@ -204,8 +260,12 @@ sidecars)
 	[[ $# -eq 2 ]] || die "usage: $0 sidecars OUTDIR"
 	sidecars "$2"
 	;;
+e2e-images)
+	[[ $# -eq 2 ]] || die "usage: $0 e2e-images OUTDIR"
+	e2e_images "$2"
+	;;
 *)
-	sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+	sed -n '2,23s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 	;;
 esac
