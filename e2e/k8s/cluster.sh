@@ -297,6 +297,11 @@ up() {
 		local s
 		for s in "${SYSCTLS[@]}"; do echo "$s=$(sysctl -n "$s" 2>/dev/null)" >>"$BASE/sysctls-before"; done
 	fi
+	# The node plugin moves its rbd-fuse daemons into this cgroup (chart value
+	# node.fuseCgroup): ours to remove (rmdir, so only once empty) unless it
+	# was there before.
+	local c
+	for c in /sys/fs/cgroup/*/; do record_created "${c}rookzmq-fuse"; done
 	pki
 	configs
 	log "certificates and configuration ready"
