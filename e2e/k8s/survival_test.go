@@ -261,8 +261,8 @@ func podLog(ctx context.Context, t *testing.T, ns, pod string) string {
 	return string(raw)
 }
 
-// checkedHealthy wants the node plugin's start-up check to have found the
-// writer's volume healthy, and no volume lost.
+// checkedHealthy wants the node plugin's start-up recovery to have kept the
+// writer's volume, and no volume failed.
 func (w *writer) checkedHealthy(ctx context.Context, t *testing.T, plugin string) {
 	t.Helper()
 	pv, err := client.CoreV1().PersistentVolumes().Get(ctx, w.pv, metav1.GetOptions{})
@@ -272,14 +272,14 @@ func (w *writer) checkedHealthy(ctx context.Context, t *testing.T, plugin string
 	log := podLog(ctx, t, namespace, plugin)
 	var line string
 	for _, l := range strings.Split(log, "\n") {
-		if strings.Contains(l, `"staged volume checked"`) && strings.Contains(l, pv.Spec.CSI.VolumeHandle) {
+		if strings.Contains(l, `"staged volume kept"`) && strings.Contains(l, pv.Spec.CSI.VolumeHandle) {
 			line = l
 		}
 	}
-	if !strings.Contains(line, `state="healthy"`) || !strings.Contains(log, `lost=0 unknown=0`) {
+	if !strings.Contains(line, `mounter="rbd-fuse" pid=`) || !strings.Contains(log, `repaired=0 failed=0`) {
 		t.Fatalf("the new node plugin did not find volume %s healthy at start (line %q):\n%s", w.pv, line, clip(log))
 	}
-	t.Logf("new node plugin %s: %s", plugin, line[strings.Index(line, `"staged volume checked"`):])
+	t.Logf("new node plugin %s: %s", plugin, line[strings.Index(line, `"staged volume kept"`):])
 }
 
 // noFuseDaemon wants no rbd-fuse serving image left on this machine (local

@@ -86,3 +86,47 @@ func TestRecover(t *testing.T) {
 		t.Fatalf("other boot: repaired %d failed %d calls %v", rep, failed, f2.calls)
 	}
 }
+
+// keepingStager is the fake driver whose working stages hold something to
+// keep (a daemon to move).
+type keepingStager struct {
+	*fakeStager
+	keep error
+}
+
+func (k *keepingStager) Keep(context.Context, *StageRecord[fakeAttachment]) ([]any, error) {
+	k.calls = append(k.calls, "keep")
+	return nil, k.keep
+}
+
+// Recover keeps every working stage, not a lost one, and counts a stage it
+// could not keep as failed (left staged).
+func TestRecoverKeeps(t *testing.T) {
+	ctx := context.Background()
+	f := &fakeStager{stage: func(_ context.Context, _ *StageRecord[fakeAttachment], save func() error) ([]any, error) {
+		return nil, save()
+	}}
+	ks := &keepingStager{fakeStager: f}
+	n, err := NewNode(NodeConfig{NodeID: "n1", StateDir: t.TempDir()}, Stager[fakeAttachment](ks))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.NodeStageVolume(ctx, blockStage("v")); err != nil {
+		t.Fatal(err)
+	}
+	f.calls = nil
+	if rep, failed := n.Recover(ctx); rep != 0 || failed != 0 || !slices.Equal(f.calls, []string{"check", "keep"}) {
+		t.Fatalf("working stage: repaired %d failed %d calls %v", rep, failed, f.calls)
+	}
+	f.calls, ks.keep = nil, errors.New("cannot move the daemon")
+	if rep, failed := n.Recover(ctx); rep != 0 || failed != 1 || !slices.Equal(f.calls, []string{"check", "keep"}) {
+		t.Fatalf("keep fails: repaired %d failed %d calls %v", rep, failed, f.calls)
+	}
+	if rec, _ := n.state.load("v"); rec == nil || !rec.Staged {
+		t.Fatalf("record after a failed keep: %+v", rec)
+	}
+	f.calls, ks.keep, f.check = nil, nil, Gone("daemon died")
+	if _, failed := n.Recover(ctx); failed != 1 || slices.Contains(f.calls, "keep") {
+		t.Fatalf("lost stage: failed %d calls %v", failed, f.calls)
+	}
+}
