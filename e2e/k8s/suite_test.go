@@ -52,8 +52,13 @@ var (
 
 func TestMain(m *testing.M) { os.Exit(run(m)) }
 
+// logf prefixes every line, so that multi-line output (diagnostics) passes
+// the Makefile's filter on "k8s-e2e:".
 func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] k8s-e2e: %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+	now := time.Now().Format("15:04:05")
+	for _, line := range strings.Split(strings.TrimRight(fmt.Sprintf(format, args...), "\n"), "\n") {
+		fmt.Fprintf(os.Stderr, "[%s] k8s-e2e: %s\n", now, line)
+	}
 }
 
 func run(m *testing.M) int {
@@ -86,6 +91,9 @@ func run(m *testing.M) int {
 		return fail(err)
 	}
 	if err := installChart(tag); err != nil {
+		return fail(err)
+	}
+	if err := clearLeftovers(); err != nil {
 		return fail(err)
 	}
 	logf("cluster, images and chart ready in %s", time.Since(start).Round(100*time.Millisecond))
@@ -294,14 +302,11 @@ node:
 func checkNoOrphans() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	var left []string
+	var left, pvsLeft []string
 	err := poll(ctx, 3*time.Minute, func() (bool, error) {
-		pvs, err := client.CoreV1().PersistentVolumes().List(ctx, metav1.ListOptions{})
-		if err != nil {
+		var err error
+		if _, pvsLeft, err = ourPVs(ctx); err != nil || len(pvsLeft) > 0 {
 			return false, err
-		}
-		if len(pvs.Items) > 0 {
-			return false, nil
 		}
 		names, err := rbd.GetImageNames(pool)
 		if err != nil {
@@ -316,7 +321,7 @@ func checkNoOrphans() error {
 		return len(left) == 0, nil
 	})
 	if err != nil {
-		return fmt.Errorf("after the suite, PVs or images are left (images %v): %w", left, err)
+		return fmt.Errorf("after the suite, PVs or images are left (PVs %v, images %v): %w", pvsLeft, left, err)
 	}
 	if m := os.Getenv("E2E_CLUSTER"); m == "" || m == "local" {
 		// The node is this machine: no rbd-fuse of the suite's images may run.

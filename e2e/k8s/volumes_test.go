@@ -57,7 +57,7 @@ func pvcVolume(claim string) []corev1.Volume {
 func makeNamespace(t *testing.T, name string) string {
 	t.Helper()
 	ctx := testCtx(t, time.Minute)
-	_, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+	_, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{suiteLabel: "true"}}}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
