@@ -501,8 +501,14 @@ EOF
 start_daemon() {
 	local type=$1 id=$2
 	local out=$LOG_DIR/ceph-$type.$id.stderr
-	# 9>&-: the daemon must not inherit (and so hold forever) the lock fd
-	"ceph-$type" --conf "$CONF" -i "$id" >"$out" 2>&1 9>&- || {
+	# The daemon keeps no descriptor of ours beyond 0-2: not our lock (fd 9),
+	# nor a caller's (`flock FILE make test`), which it would hold for ever.
+	(
+		for fd in $(ls "/proc/$BASHPID/fd"); do
+			[[ $fd -gt 2 ]] && eval "exec $fd>&-"
+		done 2>/dev/null
+		exec "ceph-$type" --conf "$CONF" -i "$id"
+	) >"$out" 2>&1 </dev/null || {
 		cat "$out" >&2
 		die "ceph-$type -i $id failed to start; see $LOG_DIR/ceph-$type.$id.log"
 	}
