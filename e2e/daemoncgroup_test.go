@@ -30,7 +30,7 @@ func inCgroupEverywhere(t *testing.T, pid int, name string) bool {
 	t.Helper()
 	for h, p := range cgroupOf(t, pid) {
 		if p != "/"+name {
-			t.Logf("rbd-fuse %d: hierarchy %q: %s", pid, h, p)
+			t.Logf("daemon %d: hierarchy %q: %s", pid, h, p)
 			return false
 		}
 	}
@@ -118,6 +118,57 @@ func TestFuseDaemonCgroup(t *testing.T) {
 	}
 	unpublishUnstageDelete(t, d, s)
 	if left := nodeLeftovers(dir); len(left) != 0 {
+		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
+	}
+}
+
+// The same for CephFS: each ceph-fuse goes into the cgroup at stage, and a
+// restarted plugin moves one it finds elsewhere before it is ready.
+func TestCephFuseDaemonCgroup(t *testing.T) {
+	name := fmt.Sprintf("rookzmq-e2e-%d", time.Now().UnixNano()%1e9)
+	roots := cgroupRoots(t)
+	t.Cleanup(func() {
+		for _, r := range roots {
+			os.Remove(filepath.Join(r, name))
+		}
+	})
+	dir := newDriverDir(t)
+	d := startCephFSNode(t, dir, nil, "--fuse-cgroup="+name)
+	v := createCephFSVolume(t, d, uniquePrefix(t), 1<<30)
+	target := mountTarget(t)
+	stageCephFS(t, d, v)
+	publishCephFS(t, d, v, target, false)
+	pid := cephFusePid(v.staging)
+	if pid == 0 {
+		t.Fatal("no ceph-fuse process")
+	}
+	if !inCgroupEverywhere(t, pid, name) {
+		t.Fatalf("ceph-fuse %d is not in cgroup %s in every hierarchy", pid, name)
+	}
+	d.kill()
+	for _, r := range roots {
+		if err := os.WriteFile(filepath.Join(r, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			t.Fatalf("moving %d back to %s: %v", pid, r, err)
+		}
+	}
+	if inCgroupEverywhere(t, pid, name) {
+		t.Fatal("ceph-fuse still in the cgroup after moving it out")
+	}
+	d = startCephFSNode(t, dir, nil, "--fuse-cgroup="+name)
+	waitReady(t, d)
+	if !inCgroupEverywhere(t, pid, name) {
+		t.Fatalf("the restarted plugin is ready, but ceph-fuse %d is not back in cgroup %s", pid, name)
+	}
+	if !strings.Contains(string(must(os.ReadFile(d.log))), fmt.Sprintf(`"staged volume kept" volumeID=%q mounter="fuse" pid=%d`, v.id, pid)) {
+		t.Fatalf("the restarted plugin did not report the staged volume kept:\n%s", tail(d.log, 30))
+	}
+	if err := writeSync(filepath.Join(target, "after"), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	unpublishCephFS(t, d, v, target)
+	unstageCephFS(t, d, v)
+	deleteCephFS(t, d, v)
+	if left := cephfsLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
 }

@@ -113,7 +113,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.IntVar(&f.eventsMaxPodEndpoints, "events-max-pod-endpoints", rcsi.DefaultMaxPodEndpoints, "most event endpoints (events.rookzmq.io volumes) of one pod")
 	fs.DurationVar(&f.cephfsCapsRecheck, "cephfs-caps-recheck", cephfs.DefaultCapsRecheck, "with --type=cephfs: how long a provisioner user without the MDS caps of the fast path (ceph-csi's caps) provisions through the mgr volumes module before its caps are probed again")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
-	fs.StringVar(&f.fuseCgroup, "fuse-cgroup", "", "cgroup (a directory at the root of every cgroup hierarchy) the node plugin moves its rbd-fuse daemons into, so they outlive its container; needs the host's PID namespace and /sys/fs/cgroup. Empty: they stay in the plugin's cgroup and die with its container")
+	fs.StringVar(&f.fuseCgroup, "fuse-cgroup", "", "cgroup (a directory at the root of every cgroup hierarchy) the node plugin moves its FUSE daemons (rbd-fuse, ceph-fuse) into, so they outlive its container; needs the host's PID namespace and /sys/fs/cgroup. Empty: they stay in the plugin's cgroup and die with its container")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -188,7 +188,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	if f.fuseCgroup != "" && f.node && os.Getpid() == 1 {
 		// PID 1 of its own PID namespace: the kernel kills every process in
 		// it when this one exits, whatever their cgroup.
-		return nil, errors.New("--fuse-cgroup: the node plugin is PID 1 of its own PID namespace, so its rbd-fuse daemons would die with it: run it in the host's (hostPID: true)")
+		return nil, errors.New("--fuse-cgroup: the node plugin is PID 1 of its own PID namespace, so its FUSE daemons would die with it: run it in the host's (hostPID: true)")
 	}
 	return f, nil
 }
@@ -240,7 +240,7 @@ func serve(args []string) error {
 				defer mounts.Close()
 			}
 			node, err = cephfs.NewNode(cephfs.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter,
-				StateDir: f.stateDir, Events: sink, Mounts: mounts})
+				StateDir: f.stateDir, Events: sink, Mounts: mounts, Daemons: daemons})
 		} else {
 			node, err = rbd.NewNode(rbd.NodeConfig{NodeID: f.nodeID, Clusters: clusters, DefaultMounter: f.defaultMounter, StateDir: f.stateDir,
 				Events: sink, Conns: conns, Daemons: daemons})

@@ -38,6 +38,9 @@ const (
 type fuseMounter struct {
 	locks   rcsi.KeyLocks // Mount and Unmount, per target
 	flushes rcsi.KeyLocks // one flush walk per target at a time
+	// daemons, if set, is where each ceph-fuse goes, so that it outlives
+	// the node plugin's container.
+	daemons *rcsi.DaemonCgroup
 }
 
 func (f *fuseMounter) Name() string { return MounterFuse }
@@ -170,7 +173,9 @@ func (f *fuseMounter) Mount(ctx context.Context, target string, spec MountSpec) 
 			case !sameFuseMount(running, args):
 				return coded(codes.AlreadyExists, "%s already has a ceph-fuse mount of another subvolume, user or options", target)
 			}
-			return nil // a retry: already mounted and serving
+			// A retry: already mounted and serving (its daemon moved, if a
+			// crash came between its start and the move).
+			return f.daemons.Keep(pid, "ceph-fuse mount "+target)
 		case !deadMount(perr):
 			return probeError(perr, target)
 		}
@@ -218,6 +223,15 @@ func (f *fuseMounter) start(ctx context.Context, target string, spec MountSpec, 
 	}
 	if mi == nil || mi.FsType != fuseFsType {
 		return coded(codes.Internal, "%s exited without mounting", what)
+	}
+	if f.daemons.Enabled() {
+		pid, _, err := rcsi.FindDaemon(fuseProg, target)
+		if err == nil {
+			err = f.daemons.Keep(pid, "ceph-fuse mount "+target)
+		}
+		if err != nil {
+			return err // the stage fails; its clean-up unmounts
+		}
 	}
 	klog.V(2).InfoS("ceph-fuse mounted", "fs", spec.FsName, "path", spec.Path, "target", target, "user", spec.Creds.ID, "readOnly", spec.ReadOnly, "duration", time.Since(start))
 	return nil

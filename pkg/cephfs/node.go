@@ -58,9 +58,12 @@ type NodeConfig struct {
 	Mounts *Mounts
 	// Conns caches Ceph connections for Mounts (nil: a private cache).
 	Conns *rcsi.Conns
+	// Daemons, if set, is where ceph-fuse daemons go so they outlive the
+	// node plugin's container; nil: they stay in the plugin's cgroup.
+	Daemons *rcsi.DaemonCgroup
 }
 
-// stager is CephFS's rcsi.Stager (and Remounter, UsageReporter).
+// stager is CephFS's rcsi.Stager (and Remounter, Keeper, UsageReporter).
 type stager struct {
 	nodeID         string
 	clusters       *rcsi.Clusters
@@ -81,7 +84,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	s := &stager{
 		nodeID:         cfg.NodeID,
 		clusters:       cfg.Clusters,
-		mounters:       map[string]Mounter{MounterFuse: &fuseMounter{}, MounterKernel: &kernelMounter{}},
+		mounters:       map[string]Mounter{MounterFuse: &fuseMounter{daemons: cfg.Daemons}, MounterKernel: &kernelMounter{}},
 		defaultMounter: def,
 		mounts:         cfg.Mounts,
 	}

@@ -127,6 +127,24 @@ func (s *stager) Remount(ctx context.Context, rec *rcsi.StageRecord[Mount]) erro
 	return nil
 }
 
+// Keep moves the ceph-fuse daemon of a working stage into the daemons' cgroup
+// if it is elsewhere (started by a plugin that stopped before it could move
+// it), so it outlives this plugin too. Node.Recover calls it at start.
+func (s *stager) Keep(_ context.Context, rec *rcsi.StageRecord[Mount]) ([]any, error) {
+	f, ok := s.mounters[rec.Attachment.Mounter].(*fuseMounter)
+	if !ok || !f.daemons.Enabled() {
+		return []any{"mounter", rec.Attachment.Mounter}, nil
+	}
+	pid, _, err := rcsi.FindDaemon(fuseProg, rec.StagingPath)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.daemons.Keep(pid, "ceph-fuse mount "+rec.StagingPath); err != nil {
+		return nil, err
+	}
+	return []any{"mounter", MounterFuse, "pid", pid}, nil
+}
+
 // Usage reports the volume's bytes from the subvolume's quota (total) and
 // recursive statistics (ceph.dir.rbytes: used, exact, where statfs through
 // ceph-fuse rounds to 4 MiB), and its files (ceph.dir.rentries); a path that

@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 )
 
@@ -22,7 +24,8 @@ import (
 // of its own. Unset in production.
 const HostCgroupNSPidEnv = "ROOKZMQ_HOST_CGROUPNS_PID"
 
-// DaemonCgroup moves the daemons that serve a node's mounts (rbd-fuse) into a
+// DaemonCgroup moves the daemons that serve a node's mounts (rbd-fuse,
+// ceph-fuse) into a
 // cgroup of their own at the root of every cgroup hierarchy, out of the node
 // plugin's container. When the node plugin's pod goes (deleted, restarted,
 // upgraded), the container runtime and kubelet kill every process left in its
@@ -242,6 +245,27 @@ func (d *DaemonCgroup) adopt(pid int) error {
 			return fmt.Errorf("moving process %d into cgroup %s: %w", pid, dir, err)
 		}
 	}
+	return nil
+}
+
+// Keep makes sure the daemon pid, which serves what (for messages), is in the
+// cgroup, moving it there if it is not; nothing when d is not Enabled. A
+// daemon that stays in the node plugin's cgroup would die with its pod and
+// fail its volume's I/O: that is FailedPrecondition, not a volume to serve.
+func (d *DaemonCgroup) Keep(pid int, what string) error {
+	if !d.Enabled() {
+		return nil
+	}
+	if pid <= 0 {
+		return Coded(codes.Internal, "no daemon process serves %s", what)
+	}
+	if ok, err := d.Holds(pid); err == nil && ok {
+		return nil
+	}
+	if err := d.Adopt(pid); err != nil {
+		return Coded(codes.FailedPrecondition, "daemon %d of %s would not outlive the node plugin: %v", pid, what, err)
+	}
+	klog.V(3).InfoS("daemon moved out of the node plugin's cgroup", "pid", pid, "serves", what, "cgroup", d.Name)
 	return nil
 }
 

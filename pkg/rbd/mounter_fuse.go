@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
@@ -103,24 +102,9 @@ func (f *fuseMounter) Map(ctx context.Context, spec ImageSpec, workDir string) (
 }
 
 // adopt moves the rbd-fuse daemon serving dir into the daemons' cgroup (if
-// one is configured and it is not there yet). A daemon left in the node
-// plugin's cgroup would die with its pod and fail the volume's I/O: that is
-// FailedPrecondition, not a volume to hand out.
+// one is configured and it is not there yet).
 func (f *fuseMounter) adopt(pid int, dir string) error {
-	if !f.daemons.Enabled() {
-		return nil
-	}
-	if pid == 0 {
-		return rcsi.Coded(codes.Internal, "no rbd-fuse process serves %s", dir)
-	}
-	if ok, err := f.daemons.Holds(pid); err == nil && ok {
-		return nil
-	}
-	if err := f.daemons.Adopt(pid); err != nil {
-		return rcsi.Coded(codes.FailedPrecondition, "rbd-fuse %d for %s would not outlive the node plugin: %v", pid, dir, err)
-	}
-	klog.V(3).InfoS("rbd-fuse moved out of the node plugin's cgroup", "pid", pid, "dir", dir, "cgroup", f.daemons.Name)
-	return nil
+	return f.daemons.Keep(pid, "rbd-fuse mount "+dir)
 }
 
 // fuseArgs is rbd-fuse's command line: every value joined to its option with
