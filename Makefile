@@ -119,13 +119,18 @@ chart-lint: k8s-deps
 	$(HELM) lint --strict charts/rookzmq --set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
 		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
 		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds
+	$(HELM) lint --strict charts/rookzmq --set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
+		--set cephfs.enabled=true --set 'cephfs.storageClasses[0].name=fs' --set 'cephfs.storageClasses[0].clusterID=c1' \
+		--set 'cephfs.storageClasses[0].fsName=cephfs' --set 'cephfs.storageClasses[0].secretName=s'
 
 # The rendered chart, applied to the local cluster with a server-side dry run.
 chart-apply: chart-lint k8s-up
 	@set -o pipefail; eval "$$($(K8S_CLUSTER) env)" && $(HELM) template rookzmq charts/rookzmq --namespace default --kube-version v1.34.4 \
 		--set 'clusters[0].clusterID=c1' --set 'clusters[0].monitors[0]=10.0.0.1:6789' \
 		--set 'storageClasses[0].name=sc' --set 'storageClasses[0].clusterID=c1' --set 'storageClasses[0].pool=rbd' \
-		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds | \
+		--set 'storageClasses[0].secretName=s' --set controller.credentialsSecret=creds \
+		--set cephfs.enabled=true --set 'cephfs.storageClasses[0].name=fs' --set 'cephfs.storageClasses[0].clusterID=c1' \
+		--set 'cephfs.storageClasses[0].fsName=cephfs' --set 'cephfs.storageClasses[0].secretName=s' | \
 		kubectl apply --server-side --force-conflicts --dry-run=server --field-manager=rookzmq-chart-check -f -
 
 # The e2e suite on the real cluster (brings it up; the Ceph cluster serves it),

@@ -30,7 +30,7 @@ func leftoverNamespace(name string, labels map[string]string) bool {
 	}
 	// Runs from before the label: the suite's fixed names.
 	switch name {
-	case "team-a", "team-b", "e2e-fs", "e2e-block":
+	case "team-a", "team-b", "e2e-fs", "e2e-block", "e2e-survive", "e2e-upgrade":
 		return true
 	}
 	return false

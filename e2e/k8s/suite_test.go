@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	fsadmin "github.com/ceph/go-ceph/cephfs/admin"
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 	corev1 "k8s.io/api/core/v1"
@@ -39,6 +40,10 @@ const (
 	namePrefix  = "k8se2e-"
 	secretName  = "rookzmq-e2e-ceph"
 	provisioner = "rbd.rookzmq.io"
+	// The CephFS driver, its StorageClass (ceph-fuse) and Secret.
+	cephfsDriver     = "cephfs.rookzmq.io"
+	scCephFS         = "rookzmq-e2e-cephfs"
+	cephfsSecretName = "rookzmq-e2e-cephfs"
 )
 
 var (
@@ -47,6 +52,7 @@ var (
 	restConfig *rest.Config
 	cephEnv    = map[string]string{}
 	pool       *rados.IOContext
+	fsAdmin    *fsadmin.FSAdmin // CephFS subvolumes, through the mgr
 	appImage   string // the rookzmq image doubles as the app image (sh, dd, blockdev)
 )
 
@@ -213,6 +219,7 @@ func connectCeph() error {
 	if err := conn.Connect(); err != nil {
 		return fmt.Errorf("admin connection to Ceph: %w", err)
 	}
+	fsAdmin = fsadmin.NewFromConn(conn)
 	pool, err = conn.OpenIOContext(cephEnv["ROOKZMQ_CEPH_RBD_POOL"])
 	return err
 }
@@ -235,19 +242,27 @@ func installChart(tag string, extra ...string) error {
 	}
 	// Update one an earlier run left: the Ceph cluster (and its keys) may
 	// have been made anew since.
-	_, err := client.CoreV1().Secrets(namespace).Create(ctx, secret, metav1.CreateOptions{})
-	if apierrors.IsAlreadyExists(err) {
-		_, err = client.CoreV1().Secrets(namespace).Update(ctx, secret, metav1.UpdateOptions{})
+	// The CephFS user provisions and mounts (ceph-csi's secret keys).
+	fsUser, fsKey := cephEnv["ROOKZMQ_CEPH_CEPHFS_USER"], cephEnv["ROOKZMQ_CEPH_CEPHFS_KEY"]
+	fsSecret := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: cephfsSecretName, Namespace: namespace},
+		StringData: map[string]string{"adminID": fsUser, "adminKey": fsKey, "userID": fsUser, "userKey": fsKey},
 	}
-	if err != nil {
-		return fmt.Errorf("writing secret %s: %w", secretName, err)
+	for _, sec := range []*corev1.Secret{secret, fsSecret} {
+		_, err := client.CoreV1().Secrets(namespace).Create(ctx, sec, metav1.CreateOptions{})
+		if apierrors.IsAlreadyExists(err) {
+			_, err = client.CoreV1().Secrets(namespace).Update(ctx, sec, metav1.UpdateOptions{})
+		}
+		if err != nil {
+			return fmt.Errorf("writing secret %s: %w", sec.Name, err)
+		}
 	}
 	values := filepath.Join(os.TempDir(), "rookzmq-e2e-values.yaml")
 	v := fmt.Sprintf(`image: {repository: rookzmq, tag: %q, pullPolicy: Never}
 kubernetesAPI: {host: "127.0.0.1", port: "6443"}
 logLevel: 4
 clusters:
-  - {clusterID: e2e, monitors: [%q], rbd: {radosNamespace: ""}}
+  - {clusterID: e2e, monitors: [%q], rbd: {radosNamespace: ""}, cephFS: {subvolumeGroup: %q}}
 storageClasses:
   - {name: %s, clusterID: e2e, pool: %q, mounter: rbd-fuse, secretName: %s,
      parameters: {volumeNamePrefix: %q}}
@@ -267,8 +282,16 @@ controller:
 node:
   defaultMounter: rbd-fuse
   metrics: {host: 127.0.0.1, port: 19091, probeHost: 127.0.0.1}
-`, tag, cephEnv["ROOKZMQ_CEPH_MONITORS"], scFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix,
-		scXFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix)
+cephfs:
+  enabled: true
+  controller: {metricsPort: 19093}
+  node: {metricsPort: 19092}
+  storageClasses:
+    - {name: %s, clusterID: e2e, fsName: %q, mounter: fuse, secretName: %s,
+       parameters: {volumeNamePrefix: %q}}
+`, tag, cephEnv["ROOKZMQ_CEPH_MONITORS"], cephEnv["ROOKZMQ_CEPH_SUBVOLUMEGROUP"], scFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix,
+		scXFS, cephEnv["ROOKZMQ_CEPH_RBD_POOL"], secretName, namePrefix,
+		scCephFS, cephEnv["ROOKZMQ_CEPH_FS_NAME"], cephfsSecretName, namePrefix)
 	if err := os.WriteFile(values, []byte(v), 0o600); err != nil {
 		return err
 	}
@@ -288,7 +311,7 @@ node:
 			for _, d := range n.Spec.Drivers {
 				got[d.Name] = true
 			}
-			if !got[provisioner] || !got["events.rookzmq.io"] {
+			if !got[provisioner] || !got["events.rookzmq.io"] || !got[cephfsDriver] {
 				return false, nil
 			}
 		}
@@ -297,7 +320,7 @@ node:
 }
 
 // checkNoOrphans waits until every PV is gone and then wants no RBD image
-// with the suite's prefix left in the pool: a second image made for one PVC
+// or CephFS subvolume with the suite's prefix left: a second image made for one PVC
 // (e.g. two provisioners acting at once) would remain there.
 func checkNoOrphans() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -317,6 +340,13 @@ func checkNoOrphans() error {
 			if strings.HasPrefix(n, namePrefix) {
 				left = append(left, n)
 			}
+		}
+		subs, err := suiteSubvolumes()
+		if err != nil {
+			return false, err
+		}
+		for n := range subs {
+			left = append(left, "subvolume "+n)
 		}
 		return len(left) == 0, nil
 	})
@@ -341,8 +371,10 @@ func uninstallChart() {
 func dumpDiagnostics() {
 	out, _ := sh("kubectl", "get", "pods,pvc,pv,csinode", "-A", "-o", "wide")
 	logf("state at failure:\n%s", out)
-	out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component=node", "--tail", "40", "--all-containers")
-	logf("node plugin log tail:\n%s", clip(out))
+	for _, c := range []string{"node", "node-cephfs"} {
+		out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component="+c, "--tail", "40", "--all-containers")
+		logf("%s plugin log tail:\n%s", c, clip(out))
+	}
 	out, _ = sh("kubectl", "-n", namespace, "logs", "-l", "app.kubernetes.io/component=controller", "--tail", "20", "-c", "rookzmq")
 	logf("controller log tail:\n%s", clip(out))
 }

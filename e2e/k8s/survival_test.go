@@ -39,20 +39,36 @@ const verifyScript = `n=$1; i=0
 while [ $i -lt $n ]; do i=$((i+1)); yes "$i" | head -c 4096; done > /tmp/expect
 cmp /tmp/expect /data/blob && echo "$n records match"`
 
-// writer is a pod that writes continuously to an rbd-fuse PVC.
+// writer is a pod that writes continuously to a FUSE-mounted PVC: rbd-fuse
+// (driver provisioner) or ceph-fuse (cephfsDriver).
 type writer struct {
-	ns, pod, claim, pv, image, node string
+	ns, pod, claim, pv, node string
+	// driver is the PV's CSI driver; image its RBD image or CephFS subvolume.
+	driver, image string
 }
 
-// startWriter provisions a PVC and starts the writer pod on it; it waits
-// until the first records are written.
+// startWriter provisions an rbd-fuse PVC and starts the writer pod on it; it
+// waits until the first records are written.
 func startWriter(ctx context.Context, t *testing.T, ns string) *writer {
+	return startWriterOn(ctx, t, ns, provisioner)
+}
+
+// startWriterOn is startWriter on a volume of driver (its suite StorageClass).
+func startWriterOn(ctx context.Context, t *testing.T, ns, driver string) *writer {
 	t.Helper()
-	if _, err := client.CoreV1().PersistentVolumeClaims(ns).Create(ctx, pvc("data", "64Mi", corev1.PersistentVolumeFilesystem), metav1.CreateOptions{}); err != nil {
+	claim := pvc("data", "64Mi", corev1.PersistentVolumeFilesystem)
+	if driver == cephfsDriver {
+		claim = pvcOf(scCephFS, "data", "64Mi", corev1.PersistentVolumeFilesystem)
+	}
+	if _, err := client.CoreV1().PersistentVolumeClaims(ns).Create(ctx, claim, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	w := &writer{ns: ns, pod: "writer", claim: "data"}
-	w.pv, w.image = boundImage(ctx, t, ns, "data")
+	w := &writer{ns: ns, pod: "writer", claim: "data", driver: driver}
+	if driver == cephfsDriver {
+		w.pv, w.image = boundSubvolume(ctx, t, ns, "data")
+	} else {
+		w.pv, w.image = boundImage(ctx, t, ns, "data")
+	}
 	pod := appPod(w.pod, append(pvcVolume("data"), corev1.Volume{Name: "status", VolumeSource: corev1.VolumeSource{
 		EmptyDir: &corev1.EmptyDirVolumeSource{}}}),
 		[]corev1.VolumeMount{{Name: "data", MountPath: "/data"}, {Name: "status", MountPath: "/status"}}, nil)
@@ -167,14 +183,14 @@ func maxGap(ts []int64, from, to int64) time.Duration {
 }
 
 // readBackFromCeph deletes the writer pod, waits until kubelet has unstaged
-// the volume (so its rbd-fuse is gone), and reads every record again in a new
+// the volume (so its FUSE daemon is gone), and reads every record again in a new
 // pod, which stages the volume afresh from Ceph.
 func (w *writer) readBackFromCeph(ctx context.Context, t *testing.T, count string) {
 	t.Helper()
 	if err := client.CoreV1().Pods(w.ns).Delete(ctx, w.pod, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	inUse := corev1.UniqueVolumeName("kubernetes.io/csi/" + provisioner + "^")
+	inUse := corev1.UniqueVolumeName("kubernetes.io/csi/" + w.driver + "^")
 	err := poll(ctx, 3*time.Minute, func() (bool, error) {
 		if _, err := client.CoreV1().Pods(w.ns).Get(ctx, w.pod, metav1.GetOptions{}); err == nil {
 			return false, nil
@@ -208,23 +224,30 @@ func (w *writer) readBackFromCeph(ctx context.Context, t *testing.T, count strin
 	w.pod = "reader"
 }
 
-// nodePlugin returns the node plugin pod (one node).
+// nodePlugin returns the RBD node plugin pod (one node).
 func nodePlugin(ctx context.Context, t *testing.T) corev1.Pod {
+	return nodePluginOf(ctx, t, "node")
+}
+
+// nodePluginOf returns the node plugin pod of a component: node (RBD) or
+// node-cephfs.
+func nodePluginOf(ctx context.Context, t *testing.T, component string) corev1.Pod {
 	t.Helper()
-	pods, err := client.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=node"})
+	pods, err := client.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=" + component})
 	if err != nil || len(pods.Items) != 1 {
 		t.Fatalf("node plugin pods: %v %v", pods, err)
 	}
 	return pods.Items[0]
 }
 
-// waitNewNodePlugin waits until a node plugin pod other than old is Ready and
-// returns it.
+// waitNewNodePlugin waits until a node plugin pod (of old's component) other
+// than old is Ready and returns it.
 func waitNewNodePlugin(ctx context.Context, t *testing.T, old metav1.Object) corev1.Pod {
 	t.Helper()
 	var got corev1.Pod
+	component := old.GetLabels()["app.kubernetes.io/component"]
 	err := poll(ctx, 3*time.Minute, func() (bool, error) {
-		pods, err := client.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=node"})
+		pods, err := client.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=" + component})
 		if err != nil {
 			return false, err
 		}
@@ -276,25 +299,27 @@ func (w *writer) checkedHealthy(ctx context.Context, t *testing.T, plugin string
 			line = l
 		}
 	}
-	if !strings.Contains(line, `mounter="rbd-fuse" pid=`) || !strings.Contains(log, `repaired=0 failed=0`) {
+	if !strings.Contains(line, ` pid=`) || !strings.Contains(log, `repaired=0 failed=0`) {
 		t.Fatalf("the new node plugin did not find volume %s healthy at start (line %q):\n%s", w.pv, line, clip(log))
 	}
 	t.Logf("new node plugin %s: %s", plugin, line[strings.Index(line, `"staged volume kept"`):])
 }
 
-// noFuseDaemon wants no rbd-fuse serving image left on this machine (local
-// cluster only: the test runs on its node).
+// noFuseDaemon wants no rbd-fuse serving image (or ceph-fuse serving a
+// subvolume of that name) left on this machine (local cluster only: the test
+// runs on its node).
 func noFuseDaemon(t *testing.T, image string) {
 	t.Helper()
 	if m := os.Getenv("E2E_CLUSTER"); m != "" && m != "local" {
 		return
 	}
 	if pids := fuseDaemons(image); len(pids) > 0 {
-		t.Fatalf("rbd-fuse for %s still running: pids %v", image, pids)
+		t.Fatalf("FUSE daemons for %s still running: pids %v", image, pids)
 	}
 }
 
-// fuseDaemons lists live rbd-fuse processes whose command line names image.
+// fuseDaemons lists live rbd-fuse processes whose command line names image,
+// and ceph-fuse processes mounting a subvolume of that name.
 func fuseDaemons(image string) []int {
 	var pids []int
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
@@ -304,7 +329,9 @@ func fuseDaemons(image string) []int {
 			continue
 		}
 		args := strings.Split(string(b), "\x00")
-		if filepath.Base(args[0]) != "rbd-fuse" || !strings.Contains(string(b), "--image="+image) {
+		rbdFuse := filepath.Base(args[0]) == "rbd-fuse" && strings.Contains(string(b), "--image="+image)
+		cephFuse := filepath.Base(args[0]) == "ceph-fuse" && strings.Contains(string(b), "/"+image+"/")
+		if !rbdFuse && !cephFuse {
 			continue
 		}
 		pid, _ := strconv.Atoi(strings.Split(p, "/")[2])
@@ -429,7 +456,7 @@ func TestHelmUpgradeKeepsWriter(t *testing.T) {
 		for _, e := range entries {
 			names = append(names, e.Name())
 		}
-		if strings.Join(names, " ") != "events.rookzmq.io-reg.sock rbd.rookzmq.io-reg.sock" {
+		if strings.Join(names, " ") != "cephfs.rookzmq.io-reg.sock events.rookzmq.io-reg.sock rbd.rookzmq.io-reg.sock" {
 			t.Fatalf("kubelet's registration directory holds %v", names)
 		}
 	}

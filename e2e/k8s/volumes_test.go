@@ -119,7 +119,7 @@ func boundImage(ctx context.Context, t *testing.T, ns, claim string) (pvName, im
 }
 
 // deleteAndCheckGone deletes the pod and PVC and waits until the PV and its
-// RBD image are gone.
+// RBD image (or CephFS subvolume) are gone.
 func deleteAndCheckGone(ctx context.Context, t *testing.T, ns, pod, claim, pvName, image string) {
 	t.Helper()
 	start := time.Now()
@@ -136,8 +136,8 @@ func deleteAndCheckGone(ctx context.Context, t *testing.T, ns, pod, claim, pvNam
 	if err != nil {
 		t.Fatalf("PV %s not deleted: %v", pvName, err)
 	}
-	if rbdImages(t)[image] {
-		t.Fatalf("PV %s is gone but image %s is still in Ceph", pvName, image)
+	if rbdImages(t)[image] || subvolumes(t)[image] {
+		t.Fatalf("PV %s is gone but image or subvolume %s is still in Ceph", pvName, image)
 	}
 	t.Logf("pod, PVC, PV and image %s gone in %s", image, time.Since(start).Round(100*time.Millisecond))
 }
