@@ -110,7 +110,7 @@ func TestFuseDaemonCgroup(t *testing.T) {
 	}
 	log := string(must(os.ReadFile(d.log)))
 	if !strings.Contains(log, fmt.Sprintf(`"staged volume kept" volumeID=%q mounter="rbd-fuse" pid=%d`, s.id, pid)) ||
-		!strings.Contains(log, `"recovery of staged volumes done" volumes=1 healthy=1 repaired=0 failed=0`) {
+		!strings.Contains(log, `"recovery of staged volumes done" volumes=1 repaired=0 failed=0 healthy=1`) {
 		t.Fatalf("the restarted plugin did not report the staged volume healthy:\n%s", tail(d.log, 30))
 	}
 	if err := writeSync(filepath.Join(s.target, "after"), []byte("x")); err != nil {

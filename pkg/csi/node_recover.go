@@ -79,7 +79,7 @@ func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 		}
 	}
 	if len(recs) > 0 {
-		klog.InfoS("recovery of staged volumes done", "volumes", len(recs), "healthy", healthy, "repaired", repaired, "failed", failed,
+		klog.InfoS("recovery of staged volumes done", "volumes", len(recs), "repaired", repaired, "failed", failed, "healthy", healthy,
 			"duration", time.Since(start))
 	}
 	return repaired, failed
