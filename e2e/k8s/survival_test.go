@@ -306,16 +306,26 @@ func (w *writer) checkedHealthy(ctx context.Context, t *testing.T, plugin string
 }
 
 // noFuseDaemon wants no rbd-fuse serving image (or ceph-fuse serving a
-// subvolume of that name) left on this machine (local cluster only: the test
-// runs on its node).
+// subvolume of that name) left on this machine within a minute (local
+// cluster only: the test runs on its node). A CephFS volume's PV may go
+// before kubelet unstages it (deleting a subvolume does not wait for its
+// mounts, as with ceph-csi), so this waits for kubelet's unstage.
 func noFuseDaemon(t *testing.T, image string) {
 	t.Helper()
 	if m := os.Getenv("E2E_CLUSTER"); m != "" && m != "local" {
 		return
 	}
-	if pids := fuseDaemons(image); len(pids) > 0 {
-		t.Fatalf("FUSE daemons for %s still running: pids %v", image, pids)
+	var pids []int
+	start := time.Now()
+	for deadline := start.Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		if pids = fuseDaemons(image); len(pids) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("FUSE daemons for %s still running a minute after its PV went: pids %v", image, pids)
+		}
 	}
+	t.Logf("no FUSE daemon for %s after %s", image, time.Since(start).Round(100*time.Millisecond))
 }
 
 // fuseDaemons lists live rbd-fuse processes whose command line names image,
