@@ -117,7 +117,10 @@ func startDriverVia(t testing.TB, dir string, wrapper []string, extraEnv []strin
 	args := append([]string{"--controller", "--node", "--registration-dir=", "--endpoint", "unix://" + d.sock, "--nodeid", "e2e-node",
 		"--clusters", filepath.Join(dir, "config.json"), "--default-mounter", "rbd-fuse",
 		"--statedir", filepath.Join(dir, "state"), "--events-dir", filepath.Join(dir, "events"),
-		"--events-heartbeat", "200ms", "--events-endpoint", "unix://" + filepath.Join(dir, "events-csi.sock"), "-v=4"}, flags...)
+		"--events-heartbeat", "200ms", "--events-endpoint", "unix://" + filepath.Join(dir, "events-csi.sock"), "-v=4",
+		// Tests that kill a FUSE daemon check what follows; those of the
+		// repair loop turn it on.
+		"--repair-interval=0"}, flags...)
 	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		t.Fatal(err)

@@ -79,6 +79,7 @@ type serveFlags struct {
 	kubeconfig                                         string
 	cephfsCapsRecheck                                  time.Duration
 	fuseCgroup                                         string
+	repairInterval                                     time.Duration
 	eventsMaxEndpoints, eventsMaxPodEndpoints          int
 }
 
@@ -114,6 +115,7 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	fs.DurationVar(&f.cephfsCapsRecheck, "cephfs-caps-recheck", cephfs.DefaultCapsRecheck, "with --type=cephfs: how long a provisioner user without the MDS caps of the fast path (ceph-csi's caps) provisions through the mgr volumes module before its caps are probed again")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig to verify pods with the API server before serving their event endpoints (default: in-cluster config when running in a cluster; none outside)")
 	fs.StringVar(&f.fuseCgroup, "fuse-cgroup", "", "cgroup (a directory at the root of every cgroup hierarchy) the node plugin moves its FUSE daemons (rbd-fuse, ceph-fuse) into, so they outlive its container; needs the host's PID namespace and /sys/fs/cgroup. Empty: they stay in the plugin's cgroup and die with its container")
+	fs.DurationVar(&f.repairInterval, "repair-interval", 30*time.Second, "how often the node plugin checks its staged volumes while it runs: one whose FUSE daemon died is mounted again in place (CephFS) and its pods' targets bound again, daemons are kept in --fuse-cgroup; 0 disables (the check at start still runs)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -145,6 +147,9 @@ func parseServeFlags(args []string) (*serveFlags, error) {
 	}
 	if _, err := strconv.ParseUint(f.eventsMode, 8, 32); err != nil {
 		return nil, fmt.Errorf("--events-mode=%s is not an octal mode", f.eventsMode)
+	}
+	if f.repairInterval < 0 {
+		return nil, errors.New("--repair-interval must not be negative")
 	}
 	if f.eventsJournalKeep < 0 {
 		return nil, errors.New("--events-journal-keep must not be negative")
@@ -278,7 +283,13 @@ func serve(args []string) error {
 		// while the driver was down are remounted and their targets bound
 		// again; the rbd-fuse daemons of working stages are moved into
 		// --fuse-cgroup if a plugin that stopped early left them elsewhere.
-		node.RecoverInBackground(ctx)
+		recovered := node.RecoverInBackground(ctx)
+		if f.repairInterval > 0 {
+			go func() {
+				<-recovered
+				node.RepairEvery(ctx, f.repairInterval)
+			}()
+		}
 
 		// One plugin per node serves events.rookzmq.io (its socket and
 		// driver name are the node's): the RBD one. CephFS volumes have the
@@ -381,6 +392,7 @@ type nodeService interface {
 	ResumeAckTimers()
 	Ready() error
 	RecoverInBackground(ctx context.Context) <-chan struct{}
+	RepairEvery(ctx context.Context, every time.Duration)
 }
 
 // probe calls the driver's own Identity.Probe, so /healthz reflects whether

@@ -43,6 +43,20 @@ func (n *Node[A]) NodePublishVolume(ctx context.Context, req *csi.NodePublishVol
 	if err != nil {
 		return nil, err
 	}
+	_, canRemount := n.stager.(Remounter[A])
+	if boot, berr := bootID(); reason != "" && canRemount && berr == nil && rec.BootID == boot {
+		// A stage lost while the node ran (its FUSE daemon died): kubelet
+		// will not stage it again for a new pod, so mount it again in
+		// place where the driver can, and bind the other targets again.
+		if err := n.remount(ctx, rec, reason); err != nil {
+			klog.ErrorS(err, "cannot repair a lost stage for a publish", "volumeID", rec.VolumeID)
+		} else {
+			if _, err := n.rebindTargets(ctx, rec, true); err != nil {
+				klog.ErrorS(err, "binding the targets of a remounted volume again", "volumeID", rec.VolumeID)
+			}
+			reason = ""
+		}
+	}
 	if reason != "" {
 		// Never bind an empty staging directory (the node's own disk) or a
 		// device path that now names another image into a pod.

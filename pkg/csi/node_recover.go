@@ -56,6 +56,30 @@ func (n *Node[A]) RecoverInBackground(ctx context.Context) <-chan struct{} {
 func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 	n.recovering.Store(recoverRunning)
 	defer n.recovering.Store(recoverDone)
+	return n.pass(ctx, false)
+}
+
+// RepairEvery runs Recover's pass every interval until ctx ends, so that a
+// stage whose FUSE daemon died while the driver runs is mounted again (its
+// targets bound again, its daemons kept) without waiting for a restart or a
+// new stage. Only what a pass repairs or cannot repair is logged.
+func (n *Node[A]) RepairEvery(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if n.recovering.Load() != recoverRunning {
+			n.pass(ctx, true)
+		}
+	}
+}
+
+// pass checks every staged volume once; quiet logs only repairs and failures.
+func (n *Node[A]) pass(ctx context.Context, quiet bool) (repaired, failed int) {
 	start := time.Now()
 	recs, err := n.state.all()
 	if err != nil {
@@ -67,7 +91,7 @@ func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 		if !r.Staged {
 			continue // a stage cut short: kubelet retries it
 		}
-		did, err := n.recoverVolume(ctx, r.VolumeID)
+		did, err := n.recoverVolume(ctx, r.VolumeID, quiet)
 		switch {
 		case err != nil:
 			failed++
@@ -78,7 +102,7 @@ func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 			healthy++
 		}
 	}
-	if len(recs) > 0 {
+	if len(recs) > 0 && (!quiet || repaired+failed > 0) {
 		klog.InfoS("recovery of staged volumes done", "volumes", len(recs), "repaired", repaired, "failed", failed, "healthy", healthy,
 			"duration", time.Since(start))
 	}
@@ -86,7 +110,7 @@ func (n *Node[A]) Recover(ctx context.Context) (repaired, failed int) {
 }
 
 // recoverVolume repairs one volume; it reports whether it changed anything.
-func (n *Node[A]) recoverVolume(ctx context.Context, volumeID string) (bool, error) {
+func (n *Node[A]) recoverVolume(ctx context.Context, volumeID string, quiet bool) (bool, error) {
 	rec, unlock, err := n.begin(ctx, volumeID)
 	if err != nil {
 		return false, err
@@ -108,20 +132,9 @@ func (n *Node[A]) recoverVolume(ctx context.Context, volumeID string) (bool, err
 	}
 	remounted := false
 	if reason != "" {
-		rm, ok := n.stager.(Remounter[A])
-		if !ok {
-			return false, fmt.Errorf("the stage is lost (%s) and this driver cannot remount it in place", reason)
+		if err := n.remount(ctx, rec, reason); err != nil {
+			return false, err
 		}
-		start := time.Now()
-		klog.InfoS("the stage of a volume is lost: remounting it", "volumeID", volumeID, "reason", reason)
-		PausePoint("node-recover-remount")
-		if err := rm.Remount(ctx, rec); err != nil {
-			return false, fmt.Errorf("remounting: %w", err)
-		}
-		if reason, err := n.stale(ctx, rec); err != nil || reason != "" {
-			return false, fmt.Errorf("still lost after remounting: %s %v", reason, err)
-		}
-		klog.InfoS("volume remounted", "volumeID", volumeID, "duration", time.Since(start))
 		remounted = true
 	}
 	if k, ok := n.stager.(Keeper[A]); ok {
@@ -129,13 +142,35 @@ func (n *Node[A]) recoverVolume(ctx context.Context, volumeID string) (bool, err
 		if err != nil {
 			return remounted, fmt.Errorf("the stage works but may not outlive the driver: %w", err)
 		}
-		klog.InfoS("staged volume kept", append([]any{"volumeID", volumeID}, vals...)...)
+		if !quiet {
+			klog.InfoS("staged volume kept", append([]any{"volumeID", volumeID}, vals...)...)
+		}
 	}
 	rebound, err := n.rebindTargets(ctx, rec, remounted)
 	if rebound > 0 {
 		klog.InfoS("targets bound again", "volumeID", volumeID, "targets", rebound)
 	}
 	return remounted || rebound > 0, err
+}
+
+// remount mounts a lost stage again in place (the driver must be a
+// Remounter) and checks that it works; the caller holds the volume's lock.
+func (n *Node[A]) remount(ctx context.Context, rec *StageRecord[A], reason string) error {
+	rm, ok := n.stager.(Remounter[A])
+	if !ok {
+		return fmt.Errorf("the stage is lost (%s) and this driver cannot remount it in place", reason)
+	}
+	start := time.Now()
+	klog.InfoS("the stage of a volume is lost: remounting it", "volumeID", rec.VolumeID, "reason", reason)
+	PausePoint("node-recover-remount")
+	if err := rm.Remount(ctx, rec); err != nil {
+		return fmt.Errorf("remounting: %w", err)
+	}
+	if reason, err := n.stale(ctx, rec); err != nil || reason != "" {
+		return fmt.Errorf("still lost after remounting: %s %v", reason, err)
+	}
+	klog.InfoS("volume remounted", "volumeID", rec.VolumeID, "duration", time.Since(start))
+	return nil
 }
 
 // rebindTargets binds the staging path (or device) again into every target
