@@ -53,7 +53,7 @@ var (
 	cephEnv    = map[string]string{}
 	pool       *rados.IOContext
 	fsAdmin    *fsadmin.FSAdmin // CephFS subvolumes, through the mgr
-	appImage   string // the rookzmq image doubles as the app image (sh, dd, blockdev)
+	appImage   string           // the rookzmq image doubles as the app image (sh, dd, blockdev)
 )
 
 func TestMain(m *testing.M) { os.Exit(run(m)) }
