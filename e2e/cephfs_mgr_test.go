@@ -90,7 +90,7 @@ func testMgrPathLifecycle(t *testing.T, sec map[string]string, reason string) {
 	for _, want := range []struct{ ask, got int64 }{{200 << 20, 200 << 20}, {150 << 20, 200 << 20}} {
 		e, err := d.ctrl.ControllerExpandVolume(c, &csi.ControllerExpandVolumeRequest{VolumeId: id,
 			CapacityRange: &csi.CapacityRange{RequiredBytes: want.ask}, Secrets: sec})
-		if err != nil || e.GetCapacityBytes() != want.got || e.GetNodeExpansionRequired() {
+		if err != nil || e.GetCapacityBytes() != want.got || !e.GetNodeExpansionRequired() {
 			t.Fatalf("expand to %d = %v, %v; want %d", want.ask, e, err, want.got)
 		}
 	}

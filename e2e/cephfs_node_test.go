@@ -175,7 +175,7 @@ func TestCephFSNodeTwoTargets(t *testing.T) {
 	for _, cp := range caps.GetCapabilities() {
 		got = append(got, cp.GetRpc().GetType().String())
 	}
-	if want := []string{"STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "GET_VOLUME_HEALTH", "SINGLE_NODE_MULTI_WRITER"}; !slices.Equal(got, want) {
+	if want := []string{"STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "GET_VOLUME_HEALTH", "SINGLE_NODE_MULTI_WRITER", "EXPAND_VOLUME"}; !slices.Equal(got, want) {
 		t.Errorf("node capabilities %v, want %v", got, want)
 	}
 

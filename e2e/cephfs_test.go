@@ -77,7 +77,7 @@ func TestCephFSLifecycleWithCLI(t *testing.T) {
 	id := r.GetVolume().GetVolumeId()
 	e, err := d.ctrl.ControllerExpandVolume(ctx(t), &csi.ControllerExpandVolumeRequest{VolumeId: id,
 		CapacityRange: &csi.CapacityRange{RequiredBytes: 200 << 20}, Secrets: cephfsSecrets(t)})
-	if err != nil || e.GetCapacityBytes() != 200<<20 || e.GetNodeExpansionRequired() {
+	if err != nil || e.GetCapacityBytes() != 200<<20 || !e.GetNodeExpansionRequired() {
 		t.Fatalf("expand = %v, %v", e, err)
 	}
 	if err := json.Unmarshal([]byte(subvolumeCLI(t, "info", name)), &info); err != nil || info.BytesQuota != float64(200<<20) {

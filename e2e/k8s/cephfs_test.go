@@ -65,8 +65,9 @@ func boundSubvolume(ctx context.Context, t *testing.T, ns, claim string) (pvName
 }
 
 // A ReadWriteMany CephFS PVC (ceph-fuse) used by two pods at once: what one
-// writes the other reads, both ways; the PVC grows and both pods see the new
-// size (the subvolume's quota); pods and PVC deleted -> subvolume gone.
+// writes the other reads, both ways; the PVC grows, both pods see the new
+// size (the subvolume's quota) and kubelet's node step ends the resize; pods
+// and PVC deleted -> subvolume gone.
 func TestCephFSSharedVolume(t *testing.T) {
 	ctx := testCtx(t, 10*time.Minute)
 	ns := makeNamespace(t, "e2e-cephfs")
@@ -132,6 +133,19 @@ func TestCephFSSharedVolume(t *testing.T) {
 		}
 	}
 	t.Logf("expanded in %s: both pods see 131072 KiB", time.Since(start).Round(100*time.Millisecond))
+	// Kubelet's NodeExpandVolume (which emits the node's expand event) ends
+	// the resize: the PVC's capacity follows only then.
+	if err := poll(ctx, 3*time.Minute, func() (bool, error) {
+		c, err := client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, "shared", metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		got := c.Status.Capacity[corev1.ResourceStorage]
+		return got.Cmp(resource.MustParse("128Mi")) == 0 && len(c.Status.Conditions) == 0, nil
+	}); err != nil {
+		t.Fatalf("PVC capacity after the node step: %v", err)
+	}
+	t.Logf("PVC capacity 128Mi (node step done) %s after the request", time.Since(start).Round(100*time.Millisecond))
 
 	if err := client.CoreV1().Pods(ns).Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)

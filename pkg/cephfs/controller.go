@@ -489,7 +489,10 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.Contro
 		sv.Quota = size
 	}
 	klog.V(3).InfoS("volume expanded", "volumeID", req.GetVolumeId(), "bytes", sv.Quota, "duration", time.Since(start))
-	return &csi.ControllerExpandVolumeResponse{CapacityBytes: sv.Quota, NodeExpansionRequired: false}, nil
+	// The quota takes effect on every mount at once; the node step only
+	// reads it back and tells the node's event subscribers (expand), as
+	// for RBD.
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: sv.Quota, NodeExpansionRequired: true}, nil
 }
 
 // ControllerGetCapabilities lists what this controller does.

@@ -103,6 +103,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 			csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
 			csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
 			csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+			// Kubelet calls NodeExpandVolume after a growth only if the
+			// node says it expands: it emits the expand event.
+			csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
 		},
 	}, rcsi.Stager[Mount](s))
 	if err != nil {
