@@ -132,9 +132,10 @@ func TestCephFuseDaemonCgroup(t *testing.T) {
 			os.Remove(filepath.Join(r, name))
 		}
 	})
+	ctrl := startCephFSDriver(t, newDriverDir(t), nil) // a killed controller's MDS session would hold caps
 	dir := newDriverDir(t)
-	d := startCephFSNode(t, dir, nil, "--fuse-cgroup="+name)
-	v := createCephFSVolume(t, d, uniquePrefix(t), 1<<30)
+	d := startCephFSNode(t, dir, nil, "--controller=false", "--fuse-cgroup="+name)
+	v := createCephFSVolume(t, ctrl, uniquePrefix(t), 1<<30)
 	target := mountTarget(t)
 	stageCephFS(t, d, v)
 	publishCephFS(t, d, v, target, false)
@@ -154,7 +155,7 @@ func TestCephFuseDaemonCgroup(t *testing.T) {
 	if inCgroupEverywhere(t, pid, name) {
 		t.Fatal("ceph-fuse still in the cgroup after moving it out")
 	}
-	d = startCephFSNode(t, dir, nil, "--fuse-cgroup="+name)
+	d = startCephFSNode(t, dir, nil, "--controller=false", "--fuse-cgroup="+name)
 	waitReady(t, d)
 	if !inCgroupEverywhere(t, pid, name) {
 		t.Fatalf("the restarted plugin is ready, but ceph-fuse %d is not back in cgroup %s", pid, name)
@@ -167,7 +168,7 @@ func TestCephFuseDaemonCgroup(t *testing.T) {
 	}
 	unpublishCephFS(t, d, v, target)
 	unstageCephFS(t, d, v)
-	deleteCephFS(t, d, v)
+	deleteCephFS(t, ctrl, v)
 	if left := cephfsLeftovers(dir); len(left) != 0 {
 		t.Fatalf("left behind:\n%s", strings.Join(left, "\n"))
 	}
