@@ -120,7 +120,9 @@ func TestStatsOnHungMount(t *testing.T) {
 	count := func(err error) {
 		mu <- struct{}{}
 		switch status.Code(err) {
-		case codes.Unavailable, codes.DeadlineExceeded:
+		// Aborted: the volume's lock stayed busy past the call's deadline
+		// (the server can answer a moment before the client gives up).
+		case codes.Unavailable, codes.DeadlineExceeded, codes.Aborted:
 			answered++
 		default:
 			other++
@@ -156,7 +158,7 @@ func TestStatsOnHungMount(t *testing.T) {
 	t.Logf("1,000 stats + 200 health calls in %s: threads %d before, %d after; %d answered, %d other",
 		time.Since(start).Round(time.Millisecond), before, after, answered, other)
 	if other != 0 {
-		t.Errorf("%d calls answered neither Unavailable nor DeadlineExceeded", other)
+		t.Errorf("%d calls answered neither Unavailable, DeadlineExceeded nor Aborted", other)
 	}
 	// Per-call threads would add ~1,200; the runtime's pool moves by a few.
 	if after > before+10 {
