@@ -42,21 +42,8 @@ func subvolumes(t *testing.T) map[string]bool {
 // subvolume behind it, which must exist.
 func boundSubvolume(ctx context.Context, t *testing.T, ns, claim string) (pvName, subvolume string) {
 	t.Helper()
-	err := poll(ctx, 2*time.Minute, func() (bool, error) {
-		c, err := client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, claim, metav1.GetOptions{})
-		if err != nil {
-			return false, err
-		}
-		pvName = c.Spec.VolumeName
-		return c.Status.Phase == corev1.ClaimBound, nil
-	})
-	if err != nil {
-		t.Fatalf("PVC %s/%s not bound: %v", ns, claim, err)
-	}
-	pv, err := client.CoreV1().PersistentVolumes().Get(ctx, pvName, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pv := boundPV(ctx, t, ns, claim)
+	pvName = pv.Name
 	subvolume = pv.Spec.CSI.VolumeAttributes["subvolumeName"]
 	if pv.Spec.CSI.Driver != cephfsDriver || subvolume == "" || !subvolumes(t)[subvolume] {
 		t.Fatalf("PV %s (driver %s): subvolume %q not in Ceph (attributes %v)", pvName, pv.Spec.CSI.Driver, subvolume, pv.Spec.CSI.VolumeAttributes)
@@ -159,23 +146,5 @@ func TestCephFSSharedVolume(t *testing.T) {
 // error, the new plugin keeps the volume before it is Ready, every record
 // reads back, also after mounting afresh; nothing is left afterwards.
 func TestCephFSNodePluginRestartKeepsWriter(t *testing.T) {
-	ctx := testCtx(t, 10*time.Minute)
-	ns := makeNamespace(t, "e2e-cephfs-survive")
-	w := startWriterOn(ctx, t, ns, cephfsDriver)
-	old := nodePluginOf(ctx, t, "node-cephfs")
-	var plugin corev1.Pod
-	gap, _ := w.keepsWriting(ctx, t, func() {
-		start := time.Now()
-		if err := client.CoreV1().Pods(namespace).Delete(ctx, old.Name, metav1.DeleteOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		plugin = waitNewNodePlugin(ctx, t, &old)
-		t.Logf("CephFS node plugin %s deleted, %s ready in %s", old.Name, plugin.Name, time.Since(start).Round(100*time.Millisecond))
-	})
-	w.checkedHealthy(ctx, t, plugin.Name)
-	t.Logf("k8s-e2e: CephFS node plugin pod restart with a live writer: longest pause between records %s", gap.Round(time.Millisecond))
-	count := strconv.Itoa(len(w.times(ctx, t)))
-	w.readBackFromCeph(ctx, t, count)
-	deleteAndCheckGone(ctx, t, ns, w.pod, w.claim, w.pv, w.image)
-	noFuseDaemon(t, w.image)
+	pluginRestartKeepsWriter(t, "e2e-cephfs-survive", cephfsDriver, "node-cephfs", "CephFS node plugin")
 }

@@ -360,10 +360,17 @@ func fuseDaemons(image string) []int {
 // the volume healthy before it is Ready, every record reads back, also after
 // staging afresh from Ceph; nothing is left afterwards.
 func TestNodePluginRestartKeepsWriter(t *testing.T) {
+	pluginRestartKeepsWriter(t, "e2e-survive", provisioner, "node", "node plugin")
+}
+
+// pluginRestartKeepsWriter deletes the node plugin pod of component while a
+// writer writes to a volume of driver (in namespace ns), and checks what
+// TestNodePluginRestartKeepsWriter says; what names the plugin in the log.
+func pluginRestartKeepsWriter(t *testing.T, ns, driver, component, what string) {
 	ctx := testCtx(t, 10*time.Minute)
-	ns := makeNamespace(t, "e2e-survive")
-	w := startWriter(ctx, t, ns)
-	old := nodePlugin(ctx, t)
+	ns = makeNamespace(t, ns)
+	w := startWriterOn(ctx, t, ns, driver)
+	old := nodePluginOf(ctx, t, component)
 	var plugin corev1.Pod
 	gap, _ := w.keepsWriting(ctx, t, func() {
 		start := time.Now()
@@ -371,10 +378,10 @@ func TestNodePluginRestartKeepsWriter(t *testing.T) {
 			t.Fatal(err)
 		}
 		plugin = waitNewNodePlugin(ctx, t, &old)
-		t.Logf("node plugin %s deleted, %s ready in %s", old.Name, plugin.Name, time.Since(start).Round(100*time.Millisecond))
+		t.Logf("%s %s deleted, %s ready in %s", what, old.Name, plugin.Name, time.Since(start).Round(100*time.Millisecond))
 	})
 	w.checkedHealthy(ctx, t, plugin.Name)
-	t.Logf("k8s-e2e: node plugin pod restart with a live writer: longest pause between records %s", gap.Round(time.Millisecond))
+	t.Logf("k8s-e2e: %s pod restart with a live writer: longest pause between records %s", what, gap.Round(time.Millisecond))
 	count := strconv.Itoa(len(w.times(ctx, t)))
 	w.readBackFromCeph(ctx, t, count)
 	deleteAndCheckGone(ctx, t, ns, w.pod, w.claim, w.pv, w.image)

@@ -94,8 +94,10 @@ func waitPodRunning(ctx context.Context, t *testing.T, ns, name string) {
 	t.Logf("pod %s/%s running after %s", ns, name, time.Since(start).Round(100*time.Millisecond))
 }
 
-func boundImage(ctx context.Context, t *testing.T, ns, claim string) (pvName, image string) {
+// boundPV waits until the claim is bound and returns its PV.
+func boundPV(ctx context.Context, t *testing.T, ns, claim string) *corev1.PersistentVolume {
 	t.Helper()
+	var pvName string
 	err := poll(ctx, 2*time.Minute, func() (bool, error) {
 		c, err := client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, claim, metav1.GetOptions{})
 		if err != nil {
@@ -111,6 +113,13 @@ func boundImage(ctx context.Context, t *testing.T, ns, claim string) (pvName, im
 	if err != nil {
 		t.Fatal(err)
 	}
+	return pv
+}
+
+func boundImage(ctx context.Context, t *testing.T, ns, claim string) (pvName, image string) {
+	t.Helper()
+	pv := boundPV(ctx, t, ns, claim)
+	pvName = pv.Name
 	image = pv.Spec.CSI.VolumeAttributes["imageName"]
 	if image == "" || !rbdImages(t)[image] {
 		t.Fatalf("PV %s: image %q not in Ceph (attributes %v)", pvName, image, pv.Spec.CSI.VolumeAttributes)

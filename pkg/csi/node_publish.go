@@ -43,8 +43,7 @@ func (n *Node[A]) NodePublishVolume(ctx context.Context, req *csi.NodePublishVol
 	if err != nil {
 		return nil, err
 	}
-	_, canRemount := n.stager.(Remounter[A])
-	if boot, berr := bootID(); reason != "" && canRemount && berr == nil && rec.BootID == boot {
+	if reason != "" && n.canRemountInPlace(rec) {
 		// A stage lost while the node ran (its FUSE daemon died): kubelet
 		// will not stage it again for a new pod, so mount it again in
 		// place where the driver can, and bind the other targets again.
@@ -214,4 +213,15 @@ func MountOptions(flags []string, readOnly bool) []string {
 		opts = append(opts, "ro")
 	}
 	return opts
+}
+
+// canRemountInPlace says whether a lost stage can be mounted again where it
+// is: the driver is a Remounter and the stage is of this boot (after a
+// reboot kubelet stages again).
+func (n *Node[A]) canRemountInPlace(rec *StageRecord[A]) bool {
+	if _, ok := n.stager.(Remounter[A]); !ok {
+		return false
+	}
+	boot, err := bootID()
+	return err == nil && rec.BootID == boot
 }
