@@ -49,3 +49,28 @@ func TestBehindFsync(t *testing.T) {
 		t.Errorf("p99 %v behind the fsync in flight, want 1.09 ms", p99)
 	}
 }
+
+// TestDurableRun checks the durable-append floor's bookkeeping: every record
+// gets one latency, measured to the fdatasync after its arrival, and the
+// records share fdatasyncs (never more syncs than records).
+func TestDurableRun(t *testing.T) {
+	const n = 500
+	start := time.Now()
+	r, err := durableRun(t.TempDir(), n, 10000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	if len(r.lat) != n || len(r.syncs) == 0 || len(r.syncs) > n {
+		t.Fatalf("%d latencies and %d fdatasyncs for %d records", len(r.lat), len(r.syncs), n)
+	}
+	for i, d := range r.lat {
+		if d <= 0 || d > took {
+			t.Fatalf("record %d: latency %v outside (0, %v]", i, d, took)
+		}
+	}
+	// A record arrives before the write and fdatasync that carry it begin.
+	if pct(r.lat, 0) < pct(r.syncs, 0) {
+		t.Errorf("shortest latency %v below the fastest fdatasync %v: not measured to durability", pct(r.lat, 0), pct(r.syncs, 0))
+	}
+}

@@ -429,7 +429,7 @@ func latencyRatio(rawL, fsL, brL *runResult) float64 {
 // Each measures a fixed workload; run it with -benchtime 1x.
 func BenchmarkBridgeVsRaw(b *testing.B) {
 	goroutines := runtime.NumGoroutine()
-	var rawT, brT, rawL, fsL, brL *runResult
+	var rawT, brT, rawL, fsL, duL, brL *runResult
 	var fs string
 	run := func(name string, out **runResult, n, rate int, f func(string, int, int) (*runResult, error)) {
 		b.Run(name, func(b *testing.B) {
@@ -457,7 +457,7 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 	// (this VM's CPU steal and disk hiccups move single runs a lot) and lists all.
 	nLat := benchRate * int(benchLatTime/time.Second)
 	var ratios, latRatios []float64
-	var rounds []struct{ rawT, brT, rawL, fsL, brL *runResult }
+	var rounds []struct{ rawT, brT, rawL, fsL, duL, brL *runResult }
 	for i := 0; i < benchRounds; i++ {
 		run("raw-throughput", &rawT, benchN, 0, rawRun)
 		run("bridge-throughput", &brT, benchN, 0, bridgeRun)
@@ -465,8 +465,10 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 		run("raw-latency", &rawL, nLat, benchRate, rawRun)
 		run("fsync-latency", &fsL, nLat/5, benchRate, fsyncRun)
 		settle()
+		run("durable-latency", &duL, nLat, benchRate, durableRun)
+		settle()
 		run("bridge-latency", &brL, nLat, benchRate, bridgeRun)
-		rounds = append(rounds, struct{ rawT, brT, rawL, fsL, brL *runResult }{rawT, brT, rawL, fsL, brL})
+		rounds = append(rounds, struct{ rawT, brT, rawL, fsL, duL, brL *runResult }{rawT, brT, rawL, fsL, duL, brL})
 		if rawT != nil && brT != nil {
 			ratios = append(ratios, brT.rate()/rawT.rate()*100)
 		}
@@ -478,7 +480,7 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 		rawT, brT = rounds[m].rawT, rounds[m].brT
 	}
 	if m := medianIndex(latRatios); m >= 0 {
-		rawL, fsL, brL = rounds[m].rawL, rounds[m].fsL, rounds[m].brL
+		rawL, fsL, duL, brL = rounds[m].rawL, rounds[m].fsL, rounds[m].duL, rounds[m].brL
 	}
 
 	ev := benchEvent()
@@ -533,6 +535,12 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 			row("  p99 bridge / (raw + fsync)", "", fmt.Sprintf("%.2f", r),
 				fmt.Sprintf("%s / (%s + %s); goal <= 1.2: %s", ms(pct(brL.lat, 0.99)), ms(pct(rawL.lat, 0.99)), ms(pct(fsL.lat, 0.99)), verdict[r <= 1.2]))
 		}
+		if duL != nil {
+			row("  floor: durable appender, p50 / p99", "", ms(pct(duL.lat, 0.5))+" / "+ms(pct(duL.lat, 0.99)),
+				fmt.Sprintf("same arrivals: one loop writes what arrived and fdatasyncs, %.1f records per fdatasync; arrival -> durable", float64(duL.n)/float64(max(len(duL.syncs), 1))))
+			row("  p99 bridge / (raw + durable appender)", "", fmt.Sprintf("%.2f", durableRatio(rawL, duL, brL)),
+				"what the bridge adds to what the disk and ZeroMQ force on events at this rate (information)")
+		}
 	}
 	fmt.Printf("all %d rounds: bridge/raw throughput", len(rounds))
 	for _, r := range ratios {
@@ -543,6 +551,12 @@ func BenchmarkBridgeVsRaw(b *testing.B) {
 		if r.rawL != nil && r.fsL != nil && r.brL != nil {
 			fmt.Printf("  %.2f / %.2f / %.2f ms (%.2f)", ms1(pct(r.rawL.lat, 0.99)), ms1(pct(r.fsL.lat, 0.99)), ms1(pct(r.brL.lat, 0.99)),
 				latencyRatio(r.rawL, r.fsL, r.brL))
+		}
+	}
+	fmt.Print("; durable appender p99 (bridge / (raw + it)):")
+	for _, r := range rounds {
+		if r.rawL != nil && r.duL != nil && r.brL != nil {
+			fmt.Printf("  %.2f ms (%.2f)", ms1(pct(r.duL.lat, 0.99)), durableRatio(r.rawL, r.duL, r.brL))
 		}
 	}
 	fmt.Println()
