@@ -273,7 +273,8 @@ func monCommand(t *testing.T, cmd map[string]any) {
 // DeleteVolume of an image a client still has open is refused with
 // FailedPrecondition naming the client, and leaves image and journal alone;
 // once the client is gone the delete goes through, and the mgr purges the
-// image from the trash.
+// image from the trash. With nobody watching, the check takes the fast path
+// (the id object and a notify of the header, no librbd open).
 func TestDeleteWatchedImage(t *testing.T) {
 	d := startDriver(t, newDriverDir(t), nil, "--node=false")
 	c := ctx(t)
@@ -302,6 +303,10 @@ func TestDeleteWatchedImage(t *testing.T) {
 	}
 	if len(images(t, prefix)) != 0 || len(journal(t, "i:"+image)) != 0 || len(journal(t, "n:"+prefix)) != 0 {
 		t.Errorf("after DeleteVolume: images %v, journal %v", images(t, prefix), journal(t, image))
+	}
+	log, _ := os.ReadFile(d.log)
+	if !regexp.MustCompile(`"image moved to the trash" image="` + image + `" trashID="[0-9a-f]+" fastCheck=true`).Match(log) {
+		t.Errorf("the delete of an unwatched image did not take the fast watcher check:\n%s", tail(d.log, 10))
 	}
 	assertNoOrphans(t, prefix)
 }

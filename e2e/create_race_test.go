@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
+	"regexp"
 	"sort"
 	"sync"
 	"testing"
@@ -42,6 +44,13 @@ func TestCreateRaceTwoProcesses(t *testing.T) {
 	sort.Strings(got)
 	if len(got) != n+1 {
 		t.Errorf("%d images for %d names (and one warm-up), want one per name: %v", len(got), n, got)
+	}
+	// Each process's concurrent creates share turns under the lock.
+	shared := regexp.MustCompile(`"journal reservations" batch=([2-9]|1[0-9])`)
+	for k, d := range []*driver{a, b} {
+		if log, _ := os.ReadFile(d.log); !shared.Match(log) {
+			t.Errorf("driver %d: no turn under the journal's lock served two or more of its %d concurrent creates", k, n)
+		}
 	}
 	// Delete through the returned IDs, and any extra image's journal entry
 	// through an ID made from its name, so that the orphan check only

@@ -1,7 +1,6 @@
 package rbd
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -70,31 +69,6 @@ const (
 
 // ErrReserveBusy says another caller held the reservation lock until ctx ended.
 var ErrReserveBusy = errors.New("journal: another CreateVolume holds the journal's reservation lock")
-
-// LookupOrReserve returns the image reserved for name, reserving image for it
-// if there is none; fresh says image was reserved now. Lookup and Reserve
-// happen under the journal object's exclusive RADOS lock, so concurrent
-// callers in any process agree on one image. Waiting for the lock ends with
-// ctx (ErrReserveBusy).
-func (j *Journal) LookupOrReserve(ctx context.Context, name, image string) (got string, fresh bool, err error) {
-	lock := rcsi.ObjectLock{IO: j.io, Object: journalObject, Name: reserveLock, Where: j.where + "/" + journalObject, Client: j.client, TTL: reserveLockTTL}
-	err = lock.Do(ctx, func() error {
-		rcsi.PausePoint("create-reserve-locked")
-		got, err = j.Lookup(name)
-		if err != nil || got != "" {
-			return err
-		}
-		if err := j.Reserve(name, image); err != nil {
-			return err
-		}
-		got, fresh = image, true
-		return nil
-	})
-	if errors.Is(err, rcsi.ErrLockBusy) {
-		return "", false, ErrReserveBusy
-	}
-	return got, fresh, err
-}
 
 // Release removes both keys of a reservation; a missing object is fine. With
 // a trash id, the same operation records that the image waits in the trash
