@@ -6,7 +6,7 @@ set -euo pipefail
 access=${1:?usage: sanity.sh mount|block}
 SANITY=${CSI_SANITY:-$(go env GOPATH)/bin/csi-sanity}
 ceph_env
-prepare_work "/tmp/rookzmq-sanity-$access"
+prepare_work "${SANITY_WORK:-/tmp/rookzmq-sanity-$access}"
 rm -f "$WORK/driver.log"
 # Credentials for the calls that carry no secrets (ListVolumes, GetCapacity), as
 # a mounted Secret would provide them.
@@ -17,7 +17,8 @@ start_driver --credentials-dir "$WORK/creds"
 
 secrets() { # every secret csi-sanity can pass, all the csi-rbd user
 	for s in CreateVolumeSecret DeleteVolumeSecret ControllerValidateVolumeCapabilitiesSecret \
-		NodeStageVolumeSecret ControllerExpandVolumeSecret NodePublishVolumeSecret; do
+		NodeStageVolumeSecret ControllerExpandVolumeSecret NodePublishVolumeSecret \
+		CreateSnapshotSecret DeleteSnapshotSecret ListSnapshotsSecret; do
 		printf '%s:\n  userID: "%s"\n  userKey: "%s"\n' "$s" "$ROOKZMQ_CEPH_RBD_USER" "$ROOKZMQ_CEPH_RBD_KEY"
 	done
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"strings"
 	"syscall"
 
 	"github.com/ceph/go-ceph/rados"
@@ -193,40 +192,11 @@ func (j *Journal) Subvolumes() ([]string, error) {
 func (j *Journal) Promised(max int) ([][2]string, error) { return j.list(trashKeyPrefix, max) }
 
 func (j *Journal) list(prefix string, max int) ([][2]string, error) {
-	var out [][2]string
-	after := ""
-	for {
-		op := rados.CreateReadOp()
-		step := op.GetOmapValues(after, prefix, 1000)
-		err := op.Operate(j.io, j.obj, rados.OperationNoFlag)
-		if rcsi.Errno(err) == syscall.ENOENT {
-			op.Release()
-			return out, nil
-		}
-		if err != nil {
-			op.Release()
-			return nil, fmt.Errorf("journal: listing: %w", err)
-		}
-		n := 0
-		for {
-			kv, err := step.Next()
-			if err != nil || kv == nil {
-				break
-			}
-			n++
-			after = kv.Key
-			out = append(out, [2]string{strings.TrimPrefix(kv.Key, prefix), string(kv.Value)})
-			if max > 0 && len(out) == max {
-				op.Release()
-				return out, nil
-			}
-		}
-		more := step.More()
-		op.Release()
-		if n == 0 || !more {
-			return out, nil
-		}
+	kv, err := rcsi.OmapList(j.io, j.obj, prefix, "", max)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
 	}
+	return kv, nil
 }
 
 func (j *Journal) get(key string) (string, error) {

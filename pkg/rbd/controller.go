@@ -53,19 +53,9 @@ type target struct {
 }
 
 func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets map[string]string) (*target, error) {
-	creds, err := rcsi.CredentialsFromSecrets(secrets, SecretUserID, SecretUserKey)
+	lease, cluster, creds, err := c.leaseWith(ctx, clusterID, secrets)
 	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	cluster, err := c.Clusters.Get(clusterID)
-	if errors.Is(err, rcsi.ErrUnknownCluster) {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	} else if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
-	lease, err := c.Conns.Acquire(ctx, cluster, creds)
-	if err != nil {
-		return nil, cephStatus(err, "reaching cluster %q", clusterID)
+		return nil, err
 	}
 	t := &target{cluster: cluster, creds: creds, pool: pool, lease: lease}
 	t.io, err = lease.IOContext(pool, cluster.RBD.RadosNamespace)
@@ -79,6 +69,25 @@ func (c *Controller) open(ctx context.Context, clusterID, pool string, secrets m
 	}
 	c.scanPurges(t)
 	return t, nil
+}
+
+// leaseWith leases a connection to a cluster with a request's credentials.
+func (c *Controller) leaseWith(ctx context.Context, clusterID string, secrets map[string]string) (*rcsi.Lease, rcsi.ClusterConfig, rcsi.Credentials, error) {
+	creds, err := rcsi.CredentialsFromSecrets(secrets, SecretUserID, SecretUserKey)
+	if err != nil {
+		return nil, rcsi.ClusterConfig{}, creds, status.Error(codes.InvalidArgument, err.Error())
+	}
+	cluster, err := c.Clusters.Get(clusterID)
+	if errors.Is(err, rcsi.ErrUnknownCluster) {
+		return nil, cluster, creds, status.Error(codes.InvalidArgument, err.Error())
+	} else if err != nil {
+		return nil, cluster, creds, status.Error(codes.Internal, err.Error())
+	}
+	lease, err := c.Conns.Acquire(ctx, cluster, creds)
+	if err != nil {
+		return nil, cluster, creds, cephStatus(err, "reaching cluster %q", clusterID)
+	}
+	return lease, cluster, creds, nil
 }
 
 // release ends the target's lease on its connection.
@@ -129,12 +138,13 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err := rcsi.Capabilities(req.GetVolumeCapabilities(), checkCapability); err != nil {
 		return nil, err
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, status.Error(codes.InvalidArgument, "volume_content_source (snapshots and clones) is not supported yet")
-	}
 	p, err := ParseParams(req.GetParameters())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	src, err := parseContentSource(req.GetVolumeContentSource(), p.ClusterID)
+	if err != nil {
+		return nil, err
 	}
 	size, err := rcsi.Size(req.GetCapacityRange(), DefaultSize, rcsi.MiB)
 	if err != nil {
@@ -142,7 +152,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	}
 	var resp *csi.CreateVolumeResponse
 	err = c.bounded(ctx, p.ClusterID, func(ctx context.Context) (err error) {
-		resp, err = c.createVolume(ctx, req, p, size)
+		resp, err = c.createVolume(ctx, req, p, src, size)
 		return err
 	})
 	if err != nil {
@@ -151,7 +161,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	return resp, nil
 }
 
-func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequest, p Params, size int64) (*csi.CreateVolumeResponse, error) {
+func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequest, p Params, src *contentSource, size int64) (*csi.CreateVolumeResponse, error) {
 	t, err := c.open(ctx, p.ClusterID, p.Pool, req.GetSecrets())
 	if status.Code(err) == codes.NotFound {
 		// NotFound is for a missing content source: a missing pool is a bad parameter.
@@ -172,6 +182,14 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		return nil, t.status(err, "reading the journal")
 	}
 	fresh := false
+	if image == "" && src != nil {
+		// Check the source before reserving a name for its clone.
+		_, st, _, err := c.sourceInfo(ctx, src, req.GetCapacityRange(), req.GetSecrets())
+		if err != nil {
+			return nil, err
+		}
+		st.release()
+	}
 	if image == "" {
 		// Another process may reserve the name at the same time: the
 		// journal decides under its lock which image serves it.
@@ -194,7 +212,21 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if err := id.Validate(); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	actual, err := c.ensureImage(t, image, uint64(size), p.Features, req.GetCapacityRange())
+	var actual uint64
+	if src == nil {
+		actual, err = c.ensureImage(t, image, uint64(size), p.Features, req.GetCapacityRange())
+	} else {
+		actual, err = c.ensureClone(ctx, t, src, image, size, p.Features, req.GetCapacityRange(), req.GetSecrets())
+		if code := status.Code(err); code == codes.NotFound || code == codes.OutOfRange {
+			// The source went since the check: no image was made, so
+			// the name's reservation goes too.
+			if _, serr := imageSize(t.io, image); errors.Is(serr, rbd.ErrNotFound) {
+				if rerr := j.Release(req.GetName(), image, ""); rerr != nil {
+					klog.ErrorS(rerr, "releasing the reservation of a clone whose source is gone", "name", req.GetName(), "image", image)
+				}
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -208,6 +240,7 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		VolumeId:      id.String(),
 		CapacityBytes: int64(actual),
 		VolumeContext: volumeContext(p, t.cluster, image),
+		ContentSource: req.GetVolumeContentSource(),
 	}}, nil
 }
 
@@ -265,25 +298,32 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequ
 		klog.Warningf("DeleteVolume: volume ID %q is neither rookzmq's nor ceph-csi's, so no such volume exists: answering OK: %v", req.GetVolumeId(), err)
 		return &csi.DeleteVolumeResponse{}, nil
 	}
-	err = c.bounded(ctx, id.ClusterID, func(ctx context.Context) error {
-		t, err := c.open(ctx, id.ClusterID, id.Pool, req.GetSecrets())
-		if status.Code(err) == codes.NotFound {
-			return nil // the pool is gone, and the image with it
-		} else if err != nil {
-			return err
-		}
-		defer t.release()
-		unlock, err := c.locks.Lock(ctx, "vol\x00"+req.GetVolumeId())
-		if err != nil {
-			return status.Errorf(codes.Aborted, "an operation on volume %q is already in progress", req.GetVolumeId())
-		}
-		defer unlock()
-		return c.deleteVolume(t, id.Name)
-	})
+	err = c.deleteIn(ctx, id, req.GetSecrets(), "vol\x00"+req.GetVolumeId(), "volume", c.deleteVolume)
 	if err != nil {
 		return nil, err
 	}
 	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// deleteIn runs del on image id.Name in its pool, holding the lock on key
+// (Aborted naming the what and ID if another call holds it); a pool that is
+// gone took the image with it.
+func (c *Controller) deleteIn(ctx context.Context, id rcsi.VolumeID, secrets map[string]string, key, what string, del func(*target, string) error) error {
+	return c.bounded(ctx, id.ClusterID, func(ctx context.Context) error {
+		t, err := c.open(ctx, id.ClusterID, id.Pool, secrets)
+		if status.Code(err) == codes.NotFound {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		defer t.release()
+		unlock, err := c.locks.Lock(ctx, key)
+		if err != nil {
+			return status.Errorf(codes.Aborted, "an operation on %s %q is already in progress", what, id.String())
+		}
+		defer unlock()
+		return del(t, id.Name)
+	})
 }
 
 // deleteVolume deletes image and its journal entry: the image goes to the
@@ -295,6 +335,16 @@ func (c *Controller) deleteVolume(t *target, image string) error {
 	name, err := j.RequestName(image)
 	if err != nil {
 		return t.status(err, "reading the journal")
+	}
+	if name == "" {
+		// Not (or no longer) a volume of the journal: a snapshot's image
+		// is not deleted as a volume.
+		if _, snap, err := j.Snapshot(image); err != nil {
+			return t.status(err, "reading the journal")
+		} else if snap {
+			klog.Warningf("DeleteVolume: %s is a snapshot's image, not a volume: answering OK, leaving it", image)
+			return nil
+		}
 	}
 	rcsi.CrashPoint("delete-before-image")
 	id, err := c.trash(t, image)
@@ -417,6 +467,9 @@ func (c *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerG
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
 			Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})

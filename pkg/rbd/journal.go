@@ -78,6 +78,12 @@ func (j *Journal) Release(name, image, trashID string) error {
 	if name != "" {
 		keys = append(keys, nameKeyPrefix+name)
 	}
+	return j.release(keys, image, trashID)
+}
+
+// release removes keys; with a trash id, the same operation records the purge
+// of image (see Purges).
+func (j *Journal) release(keys []string, image, trashID string) error {
 	op := rados.CreateWriteOp()
 	defer op.Release()
 	if trashID == "" {
@@ -134,43 +140,15 @@ func (j *Journal) Purged(image string) error {
 
 // Images lists reserved image names in order, at most max (0: all) after startAfter.
 func (j *Journal) Images(startAfter string, max int) ([]string, error) {
-	var out []string
-	after := ""
-	if startAfter != "" {
-		after = imageKeyPrefix + startAfter
+	kv, err := rcsi.OmapList(j.io, journalObject, imageKeyPrefix, startAfter, max)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
 	}
-	for {
-		op := rados.CreateReadOp()
-		step := op.GetOmapValues(after, imageKeyPrefix, 1000)
-		err := op.Operate(j.io, journalObject, rados.OperationNoFlag)
-		if rcsi.Errno(err) == syscall.ENOENT {
-			op.Release()
-			return out, nil
-		}
-		if err != nil {
-			op.Release()
-			return nil, fmt.Errorf("journal: listing: %w", err)
-		}
-		n := 0
-		for {
-			kv, err := step.Next()
-			if err != nil || kv == nil {
-				break
-			}
-			n++
-			after = kv.Key
-			out = append(out, strings.TrimPrefix(kv.Key, imageKeyPrefix))
-			if max > 0 && len(out) == max {
-				op.Release()
-				return out, nil
-			}
-		}
-		more := step.More()
-		op.Release()
-		if n == 0 || !more {
-			return out, nil
-		}
+	out := make([]string, len(kv))
+	for i, e := range kv {
+		out[i] = e[0]
 	}
+	return out, nil
 }
 
 func (j *Journal) get(key string) (string, error) {

@@ -22,10 +22,12 @@ import (
 // maxBatch bounds the reservations one turn under the lock serves.
 const maxBatch = 128
 
-// reservation is one LookupOrReserve call waiting for, or served by, a turn.
+// reservation is one LookupOrReserve call waiting for, or served by, a turn:
+// if key has no value, image becomes its value and back that of backKey.
 type reservation struct {
-	name, image string
-	wake        chan struct{} // signalled when done, or when it is to lead
+	key, image    string
+	backKey, back string
+	wake          chan struct{} // signalled when done, or when it is to lead
 	// Set under the batcher's mu.
 	done, lead bool
 	got        string
@@ -67,7 +69,10 @@ func batcherFor(key string) *batcher {
 // a reservation whose turn had begun may still be written then, which the
 // caller's retry finds.
 func (j *Journal) LookupOrReserve(ctx context.Context, name, image string) (got string, fresh bool, err error) {
-	r := &reservation{name: name, image: image}
+	return j.lookupOrReserve(ctx, &reservation{key: nameKeyPrefix + name, image: image, backKey: imageKeyPrefix + image, back: name})
+}
+
+func (j *Journal) lookupOrReserve(ctx context.Context, r *reservation) (got string, fresh bool, err error) {
 	batcherFor(j.where+"/"+journalObject+"\x00"+j.client).do(ctx, r, j.reserveAll)
 	return r.got, r.fresh, r.err
 }
@@ -180,8 +185,8 @@ func (j *Journal) reserveAll(ctx context.Context, batch []*reservation) error {
 		}
 		pairs := map[string][]byte{}
 		for _, r := range batch {
-			if r.got = found[r.name]; r.got == "" {
-				pairs[nameKeyPrefix+r.name], pairs[imageKeyPrefix+r.image] = []byte(r.image), []byte(r.name)
+			if r.got = found[r.key]; r.got == "" {
+				pairs[r.key], pairs[r.backKey] = []byte(r.image), []byte(r.back)
 			}
 		}
 		if len(pairs) == 0 {
@@ -206,12 +211,12 @@ func (j *Journal) reserveAll(ctx context.Context, batch []*reservation) error {
 	return err
 }
 
-// lookupAll reads the images reserved for the names of batch in one
-// operation: name -> image for those that have one.
+// lookupAll reads the values of the keys of batch in one operation: key ->
+// value for those that have one.
 func (j *Journal) lookupAll(batch []*reservation) (map[string]string, error) {
 	keys := make([]string, len(batch))
 	for i, r := range batch {
-		keys[i] = nameKeyPrefix + r.name
+		keys[i] = r.key
 	}
 	op := rados.CreateReadOp()
 	defer op.Release()
@@ -232,6 +237,6 @@ func (j *Journal) lookupAll(batch []*reservation) (map[string]string, error) {
 		if kv == nil {
 			return found, nil
 		}
-		found[kv.Key[len(nameKeyPrefix):]] = string(kv.Value)
+		found[kv.Key] = string(kv.Value)
 	}
 }

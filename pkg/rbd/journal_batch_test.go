@@ -37,7 +37,7 @@ func TestBatcherSharesTurns(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := &reservation{name: fmt.Sprint("n", i), image: fmt.Sprint("img", i)}
+			r := &reservation{key: fmt.Sprint("n", i), image: fmt.Sprint("img", i)}
 			b.do(context.Background(), r, run)
 			if r.err != nil || r.got != r.image || !r.fresh {
 				t.Errorf("reservation %d: %q fresh %v err %v", i, r.got, r.fresh, r.err)
@@ -65,7 +65,7 @@ func TestBatcherErrorsAndAbandon(t *testing.T) {
 		<-release
 		return failing
 	}
-	first := &reservation{name: "a", image: "ia"}
+	first := &reservation{key: "a", image: "ia"}
 	firstDone := make(chan struct{})
 	go func() { b.do(context.Background(), first, blocking); close(firstDone) }()
 	<-entered // the leader's turn is in flight
@@ -75,7 +75,7 @@ func TestBatcherErrorsAndAbandon(t *testing.T) {
 	var wg sync.WaitGroup
 	queued := make([]*reservation, 5)
 	for i := range queued {
-		queued[i] = &reservation{name: fmt.Sprint("q", i), image: fmt.Sprint("iq", i)}
+		queued[i] = &reservation{key: fmt.Sprint("q", i), image: fmt.Sprint("iq", i)}
 		wg.Add(1)
 		go func() { defer wg.Done(); b.do(ctx, queued[i], blocking) }()
 	}
@@ -90,7 +90,7 @@ func TestBatcherErrorsAndAbandon(t *testing.T) {
 	if !errors.Is(first.err, failing) || first.got != "" || first.fresh {
 		t.Errorf("the turn's reservation: %q fresh %v err %v, want the turn's error", first.got, first.fresh, first.err)
 	}
-	later := &reservation{name: "b", image: "ib"}
+	later := &reservation{key: "b", image: "ib"}
 	done := make(chan struct{})
 	go func() {
 		b.do(context.Background(), later, func(_ context.Context, batch []*reservation) error {
@@ -123,14 +123,14 @@ func TestBatcherLeadPassedOnByAbandoner(t *testing.T) {
 		}
 		return nil
 	}
-	go b.do(context.Background(), &reservation{name: "a", image: "ia"}, ok)
+	go b.do(context.Background(), &reservation{key: "a", image: "ia"}, ok)
 	<-entered
 	gone, cancel := context.WithCancel(context.Background())
-	abandoner := &reservation{name: "x", image: "ix"}
+	abandoner := &reservation{key: "x", image: "ix"}
 	abandoned := make(chan struct{})
 	go func() { b.do(gone, abandoner, ok); close(abandoned) }()
 	waitQueued(t, b, 1)
-	next := &reservation{name: "y", image: "iy"}
+	next := &reservation{key: "y", image: "iy"}
 	nextDone := make(chan struct{})
 	go func() { b.do(context.Background(), next, ok); close(nextDone) }()
 	waitQueued(t, b, 2)

@@ -2,6 +2,7 @@ package rbd
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,12 @@ const (
 	purgeBackoff  = 30 * time.Second
 	purgeQuiet    = 300 * time.Millisecond
 	purgeMaxDelay = 30 * time.Second
+	// A trashed image that clones still depend on (a volume or snapshot
+	// deleted before the volumes made from it) is checked again after
+	// cloneWaitMin, doubling up to cloneWaitMax, and handed to the mgr once
+	// its last clone is gone.
+	cloneWaitMin = 5 * time.Second
+	cloneWaitMax = 5 * time.Minute
 )
 
 // purger hands trashed images to the mgr after DeleteVolume answered. Its
@@ -48,6 +55,7 @@ type purgeJob struct {
 	pool      string
 	image, id string
 	queued    time.Time
+	cloneWait time.Duration // the last wait for clones, 0 if none yet
 }
 
 func (j purgeJob) poolKey() string {
@@ -127,6 +135,10 @@ func (p *purger) work() {
 		delete(p.pending, j.key())
 		p.mu.Unlock()
 		switch {
+		case errors.Is(err, errHasClones):
+			j.cloneWait = min(max(2*j.cloneWait, cloneWaitMin), cloneWaitMax)
+			klog.V(3).InfoS("purge waits for the image's clones", "pool", j.pool, "image", j.image, "trashID", j.id, "checkIn", j.cloneWait)
+			time.AfterFunc(j.cloneWait, func() { p.add(j) })
 		case err != nil && j.image == "":
 			// The next call that opens the pool after purgeRescan scans again.
 			klog.ErrorS(err, "scanning a pool for purges failed", "cluster", j.cluster.ClusterID, "pool", j.pool)
@@ -166,6 +178,11 @@ func (p *purger) run(j purgeJob) error {
 		return nil
 	}
 	start := time.Now()
+	if clones, err := trashedHasClones(io, j.id); err != nil {
+		return lease.Check(err)
+	} else if clones {
+		return errHasClones
+	}
 	if err := queuePurge(io, lease.Conn(), j.pool, j.cluster.RBD.RadosNamespace, j.image, j.id); err != nil {
 		return lease.Check(err)
 	}

@@ -172,3 +172,26 @@ func addTrashRemoveTask(conn *rados.Conn, pool, namespace, id string) error {
 	}
 	return nil
 }
+
+// errHasClones says a trashed image's purge waits: clones depend on it.
+var errHasClones = errors.New("clones still depend on the image")
+
+// trashedHasClones reports whether clones (in any pool, in the trash or not)
+// still depend on a snapshot of trash entry id; an entry that is gone has
+// none. Opened at its head, an image lists the children of all its
+// snapshots, those in the trash namespace too.
+func trashedHasClones(io *rados.IOContext, id string) (bool, error) {
+	img, err := rbd.OpenImageByIdReadOnly(io, id, rbd.NoSnapshot)
+	if errors.Is(err, rbd.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("opening trash entry %s: %w", id, err)
+	}
+	defer img.Close()
+	children, err := img.ListChildrenAttributes()
+	if err != nil {
+		return false, fmt.Errorf("listing the clones of trash entry %s: %w", id, err)
+	}
+	return len(children) > 0, nil
+}

@@ -1,0 +1,135 @@
+package rbd
+
+// CreateVolume from a snapshot or a volume: the new image is a clone.
+
+import (
+	"context"
+	"errors"
+
+	"github.com/ceph/go-ceph/rbd"
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
+)
+
+// contentSource is a CreateVolume request's volume_content_source, parsed.
+type contentSource struct {
+	snapshot bool          // a snapshot's ID, else a volume's
+	id       rcsi.VolumeID // the snapshot's, or our volume's
+	cephID   *rcsi.CephCSIVolumeID
+	raw      string // the ID as given
+}
+
+// parseContentSource parses a content source; a malformed ID is NotFound (it
+// names nothing that exists), a source in another cluster InvalidArgument.
+func parseContentSource(cs *csi.VolumeContentSource, clusterID string) (*contentSource, error) {
+	if cs == nil {
+		return nil, nil
+	}
+	src := &contentSource{}
+	switch {
+	case cs.GetSnapshot() != nil:
+		src.snapshot, src.raw = true, cs.GetSnapshot().GetSnapshotId()
+		if err := rcsi.Required("volume_content_source.snapshot.snapshot_id", src.raw); err != nil {
+			return nil, err
+		}
+		id, err := rcsi.ParseVolumeID(src.raw)
+		if err != nil {
+			return nil, status.Errorf(codes.NotFound, "no snapshot %q: %v", src.raw, err)
+		}
+		src.id = id
+	case cs.GetVolume() != nil:
+		src.raw = cs.GetVolume().GetVolumeId()
+		if err := rcsi.Required("volume_content_source.volume.volume_id", src.raw); err != nil {
+			return nil, err
+		}
+		id, cephID, err := parseHandle(src.raw, true)
+		if err != nil {
+			return nil, err
+		}
+		src.id, src.cephID = id, cephID
+	default:
+		return nil, status.Error(codes.InvalidArgument, "volume_content_source names neither a snapshot nor a volume")
+	}
+	if src.id.ClusterID != clusterID {
+		return nil, status.Errorf(codes.InvalidArgument, "volume_content_source %q is in cluster %q, the volume would be in %q: clones stay in their cluster",
+			src.raw, src.id.ClusterID, clusterID)
+	}
+	return src, nil
+}
+
+// sourceInfo opens src (lease it: release the target when done) and returns
+// its image and size: NotFound if it does not exist, OutOfRange if it holds
+// more than the capacity range allows.
+func (c *Controller) sourceInfo(ctx context.Context, src *contentSource, r *csi.CapacityRange, secrets map[string]string) (rcsi.VolumeID, *target, uint64, error) {
+	sid, st, err := c.openVolume(ctx, src.id, src.cephID, secrets)
+	if err != nil {
+		return sid, nil, 0, err
+	}
+	size, err := func() (uint64, error) {
+		if !src.snapshot {
+			size, err := imageSize(st.io, sid.Name)
+			if err != nil {
+				return 0, st.status(err, "source volume %s", src.raw)
+			}
+			return size, nil
+		}
+		rec, ok, err := st.journal().Snapshot(sid.Name)
+		if err != nil {
+			return 0, st.status(err, "reading the journal")
+		}
+		if !ok || !rec.Ready {
+			return 0, status.Errorf(codes.NotFound, "snapshot %s does not exist", src.raw)
+		}
+		size, _, err := snapInfo(st.io, sid.Name, sid.Name)
+		if err != nil {
+			return 0, st.status(err, "snapshot %s", src.raw)
+		}
+		return size, nil
+	}()
+	if err == nil {
+		if lim := r.GetLimitBytes(); lim > 0 && uint64(lim) < size {
+			err = status.Errorf(codes.OutOfRange, "the source %s holds %d bytes, over capacity_range.limit_bytes %d", src.raw, size, lim)
+		}
+	}
+	if err != nil {
+		st.release()
+		return sid, nil, 0, err
+	}
+	return sid, st, size, nil
+}
+
+// ensureClone makes image (in t) a clone of src, or checks the one an earlier
+// try made, and grows it to the requested size. It returns the image's size.
+func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSource, image string, size int64, features uint64,
+	r *csi.CapacityRange, secrets map[string]string) (uint64, error) {
+	sid, st, srcSize, err := c.sourceInfo(ctx, src, r, secrets)
+	if err != nil {
+		return 0, err
+	}
+	defer st.release()
+	if r.GetRequiredBytes() == 0 {
+		size = 0 // no size asked for: the source's
+	}
+	if src.snapshot {
+		err = makeClone(st.io, sid.Name, sid.Name, t.io, image, features)
+	} else {
+		err = cloneOfImage(st.io, sid.Name, t.io, image, features)
+	}
+	if errors.Is(err, rbd.ErrNotFound) {
+		return 0, status.Errorf(codes.NotFound, "the source %s is gone", src.raw)
+	} else if err != nil {
+		return 0, t.status(err, "cloning %s to image %s", src.raw, image)
+	}
+	rcsi.CrashPoint("create-after-clone")
+	actual, err := growImage(t.io, image, max(uint64(size), srcSize))
+	if err != nil {
+		return 0, t.status(err, "growing image %s", image)
+	}
+	if lim := r.GetLimitBytes(); lim > 0 && actual > uint64(lim) {
+		return 0, status.Errorf(codes.AlreadyExists, "volume name is in use by image %s of %d bytes, over capacity_range.limit_bytes %d", image, actual, lim)
+	}
+	return actual, nil
+}
