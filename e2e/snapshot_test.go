@@ -77,6 +77,14 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 	if got, size := readImage(t, imageOf(t, r.GetVolume().GetVolumeId()), 0, len(before)), imageSizeIn(t, admin, imageOf(t, r.GetVolume().GetVolumeId())); !bytes.Equal(got, before) || size != 128<<20 {
 		t.Errorf("volume from the snapshot reads %q..., %d bytes; want the content before the snapshot, 128 MiB", got[:14], size)
 	}
+	if _, err := d.ctrl.CreateVolume(c, createReq(prefix+"r", prefix, 128<<20)); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("the name of a volume made from a snapshot, asked for without a source: %v, want AlreadyExists", err)
+	}
+	plainWithSource := createReq(prefix+"a", prefix, 64<<20)
+	plainWithSource.VolumeContentSource = fromSnap.VolumeContentSource
+	if _, err := d.ctrl.CreateVolume(c, plainWithSource); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("the name of a plain volume, asked for with a snapshot as source: %v, want AlreadyExists", err)
+	}
 	clone := createReq(prefix+"c", prefix, 0)
 	clone.CapacityRange = nil
 	clone.VolumeContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
@@ -117,6 +125,13 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 		t.Errorf("ListSnapshots by a source with none: %v", got)
 	}
 
+	// A snapshot's ID is no volume's: DeleteVolume leaves it alone.
+	if _, err := d.ctrl.DeleteVolume(c, &csi.DeleteVolumeRequest{VolumeId: snap.GetSnapshotId(), Secrets: secrets()}); err != nil {
+		t.Fatal(err)
+	}
+	if got := list(&csi.ListSnapshotsRequest{SnapshotId: snap.GetSnapshotId(), Secrets: secrets()}); len(got) != 1 {
+		t.Fatalf("DeleteVolume of a snapshot's ID removed the snapshot: %v", got)
+	}
 	// The snapshot goes first, while a volume made from it lives.
 	if _, err := d.ctrl.DeleteSnapshot(c, &csi.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshotId(), Secrets: secrets()}); err != nil {
 		t.Fatal(err)
@@ -134,7 +149,7 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 	if got := readImage(t, imageOf(t, r.GetVolume().GetVolumeId()), 0, len(before)); !bytes.Equal(got, before) {
 		t.Errorf("the volume made from the snapshot changed when the snapshot was deleted: %q...", got[:14])
 	}
-	// A snapshot's ID is no volume's: DeleteVolume leaves it alone.
+	// A volume's ID is no snapshot's: DeleteSnapshot leaves it alone.
 	if _, err := d.ctrl.DeleteSnapshot(c, &csi.DeleteSnapshotRequest{SnapshotId: aID, Secrets: secrets()}); err != nil {
 		t.Fatal(err)
 	}

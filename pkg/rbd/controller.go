@@ -257,6 +257,12 @@ func (c *Controller) ensureImage(t *target, image string, size, features uint64,
 	if err != nil {
 		return 0, t.status(err, "reading image %s", image)
 	}
+	if parent, err := imageParent(t.io, image); err != nil {
+		return 0, t.status(err, "reading image %s", image)
+	} else if parent != nil {
+		return 0, status.Errorf(codes.AlreadyExists, "volume name is in use by image %s, a clone of %s/%s/%s: the request names no content source",
+			image, parent.PoolName, parent.PoolNamespace, parent.ImageName)
+	}
 	if actual < uint64(r.GetRequiredBytes()) || (r.GetLimitBytes() > 0 && actual > uint64(r.GetLimitBytes())) {
 		return 0, status.Errorf(codes.AlreadyExists,
 			"volume name is in use by image %s of %d bytes, which does not fit capacity range [%d, %d]",

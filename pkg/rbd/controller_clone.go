@@ -101,18 +101,25 @@ func (c *Controller) sourceInfo(ctx context.Context, src *contentSource, r *csi.
 	return sid, st, size, nil
 }
 
-// ensureClone makes image (in t) a clone of src, or checks the one an earlier
-// try made, and grows it to the requested size. It returns the image's size.
+// ensureClone makes image (in t) a clone of src and grows it to the
+// requested size, or completes the clone an earlier try of this name made
+// (which no longer needs its source). It returns the image's size.
 func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSource, image string, size int64, features uint64,
 	r *csi.CapacityRange, secrets map[string]string) (uint64, error) {
+	if r.GetRequiredBytes() == 0 {
+		size = 0 // no size asked for: the source's
+	}
+	parent, err := imageParent(t.io, image)
+	if err == nil {
+		return c.completeClone(ctx, t, src, image, parent, uint64(size), r, secrets)
+	} else if !errors.Is(err, rbd.ErrNotFound) {
+		return 0, t.status(err, "reading image %s", image)
+	}
 	sid, st, srcSize, err := c.sourceInfo(ctx, src, r, secrets)
 	if err != nil {
 		return 0, err
 	}
 	defer st.release()
-	if r.GetRequiredBytes() == 0 {
-		size = 0 // no size asked for: the source's
-	}
 	if src.snapshot {
 		err = makeClone(st.io, sid.Name, sid.Name, t.io, image, features)
 	} else {
@@ -125,6 +132,37 @@ func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSou
 	}
 	rcsi.CrashPoint("create-after-clone")
 	actual, err := growImage(t.io, image, max(uint64(size), srcSize))
+	if err != nil {
+		return 0, t.status(err, "growing image %s", image)
+	}
+	return actual, nil
+}
+
+// completeClone checks that image, which exists, is a clone of src's image
+// (AlreadyExists naming what it is otherwise; a ceph-csi source is not
+// checked), grows it to size if a crash came before that, removes a
+// snapshot of a source volume a crash left, and returns its size.
+func (c *Controller) completeClone(ctx context.Context, t *target, src *contentSource, image string, parent *rbd.ImageSpec,
+	size uint64, r *csi.CapacityRange, secrets map[string]string) (uint64, error) {
+	if src.cephID == nil && (parent == nil || parent.PoolName != src.id.Pool || parent.PoolNamespace != src.id.Namespace || parent.ImageName != src.id.Name) {
+		what := "not a clone"
+		if parent != nil {
+			what = "a clone of " + parent.PoolName + "/" + parent.PoolNamespace + "/" + parent.ImageName
+		}
+		return 0, status.Errorf(codes.AlreadyExists, "volume name is in use by image %s, %s, not of %s", image, what, src.raw)
+	}
+	if !src.snapshot {
+		if sid, st, err := c.openVolume(ctx, src.id, src.cephID, secrets); err == nil {
+			err = removeSnap(st.io, sid.Name, image)
+			st.release()
+			if err != nil {
+				return 0, t.status(err, "source volume %s", src.raw)
+			}
+		} else if status.Code(err) != codes.NotFound {
+			return 0, err
+		}
+	}
+	actual, err := growImage(t.io, image, size)
 	if err != nil {
 		return 0, t.status(err, "growing image %s", image)
 	}

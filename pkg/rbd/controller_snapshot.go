@@ -135,6 +135,16 @@ func (c *Controller) createSnapshot(ctx context.Context, t *target, src rcsi.Vol
 	id := rcsi.VolumeID{ClusterID: src.ClusterID, Pool: src.Pool, Namespace: src.Namespace, Name: image}
 	if !rec.Ready {
 		if err := cloneOfImage(t.io, src.Name, t.io, image, rbd.FeatureLayering); err != nil {
+			if errors.Is(err, rbd.ErrNotFound) {
+				// The source went since the reservation: nothing was
+				// made, so the name's reservation goes too.
+				if _, serr := imageSize(t.io, image); errors.Is(serr, rbd.ErrNotFound) {
+					if rerr := j.ReleaseSnapshot(name, image, ""); rerr != nil {
+						return nil, t.status(rerr, "releasing snapshot name %q", name)
+					}
+				}
+				return nil, status.Errorf(codes.NotFound, "source volume %s is gone", sourceID)
+			}
 			return nil, t.status(err, "snapshot %s of volume %s", image, sourceID)
 		}
 		rcsi.CrashPoint("snapshot-after-clone")
@@ -231,10 +241,14 @@ func (c *Controller) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRe
 			more, err = c.clusterSnapshots(ctx, clusterID, only, req.GetSecrets())
 			return err
 		})
-		if status.Code(err) == codes.FailedPrecondition {
+		switch code := status.Code(err); {
+		case code == codes.FailedPrecondition:
 			klog.InfoS("ListSnapshots: skipping cluster with no known credentials", "cluster", clusterID)
 			continue
-		} else if err != nil {
+		case only == nil && len(req.GetSecrets()) > 0 && (code == codes.PermissionDenied || code == codes.Unauthenticated):
+			klog.InfoS("ListSnapshots: skipping cluster the request's credentials may not read", "cluster", clusterID, "err", err)
+			continue
+		case err != nil:
 			return nil, err
 		}
 		for _, s := range more {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
+	"k8s.io/klog/v2"
 )
 
 // cloneOptions are the options of a clone: the class's features, format 2
@@ -64,6 +65,9 @@ func cloneOfImage(sio *rados.IOContext, src string, dio *rados.IOContext, dst st
 			return err
 		}
 		if err := makeClone(sio, src, dst, dio, dst, features); err != nil {
+			if rerr := removeSnap(sio, src, dst); rerr != nil {
+				klog.ErrorS(rerr, "removing the snapshot of a failed clone; the source's purge removes it", "image", src, "snapshot", dst)
+			}
 			return fmt.Errorf("cloning %s@%s to %s: %w", src, dst, dst, err)
 		}
 	} else if err != nil {
@@ -124,4 +128,22 @@ func snapInfo(io *rados.IOContext, image, snap string) (uint64, time.Time, error
 		}
 	}
 	return 0, time.Time{}, rbd.ErrNotFound
+}
+
+// imageParent returns the parent of image, nil if it has none;
+// rbd.ErrNotFound if the image does not exist.
+func imageParent(io *rados.IOContext, image string) (*rbd.ImageSpec, error) {
+	img, err := rbd.OpenImageReadOnly(io, image, rbd.NoSnapshot)
+	if err != nil {
+		return nil, err
+	}
+	defer img.Close()
+	p, err := img.GetParent()
+	if errors.Is(err, rbd.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &p.Image, nil
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +29,7 @@ type reservation struct {
 	key, image    string
 	backKey, back string
 	wake          chan struct{} // signalled when done, or when it is to lead
+	ctx           context.Context
 	// Set under the batcher's mu.
 	done, lead bool
 	got        string
@@ -81,7 +83,7 @@ func (j *Journal) lookupOrReserve(ctx context.Context, r *reservation) (got stri
 // still queued). The first caller to find the batcher idle leads: it runs
 // turns through run, then hands the lead to the oldest waiter.
 func (b *batcher) do(ctx context.Context, r *reservation, run func(context.Context, []*reservation) error) {
-	r.wake = make(chan struct{}, 1)
+	r.wake, r.ctx = make(chan struct{}, 1), ctx
 	b.mu.Lock()
 	b.queue = append(b.queue, r)
 	lead := !b.busy
@@ -89,7 +91,7 @@ func (b *batcher) do(ctx context.Context, r *reservation, run func(context.Conte
 	b.mu.Unlock()
 	for {
 		if lead {
-			b.turn(ctx, run)
+			b.turn(run)
 		} else {
 			select {
 			case <-r.wake:
@@ -150,13 +152,16 @@ func signal(c chan struct{}) {
 
 // turn serves the queued reservations (up to maxBatch) through run, wakes
 // their callers and hands the lead on. run fills in each result; its error
-// is every reservation's.
-func (b *batcher) turn(ctx context.Context, run func(context.Context, []*reservation) error) {
+// is every reservation's. Its context ends once every caller's has ended,
+// so that no caller's wait ends with another's deadline.
+func (b *batcher) turn(run func(context.Context, []*reservation) error) {
 	b.mu.Lock()
 	n := min(len(b.queue), maxBatch)
 	batch := append([]*reservation(nil), b.queue[:n]...)
 	b.queue = b.queue[n:]
 	b.mu.Unlock()
+	ctx, stop := allDone(batch)
+	defer stop()
 	start := time.Now()
 	err := run(ctx, batch)
 	klog.V(4).InfoS("journal reservations", "batch", len(batch), "duration", time.Since(start), "err", err)
@@ -238,5 +243,27 @@ func (j *Journal) lookupAll(batch []*reservation) (map[string]string, error) {
 			return found, nil
 		}
 		found[kv.Key] = string(kv.Value)
+	}
+}
+
+// allDone returns a context that ends when the contexts of all of batch
+// have ended, and a function that releases it.
+func allDone(batch []*reservation) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(batch[0].ctx))
+	var left atomic.Int32
+	left.Store(int32(len(batch)))
+	stops := make([]func() bool, len(batch))
+	for i, r := range batch {
+		stops[i] = context.AfterFunc(r.ctx, func() {
+			if left.Add(-1) == 0 {
+				cancel()
+			}
+		})
+	}
+	return ctx, func() {
+		for _, stop := range stops {
+			stop()
+		}
+		cancel()
 	}
 }

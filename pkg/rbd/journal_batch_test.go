@@ -162,3 +162,48 @@ func waitQueued(t *testing.T, b *batcher, n int) {
 	}
 	t.Fatalf("never %d queued", n)
 }
+
+// A turn waits as long as any of its callers does: the leader's context
+// ending does not end the turn for the others.
+func TestBatcherTurnOutlivesLeader(t *testing.T) {
+	b := &batcher{}
+	release, entered := make(chan struct{}), make(chan struct{}, 10)
+	first := func(_ context.Context, batch []*reservation) error {
+		entered <- struct{}{}
+		<-release
+		return nil
+	}
+	go b.do(context.Background(), &reservation{key: "a"}, first)
+	<-entered
+	leaderCtx, cancelLeader := context.WithCancel(context.Background())
+	var turnErr, allErr error
+	second := func(ctx context.Context, batch []*reservation) error {
+		cancelLeader() // the leader's caller gives up mid-turn
+		time.Sleep(10 * time.Millisecond)
+		turnErr = ctx.Err()
+		return nil
+	}
+	done := make(chan struct{}, 2)
+	go func() { b.do(leaderCtx, &reservation{key: "b"}, second); done <- struct{}{} }()
+	waitQueued(t, b, 1)
+	other, cancelOther := context.WithCancel(context.Background())
+	go func() { b.do(other, &reservation{key: "c"}, second); done <- struct{}{} }()
+	waitQueued(t, b, 2)
+	close(release) // b leads the next turn, c in it
+	<-done
+	<-done
+	if turnErr != nil {
+		t.Errorf("the turn's context ended with its leader's (%v) while another caller still waited", turnErr)
+	}
+	ctx, stop := allDone([]*reservation{{ctx: leaderCtx}, {ctx: other}})
+	defer stop()
+	cancelOther()
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		allErr = errors.New("still live")
+	}
+	if allErr != nil {
+		t.Error("allDone's context outlived every caller's")
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
+	"k8s.io/klog/v2"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
@@ -108,9 +109,12 @@ func (j *Journal) Snapshots() (map[string]snapRecord, error) {
 	}
 	out := map[string]snapRecord{}
 	for _, e := range kv {
-		if r, err := decodeSnapRecord(e[1]); err == nil {
-			out[e[0]] = r
+		r, err := decodeSnapRecord(e[1])
+		if err != nil {
+			klog.Warningf("journal: skipping the snapshot record of image %s: %v", e[0], err)
+			continue
 		}
+		out[e[0]] = r
 	}
 	return out, nil
 }

@@ -43,7 +43,8 @@ type purger struct {
 	once     sync.Once
 	jobs     chan purgeJob
 	mu       sync.Mutex
-	pending  map[string]bool      // jobs queued or running
+	pending  map[string]bool      // jobs queued, running or waiting for clones
+	waiting  map[string]bool      // jobs waiting for clones (Drain does not wait for them)
 	scanned  map[string]time.Time // pools, by poolKey
 }
 
@@ -68,6 +69,7 @@ func (p *purger) start() {
 	p.once.Do(func() {
 		p.jobs = make(chan purgeJob, purgeQueue)
 		p.pending = map[string]bool{}
+		p.waiting = map[string]bool{}
 		p.scanned = map[string]time.Time{}
 		for i := 0; i < 2; i++ {
 			go p.work()
@@ -90,6 +92,20 @@ func (p *purger) add(j purgeJob) {
 	default:
 		delete(p.scanned, j.poolKey())
 		klog.InfoS("purge queue full: the purge waits in the journal for a later scan", "image", j.image, "pool", j.pool)
+	}
+}
+
+// requeue queues j, which is pending already, again; a full queue leaves it
+// to the journal and a later scan.
+func (p *purger) requeue(j purgeJob) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.waiting, j.key())
+	select {
+	case p.jobs <- j:
+	default:
+		delete(p.pending, j.key())
+		delete(p.scanned, j.poolKey())
 	}
 }
 
@@ -131,14 +147,21 @@ func (c *Controller) scanPurges(t *target) {
 func (p *purger) work() {
 	for j := range p.jobs {
 		err := p.run(j)
+		if errors.Is(err, errHasClones) {
+			// Still pending while it waits, so that a rescan does not
+			// start a second wait for it.
+			j.cloneWait = min(max(2*j.cloneWait, cloneWaitMin), cloneWaitMax)
+			klog.V(3).InfoS("purge waits for the image's clones", "pool", j.pool, "image", j.image, "trashID", j.id, "checkIn", j.cloneWait)
+			p.mu.Lock()
+			p.waiting[j.key()] = true
+			p.mu.Unlock()
+			time.AfterFunc(j.cloneWait, func() { p.requeue(j) })
+			continue
+		}
 		p.mu.Lock()
 		delete(p.pending, j.key())
 		p.mu.Unlock()
 		switch {
-		case errors.Is(err, errHasClones):
-			j.cloneWait = min(max(2*j.cloneWait, cloneWaitMin), cloneWaitMax)
-			klog.V(3).InfoS("purge waits for the image's clones", "pool", j.pool, "image", j.image, "trashID", j.id, "checkIn", j.cloneWait)
-			time.AfterFunc(j.cloneWait, func() { p.add(j) })
 		case err != nil && j.image == "":
 			// The next call that opens the pool after purgeRescan scans again.
 			klog.ErrorS(err, "scanning a pool for purges failed", "cluster", j.cluster.ClusterID, "pool", j.pool)
@@ -202,7 +225,7 @@ func (c *Controller) Drain(timeout time.Duration) {
 	deadline := time.Now().Add(timeout)
 	for {
 		c.purger.mu.Lock()
-		n := len(c.purger.pending)
+		n := len(c.purger.pending) - len(c.purger.waiting)
 		c.purger.mu.Unlock()
 		if n == 0 {
 			return

@@ -176,12 +176,15 @@ func addTrashRemoveTask(conn *rados.Conn, pool, namespace, id string) error {
 // errHasClones says a trashed image's purge waits: clones depend on it.
 var errHasClones = errors.New("clones still depend on the image")
 
-// trashedHasClones reports whether clones (in any pool, in the trash or not)
-// still depend on a snapshot of trash entry id; an entry that is gone has
-// none. Opened at its head, an image lists the children of all its
-// snapshots, those in the trash namespace too.
+// trashedHasClones prepares trash entry id for its removal and reports
+// whether clones (in any pool, in the trash or not) still depend on it; an
+// entry that is gone has none. Its user snapshots, which would block the
+// removal for ever (a deleted volume's: one a crash left mid-clone, or made
+// outside the driver), are removed first; those with clones move to the
+// trash namespace. Opened at its head, an image lists the children of all
+// its snapshots, those in the trash namespace too.
 func trashedHasClones(io *rados.IOContext, id string) (bool, error) {
-	img, err := rbd.OpenImageByIdReadOnly(io, id, rbd.NoSnapshot)
+	img, err := rbd.OpenImageById(io, id, rbd.NoSnapshot)
 	if errors.Is(err, rbd.ErrNotFound) {
 		return false, nil
 	}
@@ -189,6 +192,16 @@ func trashedHasClones(io *rados.IOContext, id string) (bool, error) {
 		return false, fmt.Errorf("opening trash entry %s: %w", id, err)
 	}
 	defer img.Close()
+	snaps, err := img.GetSnapshotNames()
+	if err != nil {
+		return false, fmt.Errorf("listing the snapshots of trash entry %s: %w", id, err)
+	}
+	for _, sn := range snaps {
+		if err := img.GetSnapshot(sn.Name).Remove(); err != nil && !errors.Is(err, rbd.ErrNotFound) {
+			return false, fmt.Errorf("removing snapshot %s of trash entry %s: %w", sn.Name, id, err)
+		}
+		klog.V(2).InfoS("removed a snapshot of a deleted image", "trashID", id, "snapshot", sn.Name)
+	}
 	children, err := img.ListChildrenAttributes()
 	if err != nil {
 		return false, fmt.Errorf("listing the clones of trash entry %s: %w", id, err)
