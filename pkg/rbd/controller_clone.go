@@ -10,6 +10,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
 
 	rcsi "github.com/rookzmq/rookzmq/pkg/csi"
 )
@@ -135,6 +136,7 @@ func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSou
 	if err != nil {
 		return 0, t.status(err, "growing image %s", image)
 	}
+	c.flattenIfDeep(t, image)
 	return actual, nil
 }
 
@@ -170,4 +172,23 @@ func (c *Controller) completeClone(ctx context.Context, t *target, src *contentS
 		return 0, status.Errorf(codes.AlreadyExists, "volume name is in use by image %s of %d bytes, over capacity_range.limit_bytes %d", image, actual, lim)
 	}
 	return actual, nil
+}
+
+// flattenIfDeep queues a flatten of image (in t) with the mgr when its
+// lineage is longer than flattenDepth. It only logs failures: the image
+// works meanwhile, and the next snapshot or clone of it tries again.
+func (c *Controller) flattenIfDeep(t *target, image string) {
+	n, err := ancestors(t.io, image, flattenDepth+1, t.lease.IOContext)
+	if err != nil {
+		klog.ErrorS(err, "counting the ancestors of a clone; not flattening it", "image", image)
+		return
+	}
+	if n <= flattenDepth {
+		return
+	}
+	if err := addFlattenTask(t.lease.Conn(), t.pool, t.cluster.RBD.RadosNamespace, image); err != nil {
+		klog.ErrorS(err, "the mgr refused to flatten a deep clone (give the user mgr 'profile rbd' caps and enable rbd_support)", "image", image, "ancestors", n)
+		return
+	}
+	klog.V(2).InfoS("deep clone: the mgr flattens it", "image", image, "ancestors", n)
 }

@@ -134,7 +134,7 @@ func (c *Controller) createSnapshot(ctx context.Context, t *target, src rcsi.Vol
 	}
 	id := rcsi.VolumeID{ClusterID: src.ClusterID, Pool: src.Pool, Namespace: src.Namespace, Name: image}
 	if !rec.Ready {
-		if err := cloneOfImage(t.io, src.Name, t.io, image, rbd.FeatureLayering); err != nil {
+		if err := cloneOfImage(t.io, src.Name, t.io, image, rbd.FeatureLayering|rbd.FeatureDeepFlatten); err != nil {
 			if errors.Is(err, rbd.ErrNotFound) {
 				// The source went since the reservation: nothing was
 				// made, so the name's reservation goes too.
@@ -151,6 +151,7 @@ func (c *Controller) createSnapshot(ctx context.Context, t *target, src rcsi.Vol
 		if err := createSnap(t.io, image, image); err != nil {
 			return nil, t.status(err, "snapshot %s", image)
 		}
+		c.flattenIfDeep(t, image)
 		size, created, err := snapInfo(t.io, image, image)
 		if err != nil {
 			return nil, t.status(err, "reading snapshot %s", image)

@@ -147,3 +147,47 @@ func imageParent(io *rados.IOContext, image string) (*rbd.ImageSpec, error) {
 	}
 	return &p.Image, nil
 }
+
+// Clone depth: a clone whose lineage grows past flattenDepth ancestors is
+// flattened by the mgr in the background (it reads its parents meanwhile),
+// so lineages of snapshot-then-restore stay short: krbd maps no image with
+// more than 16 ancestors, and each ancestor is a read on a cold block.
+const flattenDepth = 4
+
+// ancestors counts image's parents, up to limit, opening each by id (a
+// parent may be in the trash: a deleted volume or snapshot); pools other than
+// io's are opened through ioFor.
+func ancestors(io *rados.IOContext, image string, limit int, ioFor func(pool, ns string) (*rados.IOContext, error)) (int, error) {
+	img, err := rbd.OpenImageReadOnly(io, image, rbd.NoSnapshot)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for ; n < limit; n++ {
+		p, err := img.GetParent()
+		img.Close()
+		if errors.Is(err, rbd.ErrNotFound) {
+			return n, nil
+		} else if err != nil {
+			return n, err
+		}
+		pio, err := ioFor(p.Image.PoolName, p.Image.PoolNamespace)
+		if err != nil {
+			return n + 1, err
+		}
+		if img, err = rbd.OpenImageByIdReadOnly(pio, p.Image.ImageID, rbd.NoSnapshot); err != nil {
+			return n + 1, err
+		}
+	}
+	img.Close()
+	return n, nil
+}
+
+// addFlattenTask is `ceph rbd task add flatten POOL[/NS]/IMAGE`.
+func addFlattenTask(conn *rados.Conn, pool, namespace, image string) error {
+	spec := pool + "/" + image
+	if namespace != "" {
+		spec = pool + "/" + namespace + "/" + image
+	}
+	return mgrTask(conn, "rbd task add flatten", "image_spec", spec)
+}

@@ -159,7 +159,12 @@ func addTrashRemoveTask(conn *rados.Conn, pool, namespace, id string) error {
 	if namespace != "" {
 		spec = pool + "/" + namespace + "/" + id
 	}
-	cmd, err := json.Marshal(map[string]string{"prefix": "rbd task add trash remove", "image_id_spec": spec, "format": "json"})
+	return mgrTask(conn, "rbd task add trash remove", "image_id_spec", spec)
+}
+
+// mgrTask adds an rbd_support task: prefix with its spec argument.
+func mgrTask(conn *rados.Conn, prefix, key, spec string) error {
+	cmd, err := json.Marshal(map[string]string{"prefix": prefix, key: spec, "format": "json"})
 	if err != nil {
 		return err
 	}
