@@ -182,13 +182,13 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		return nil, t.status(err, "reading the journal")
 	}
 	fresh := false
+	var checked *checkedSource
 	if image == "" && src != nil {
 		// Check the source before reserving a name for its clone.
-		_, st, _, err := c.sourceInfo(ctx, src, req.GetCapacityRange(), req.GetSecrets())
-		if err != nil {
+		if checked, err = c.sourceInfo(ctx, src, req.GetCapacityRange(), req.GetSecrets()); err != nil {
 			return nil, err
 		}
-		st.release()
+		defer checked.t.release()
 	}
 	if image == "" {
 		// Another process may reserve the name at the same time: the
@@ -216,7 +216,7 @@ func (c *Controller) createVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	if src == nil {
 		actual, err = c.ensureImage(t, image, uint64(size), p.Features, req.GetCapacityRange())
 	} else {
-		actual, err = c.ensureClone(ctx, t, src, image, size, p.Features, req.GetCapacityRange(), req.GetSecrets())
+		actual, err = c.ensureClone(ctx, t, src, checked, image, size, p.Features, req.GetCapacityRange(), req.GetSecrets())
 		if code := status.Code(err); code == codes.NotFound || code == codes.OutOfRange {
 			// The source went since the check: no image was made, so
 			// the name's reservation goes too.

@@ -61,13 +61,20 @@ func parseContentSource(cs *csi.VolumeContentSource, clusterID string) (*content
 	return src, nil
 }
 
-// sourceInfo opens src (lease it: release the target when done) and returns
-// its image and size: NotFound if it does not exist, OutOfRange if it holds
-// more than the capacity range allows.
-func (c *Controller) sourceInfo(ctx context.Context, src *contentSource, r *csi.CapacityRange, secrets map[string]string) (rcsi.VolumeID, *target, uint64, error) {
+// checkedSource is a content source sourceInfo found: its image, the target
+// holding its pool (release it when done) and its size.
+type checkedSource struct {
+	id   rcsi.VolumeID
+	t    *target
+	size uint64
+}
+
+// sourceInfo opens src and returns what it found: NotFound if it does not
+// exist, OutOfRange if it holds more than the capacity range allows.
+func (c *Controller) sourceInfo(ctx context.Context, src *contentSource, r *csi.CapacityRange, secrets map[string]string) (*checkedSource, error) {
 	sid, st, err := c.openVolume(ctx, src.id, src.cephID, secrets)
 	if err != nil {
-		return sid, nil, 0, err
+		return nil, err
 	}
 	size, err := func() (uint64, error) {
 		if !src.snapshot {
@@ -97,16 +104,17 @@ func (c *Controller) sourceInfo(ctx context.Context, src *contentSource, r *csi.
 	}
 	if err != nil {
 		st.release()
-		return sid, nil, 0, err
+		return nil, err
 	}
-	return sid, st, size, nil
+	return &checkedSource{id: sid, t: st, size: size}, nil
 }
 
 // ensureClone makes image (in t) a clone of src and grows it to the
 // requested size, or completes the clone an earlier try of this name made
-// (which no longer needs its source). It returns the image's size.
-func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSource, image string, size int64, features uint64,
-	r *csi.CapacityRange, secrets map[string]string) (uint64, error) {
+// (which no longer needs its source). checked is the source as the caller
+// found it already, or nil. It returns the image's size.
+func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSource, checked *checkedSource, image string, size int64,
+	features uint64, r *csi.CapacityRange, secrets map[string]string) (uint64, error) {
 	if r.GetRequiredBytes() == 0 {
 		size = 0 // no size asked for: the source's
 	}
@@ -116,11 +124,13 @@ func (c *Controller) ensureClone(ctx context.Context, t *target, src *contentSou
 	} else if !errors.Is(err, rbd.ErrNotFound) {
 		return 0, t.status(err, "reading image %s", image)
 	}
-	sid, st, srcSize, err := c.sourceInfo(ctx, src, r, secrets)
-	if err != nil {
-		return 0, err
+	if checked == nil {
+		if checked, err = c.sourceInfo(ctx, src, r, secrets); err != nil {
+			return 0, err
+		}
+		defer checked.t.release()
 	}
-	defer st.release()
+	sid, st, srcSize := checked.id, checked.t, checked.size
 	if src.snapshot {
 		err = makeClone(st.io, sid.Name, sid.Name, t.io, image, features)
 	} else {
